@@ -1,0 +1,197 @@
+"""Ingest benchmark: tedstore end to end against SQLite's own ceiling, in one run.
+
+Prints the in-process ceiling (apsw executemany, 5,000-row transactions), the
+per-event-commit baseline, tedstore's acknowledged events/s with 1 and 4 clients
+(predictions, and the simulated game mix), p50/p99 ack latency at a paced rate,
+and the daemon's peak RSS. Every figure comes from this run on this machine.
+
+    python bench/ingest.py [--events 200000] [--paced-seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import apsw
+import msgspec
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import tedstore  # noqa: E402
+
+PREDICTION_COLUMNS = ("game_id, predicted_at_tick, predicted_end_tick, confidence, bound_lower, "
+                      "bound_upper, epr_active, peak_ratio, volatility, momentum, model_version, "
+                      "created_at")
+
+
+def prediction_events(n: int, seed: int) -> list[dict]:
+    return list(itertools.islice(tedstore.simulate_events(10 ** 6, seed=seed, mix="predictions"), n))
+
+
+def fresh_db(folder: str, name: str) -> str:
+    path = os.path.join(folder, name)
+    tedstore.open_store(path).close()
+    return path
+
+
+def ceiling(folder: str, events: list[dict]) -> float:
+    """apsw executemany in 5,000-row transactions: the most this schema takes in-process."""
+    rows = [(e["game_id"], e["predicted_at_tick"], e["predicted_end_tick"], e["confidence"],
+             e["uncertainty_bounds"]["lower"], e["uncertainty_bounds"]["upper"],
+             e["features_used"]["epr_active"], e["features_used"]["peak_ratio"],
+             e["features_used"]["volatility"], e["features_used"]["momentum"], "v2.1.0",
+             tedstore.utc_text(e["ts"] / 1000)) for e in events]
+    conn = tedstore.connect(fresh_db(folder, "ceiling.db"))
+    sql = f"INSERT OR IGNORE INTO predictions ({PREDICTION_COLUMNS}) VALUES ({', '.join('?' * 12)})"
+    started = time.perf_counter()
+    for first in range(0, len(rows), 5000):
+        with tedstore.transaction(conn):
+            conn.executemany(sql, rows[first:first + 5000])
+    seconds = time.perf_counter() - started
+    conn.close()
+    return len(rows) / seconds
+
+
+def per_event_commit(folder: str, events: list[dict]) -> float:
+    """One transaction per event: what a naive store does."""
+    rows = [(e["game_id"], e["predicted_at_tick"], e["predicted_end_tick"], e["confidence"],
+             None, None, None, None, None, None, "v2.1.0", tedstore.utc_text(e["ts"] / 1000))
+            for e in events]
+    conn = tedstore.connect(fresh_db(folder, "per-event.db"))
+    sql = f"INSERT OR IGNORE INTO predictions ({PREDICTION_COLUMNS}) VALUES ({', '.join('?' * 12)})"
+    started = time.perf_counter()
+    for row in rows:
+        conn.execute(sql, row)
+    seconds = time.perf_counter() - started
+    conn.close()
+    return len(rows) / seconds
+
+
+class Daemon:
+    """tedstore serve as a subprocess on a fresh database."""
+
+    def __init__(self, folder: str, name: str):
+        self.db = os.path.join(folder, f"{name}.db")
+        self.socket = os.path.join(folder, f"{name}.sock")
+        env = dict(os.environ, TEDSTORE_DB=self.db, TEDSTORE_SOCKET=self.socket)
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tedstore.py"), "serve"],
+                                     env=env, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not tedstore.socket_answers(self.socket):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit("the daemon did not start")
+            time.sleep(0.05)
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def blocks_of(lines: list[bytes], size: int = 1 << 16) -> list[bytes]:
+    out, current, length = [], [], 0
+    for line in lines:
+        current.append(line)
+        length += len(line)
+        if length >= size:
+            out.append(b"".join(current))
+            current, length = [], 0
+    if current:
+        out.append(b"".join(current))
+    return out
+
+
+def _client(socket_path: str, blocks: list[bytes], barrier, results) -> None:
+    barrier.wait()
+    result = tedstore.stream_lines(socket_path, blocks)
+    results.put((result.acked, len(result.rejections)))
+
+
+def end_to_end(folder: str, name: str, events: list[dict], clients: int) -> tuple[float, float]:
+    """Acknowledged events/s with `clients` concurrent connections; and the daemon's peak RSS."""
+    lines = [msgspec.json.encode(e) + b"\n" for e in events]
+    parts = [blocks_of(lines[len(lines) * i // clients: len(lines) * (i + 1) // clients])
+             for i in range(clients)]
+    daemon = Daemon(folder, name)
+    try:
+        ctx = multiprocessing.get_context("fork")
+        barrier, results = ctx.Barrier(clients + 1), ctx.Queue()
+        workers = [ctx.Process(target=_client, args=(daemon.socket, part, barrier, results))
+                   for part in parts]
+        for worker in workers:
+            worker.start()
+        barrier.wait()
+        started = time.perf_counter()
+        outcomes = [results.get(timeout=600) for _ in workers]
+        seconds = time.perf_counter() - started
+        for worker in workers:
+            worker.join()
+        acked = sum(a for a, _ in outcomes)
+        rejected = sum(r for _, r in outcomes)
+        if rejected or acked != len(lines):
+            raise SystemExit(f"{name}: {acked} acked, {rejected} rejected of {len(lines)}")
+        return len(lines) / seconds, daemon.peak_rss_mb()
+    finally:
+        daemon.stop()
+
+
+def paced(folder: str, rate: float, seconds: float) -> tuple[float, float, float]:
+    """p50 and p99 of send-to-ack latency at a steady rate, one line at a time."""
+    events = list(itertools.islice(tedstore.simulate_events(10 ** 6, seed=9), int(rate * seconds)))
+    lines = [msgspec.json.encode(e) + b"\n" for e in events]
+    daemon = Daemon(folder, "paced")
+    try:
+        result = tedstore.stream_lines(daemon.socket, lines, rate=rate, measure_latency=True)
+        latencies = sorted(result.latencies_ms)
+        return (statistics.median(latencies), latencies[int(len(latencies) * 0.99) - 1],
+                daemon.peak_rss_mb())
+    finally:
+        daemon.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--paced-rate", type=float, default=1000)
+    parser.add_argument("--paced-seconds", type=float, default=10)
+    args = parser.parse_args()
+    predictions = prediction_events(args.events, seed=1)
+    game_mix = list(itertools.islice(tedstore.simulate_events(10 ** 6, seed=2), args.events))
+    with tempfile.TemporaryDirectory(prefix="tedstore-bench-") as folder:
+        top = ceiling(folder, predictions)
+        naive = per_event_commit(folder, predictions[:20_000])
+        print(f"machine: {os.cpu_count()} cores, SQLite {apsw.sqlite_lib_version()}, "
+              f"apsw {apsw.apsw_version()}, Python {sys.version.split()[0]}")
+        print(f"in-process ceiling (executemany, 5,000-row txns): {top:>10,.0f} predictions/s")
+        print(f"per-event-commit baseline:                       {naive:>10,.0f} predictions/s")
+        rss = []
+        for name, events in (("predictions", predictions), ("game mix", game_mix)):
+            for clients in (1, 4):
+                rate, peak = end_to_end(folder, f"{name.replace(' ', '-')}-{clients}", events, clients)
+                rss.append(peak)
+                line = f"tedstore {name}, {clients} client(s):"
+                print(f"{line:<49}{rate:>10,.0f} events/s acknowledged"
+                      f"  ({100 * rate / top:.0f}% of ceiling, {rate / naive:.0f}x per-event)")
+        p50, p99, peak = paced(folder, args.paced_rate, args.paced_seconds)
+        rss.append(peak)
+        print(f"ack latency at {args.paced_rate:,.0f} events/s (game mix): "
+              f"p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+        print(f"daemon peak RSS: {max(rss):.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+-- tedstore schema.
+--
+-- Each "-- version: N" block upgrades a database at PRAGMA user_version N-1 to N.
+-- Blocks are forward-only and idempotent (CREATE ... IF NOT EXISTS), so this whole
+-- file can also be run as it is:  sqlite3 tedstore.db < schema.sql
+--
+-- Every timestamp is UTC text 'YYYY-MM-DD HH:MM:SS.SSS', so that comparisons such
+-- as  created_at > datetime('now', '-1 hour')  are correct in the sqlite3 CLI.
+
+-- version: 1
+-- The record tables, each with its natural key as a UNIQUE constraint.
+
+CREATE TABLE IF NOT EXISTS games (
+    id                  INTEGER PRIMARY KEY,
+    game_id             TEXT NOT NULL UNIQUE,
+    start_tick          INTEGER,
+    end_tick            INTEGER,
+    duration_ticks      INTEGER,
+    peak_price          REAL,
+    peak_tick           INTEGER,
+    final_price         REAL,
+    treasury_remainder  INTEGER,
+    patterns_detected   TEXT NOT NULL DEFAULT '[]',   -- JSON array of pattern names
+    had_predictions     INTEGER,                      -- set when the game ends
+    prediction_accuracy REAL,                         -- share 0..1 with |raw_error| <= 40
+    side_bets_placed    INTEGER,                      -- side bets recommended BET
+    started_at          TEXT,                         -- ts of gameStart
+    ended_at            TEXT,                         -- ts of gameEnd
+    created_at          TEXT NOT NULL,                -- earliest ts seen for the game
+    updated_at          TEXT NOT NULL                 -- receipt time of the last change
+);
+
+CREATE TABLE IF NOT EXISTS predictions (
+    id                 INTEGER PRIMARY KEY,
+    game_id            TEXT NOT NULL,
+    predicted_at_tick  INTEGER NOT NULL,
+    predicted_end_tick INTEGER NOT NULL,
+    actual_end_tick    INTEGER,                       -- NULL until the game ends
+    confidence         REAL NOT NULL,
+    bound_lower        REAL,
+    bound_upper        REAL,
+    epr_active         INTEGER,
+    peak_ratio         REAL,
+    volatility         REAL,
+    momentum           REAL,
+    raw_error          INTEGER,                       -- predicted_end_tick - actual_end_tick
+    signed_error       INTEGER,
+    e40                REAL,                          -- raw_error / 40
+    within_windows     INTEGER,                       -- floor(|raw_error| / 40)
+    model_version      TEXT NOT NULL,
+    created_at         TEXT NOT NULL,
+    resolved_at        TEXT,
+    UNIQUE (game_id, predicted_at_tick, model_version)
+);
+
+CREATE TABLE IF NOT EXISTS side_bets (
+    id              INTEGER PRIMARY KEY,
+    game_id         TEXT NOT NULL,
+    placed_at_tick  INTEGER NOT NULL,
+    window_end_tick INTEGER NOT NULL,
+    probability     REAL NOT NULL,
+    expected_value  REAL NOT NULL,
+    confidence      REAL NOT NULL,
+    recommendation  TEXT NOT NULL CHECK (recommendation IN ('BET', 'SKIP')),
+    actual_outcome  TEXT NOT NULL DEFAULT 'PENDING'
+                    CHECK (actual_outcome IN ('PENDING', 'WON', 'LOST')),
+    payout          REAL,
+    created_at      TEXT NOT NULL,
+    resolved_at     TEXT,
+    UNIQUE (game_id, placed_at_tick)
+);
+
+CREATE TABLE IF NOT EXISTS tick_samples (
+    id            INTEGER PRIMARY KEY,
+    game_id       TEXT NOT NULL,
+    tick          INTEGER NOT NULL,
+    price         REAL NOT NULL,
+    volatility_10 REAL,
+    volatility_40 REAL,
+    momentum      REAL,
+    rsi           REAL,
+    volume_ratio  REAL,
+    ts            TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    UNIQUE (game_id, tick)
+);
+
+CREATE TABLE IF NOT EXISTS metrics_hourly (
+    hour_start            TEXT PRIMARY KEY,
+    hour_end              TEXT NOT NULL,
+    games_analyzed        INTEGER NOT NULL,
+    predictions_made      INTEGER NOT NULL,
+    median_e40            REAL,
+    mean_absolute_error   REAL,
+    within_1_window       REAL,
+    within_2_windows      REAL,
+    within_3_windows      REAL,
+    sidebets_recommended  INTEGER NOT NULL,
+    sidebets_positive_ev  INTEGER NOT NULL,
+    bets_won              INTEGER NOT NULL,
+    bets_lost             INTEGER NOT NULL,
+    total_ev              REAL,
+    roi_percentage        REAL,
+    avg_commit_latency_ms REAL,
+    p99_commit_latency_ms REAL,
+    rejected_lines        INTEGER NOT NULL,
+    created_at            TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS state (
+    key        TEXT PRIMARY KEY,
+    value      TEXT NOT NULL,                         -- JSON text
+    updated_at TEXT NOT NULL                          -- ts of the winning write
+);
+
+CREATE TABLE IF NOT EXISTS rejects (
+    id          INTEGER PRIMARY KEY,
+    received_at TEXT NOT NULL,
+    peer_pid    INTEGER,
+    peer_uid    INTEGER,
+    line_no     INTEGER NOT NULL,                     -- 0: the connection itself
+    code        TEXT NOT NULL,
+    error       TEXT NOT NULL,
+    raw         BLOB                                  -- the line, at most 4 KiB
+);
+
+PRAGMA user_version = 1;
+
+-- version: 2
+-- Indexes for the queries the CLI, the views and the background jobs run,
+-- the views people ask in sqlite3, and the jobs table the scheduler keeps.
+
+CREATE INDEX IF NOT EXISTS games_created_at ON games (created_at);
+CREATE INDEX IF NOT EXISTS games_ended_at ON games (ended_at);
+CREATE INDEX IF NOT EXISTS predictions_created_at ON predictions (created_at);
+CREATE INDEX IF NOT EXISTS side_bets_created_at ON side_bets (created_at);
+CREATE INDEX IF NOT EXISTS tick_samples_created_at ON tick_samples (created_at);
+CREATE INDEX IF NOT EXISTS rejects_received_at ON rejects (received_at);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    name        TEXT PRIMARY KEY,                     -- rollup, retention, backup
+    last_run_at TEXT NOT NULL,
+    detail      TEXT NOT NULL                         -- JSON object
+);
+
+-- Per UTC day: how close the resolved predictions came to the real end tick.
+CREATE VIEW IF NOT EXISTS prediction_accuracy_daily AS
+SELECT substr(created_at, 1, 10)                                  AS day,
+       count(*)                                                   AS predictions,
+       count(actual_end_tick)                                     AS resolved,
+       round(avg(abs(raw_error)), 2)                              AS mean_absolute_error,
+       round(avg(e40), 3)                                         AS mean_e40,
+       round(100.0 * avg(abs(raw_error) <= 40), 1)                AS within_1_window_pct,
+       round(100.0 * avg(abs(raw_error) <= 80), 1)                AS within_2_windows_pct,
+       round(100.0 * avg(abs(raw_error) <= 120), 1)               AS within_3_windows_pct
+FROM predictions
+GROUP BY day;
+
+-- Per UTC day: what the recommended (BET) side bets earned per unit staked.
+CREATE VIEW IF NOT EXISTS side_bet_roi_daily AS
+SELECT substr(created_at, 1, 10)                                  AS day,
+       count(*)                                                   AS bets,
+       sum(actual_outcome = 'WON')                                AS won,
+       sum(actual_outcome = 'LOST')                               AS lost,
+       sum(actual_outcome = 'PENDING')                            AS pending,
+       round(sum(payout), 2)                                      AS total_payout,
+       round(100.0 * sum(payout) / nullif(sum(actual_outcome <> 'PENDING'), 0), 1)
+                                                                  AS roi_percentage
+FROM side_bets
+WHERE recommendation = 'BET'
+GROUP BY day;
+
+-- One line per game: its outcome next to how the predictions and side bets did.
+CREATE VIEW IF NOT EXISTS game_summary AS
+SELECT g.game_id,
+       g.start_tick,
+       g.end_tick,
+       g.duration_ticks,
+       g.peak_price,
+       g.final_price,
+       g.patterns_detected,
+       (SELECT count(*) FROM predictions p WHERE p.game_id = g.game_id)          AS predictions,
+       (SELECT round(avg(abs(p.raw_error)), 1) FROM predictions p
+         WHERE p.game_id = g.game_id)                                          AS mean_absolute_error,
+       g.prediction_accuracy,
+       g.side_bets_placed,
+       (SELECT count(*) FROM side_bets s
+         WHERE s.game_id = g.game_id AND s.recommendation = 'BET'
+           AND s.actual_outcome = 'WON')                                       AS side_bets_won,
+       (SELECT sum(s.payout) FROM side_bets s
+         WHERE s.game_id = g.game_id AND s.recommendation = 'BET')             AS side_bet_payout,
+       g.started_at,
+       g.ended_at
+FROM games g;
+
+PRAGMA user_version = 2;

@@ -1,0 +1,3024 @@
+"""tedstore: the durable system of record for TED game trackers.
+
+Trackers send NDJSON events over a Unix socket; one writer thread commits them to
+SQLite (WAL) in batched transactions and acknowledges each line only after the
+COMMIT that covers it has returned. Game ends resolve predictions and side bets;
+a scheduler keeps hourly metrics, nightly retention and backups.
+
+Reading order follows the data: configuration, errors, records, store, ingest,
+writer, server, scheduler, systemd, daemon, client and reader, simulator, CLI.
+"""
+
+from __future__ import annotations
+
+__version__ = "1.0.0"
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import json
+import logging
+import math
+import os
+import random
+import itertools
+import re
+import selectors
+import shutil
+import select
+import signal
+import statistics
+import socket
+import struct
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Optional, Union
+
+import apsw
+import click
+import msgspec
+from msgspec import Meta
+
+log = logging.getLogger("tedstore")
+
+# ---------------------------------------------------------------------------
+# CONSTANTS AND CONFIGURATION
+# ---------------------------------------------------------------------------
+
+DEFAULT_CONFIG_FILE = "/etc/tedstore.toml"
+MAX_RAW_BYTES = 4096                 # how much of a rejected line the rejects table keeps
+MAX_ERROR_CHARS = 300                # longest error text in a reply
+BUSY_TIMEOUT_MS = 5000               # how long a connection waits for the write lock
+JOURNAL_SIZE_LIMIT = 32 * 1024 ** 2  # the WAL is truncated back to this after a checkpoint
+WRITER_POLL_SECONDS = 0.5            # the writer wakes (and beats its heart) at least this often
+CHECKPOINT_IDLE_SECONDS = 1.0        # idle time after which the writer truncates the WAL
+RETRY_MAX_SECONDS = 1.0              # longest pause between attempts at a failing commit
+STOP_GRACE_SECONDS = 20.0            # how long a draining daemon retries a failing commit
+ROLLUP_DELAY_SECONDS = 60            # an hour is rolled up this long after it ends ...
+ROLLUP_REVISIT_HOURS = 2             # ... and again while late game ends can still change it
+RETENTION_STEP_SECONDS = 0.01        # target length of one retention delete transaction
+SCHEDULER_MAX_SLEEP = 30.0
+IDLE_SWEEP_SECONDS = 5.0
+STATUS_NOTIFY_SECONDS = 5.0
+BACKUP_PREFIX = "tedstore-"
+
+
+def _systemd_dir(variable: str, name: str) -> str:
+    """A file in the first directory systemd gave us in `variable`, else in the cwd."""
+    base = os.environ.get(variable, "").split(":")[0]
+    return str(Path(base) / name) if base else f"./{name}"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Every knob of tedstore; see SETTING_ENV for the environment names."""
+
+    db: str = ""
+    socket: str = ""
+    batch_size: Annotated[int, Meta(ge=1, le=100_000)] = 5000
+    batch_interval: Annotated[float, Meta(gt=0, le=60)] = 0.05
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    tick_sample_every: Annotated[int, Meta(ge=1)] = 10
+    tick_retention_days: Annotated[float, Meta(gt=0)] = 7
+    prediction_retention_days: Annotated[float, Meta(gt=0)] = 90
+    sidebet_retention_days: Annotated[float, Meta(gt=0)] = 90
+    game_retention_days: Annotated[float, Meta(gt=0)] = 180
+    metrics_retention_days: Annotated[float, Meta(gt=0)] = 365
+    cleanup_hour_utc: Annotated[int, Meta(ge=0, le=23)] = 3
+    backup_dir: Optional[str] = None
+    backup_keep: Annotated[int, Meta(ge=1)] = 7
+    allow_uids: Optional[list[Annotated[int, Meta(ge=0)]]] = None
+    persistence_enabled: bool = True
+    payout_multiplier: Annotated[float, Meta(gt=0)] = 5.0
+    max_line_bytes: Annotated[int, Meta(ge=64)] = 1024 * 1024
+    max_connections: Annotated[int, Meta(ge=1)] = 256
+    idle_timeout: Annotated[float, Meta(gt=0)] = 300.0
+    queue_events: Annotated[int, Meta(ge=1)] = 50_000
+    queue_bytes: Annotated[int, Meta(ge=65536)] = 64 * 1024 ** 2
+    socket_mode: Annotated[str, Meta(pattern="^0?[0-7]{3}$")] = "0660"
+
+
+SETTING_ENV = {
+    "db": "TEDSTORE_DB",
+    "socket": "TEDSTORE_SOCKET",
+    "batch_size": "PERSISTENCE_BATCH_SIZE",
+    "batch_interval": "PERSISTENCE_INTERVAL_SECONDS",
+    "synchronous": "TEDSTORE_SYNCHRONOUS",
+    "tick_sample_every": "TICK_SAMPLE_EVERY",
+    "tick_retention_days": "TICK_RETENTION_DAYS",
+    "prediction_retention_days": "PREDICTION_RETENTION_DAYS",
+    "sidebet_retention_days": "SIDEBET_RETENTION_DAYS",
+    "game_retention_days": "GAME_RETENTION_DAYS",
+    "metrics_retention_days": "METRICS_RETENTION_DAYS",
+    "cleanup_hour_utc": "CLEANUP_HOUR_UTC",
+    "backup_dir": "TEDSTORE_BACKUP_DIR",
+    "backup_keep": "TEDSTORE_BACKUP_KEEP",
+    "allow_uids": "TEDSTORE_ALLOW_UIDS",
+    "persistence_enabled": "PERSISTENCE_ENABLED",
+    "payout_multiplier": "TEDSTORE_PAYOUT_MULTIPLIER",
+    "max_line_bytes": "TEDSTORE_MAX_LINE_BYTES",
+    "max_connections": "TEDSTORE_MAX_CONNECTIONS",
+    "idle_timeout": "TEDSTORE_IDLE_TIMEOUT",
+    "queue_events": "TEDSTORE_QUEUE_EVENTS",
+    "queue_bytes": "TEDSTORE_QUEUE_BYTES",
+    "socket_mode": "TEDSTORE_SOCKET_MODE",
+}
+
+
+def load_settings(config: Optional[str] = None, **flags: Any) -> Settings:
+    """Merge settings: CLI flags > environment > TOML file > defaults."""
+    values: dict[str, Any] = {}
+    path = config or (DEFAULT_CONFIG_FILE if os.path.exists(DEFAULT_CONFIG_FILE) else None)
+    if path:
+        try:
+            with open(path, "rb") as f:
+                values.update(tomllib.load(f))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        unknown = sorted(set(values) - set(SETTING_ENV))
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r} in {path}; "
+                              f"known: {', '.join(SETTING_ENV)}")
+    for name, env in SETTING_ENV.items():
+        raw = os.environ.get(env)
+        if raw is not None and raw.strip() != "":
+            values[name] = _split_list(raw) if name == "allow_uids" else raw
+    values.update({k: v for k, v in flags.items() if v is not None})
+    values.setdefault("db", _systemd_dir("STATE_DIRECTORY", "tedstore.db"))
+    values.setdefault("socket", _systemd_dir("RUNTIME_DIRECTORY", "tedstore.sock"))
+    try:
+        return msgspec.convert(values, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain_setting_error(str(exc))) from exc
+
+
+def _split_list(raw: str) -> list[str]:
+    return [part for part in re.split(r"[,\s]+", raw.strip()) if part]
+
+
+def _explain_setting_error(message: str) -> str:
+    match = re.search(r"\$\.(\w+)", message)
+    if not match:
+        return f"invalid configuration: {message}"
+    name = match.group(1)
+    return (f"invalid setting {name} (environment {SETTING_ENV.get(name, '?')}): "
+            f"{message.split(' - at ')[0]}")
+
+
+# ---------------------------------------------------------------------------
+# ERRORS
+# ---------------------------------------------------------------------------
+
+class TedstoreError(Exception):
+    """Root of every error tedstore raises on purpose; its text is one line for the user."""
+
+
+class ConfigError(TedstoreError):
+    """A setting, a path or a flag is wrong."""
+
+
+class StoreError(TedstoreError):
+    """The database cannot be opened, upgraded or written; `orig` keeps the apsw error."""
+
+    def __init__(self, message: str, orig: Optional[BaseException] = None):
+        super().__init__(message)
+        self.orig = orig
+
+
+class DaemonError(TedstoreError):
+    """The daemon cannot start or talk to its clients."""
+
+
+class ProtocolError(TedstoreError):
+    """A client cannot reach the daemon, or the daemon broke the protocol."""
+
+
+class LineRejected(TedstoreError):
+    """One input line is refused; `code` is the reject code the client sees."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message[:MAX_ERROR_CHARS])
+        self.code = code
+
+
+# ---------------------------------------------------------------------------
+# TIME
+# ---------------------------------------------------------------------------
+
+MAX_EPOCH = 253402300799.0           # 9999-12-31 23:59:59 UTC
+_SECOND_TEXT: dict[int, str] = {}    # every event formats a time: cache the seconds part
+_MILLI_TEXT = tuple(f".{milli:03d}" for milli in range(1000))
+
+
+def utc_text(epoch: float) -> str:
+    """Unix seconds as UTC text 'YYYY-MM-DD HH:MM:SS.SSS' (to the nearest millisecond)."""
+    milli = int(epoch * 1000.0 + 0.5)
+    second = milli // 1000
+    prefix = _SECOND_TEXT.get(second)
+    if prefix is None:
+        if len(_SECOND_TEXT) > 4096:
+            _SECOND_TEXT.clear()
+        prefix = _SECOND_TEXT[second] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
+    return prefix + _MILLI_TEXT[milli - second * 1000]
+
+
+def text_epoch(text: str) -> float:
+    """The inverse of utc_text."""
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def wire_ts(value: Union[float, str]) -> str:
+    """A `ts` from the wire (seconds, milliseconds > 1e11, or ISO-8601) as UTC text."""
+    if isinstance(value, str):
+        try:
+            moment = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"ts {value!r} is not an ISO-8601 time") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.timezone.utc)
+        epoch = moment.timestamp()
+    else:
+        epoch = value / 1000.0 if value > 1e11 else value
+    if not 0.0 <= epoch <= MAX_EPOCH:
+        raise ValueError(f"ts {value!r} is outside 1970..9999")
+    return utc_text(epoch)
+
+
+def hour_floor(epoch: float) -> int:
+    return int(epoch // 3600 * 3600)
+
+
+_SPAN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_SPAN_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_when(text: str, now: float) -> float:
+    """A CLI time: '48h', '7d' (before now) or an ISO-8601 date or time (UTC if no offset)."""
+    match = _SPAN.match(text)
+    if match:
+        return now - float(match.group(1)) * _SPAN_SECONDS[match.group(2)]
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(f"cannot read time {text!r}: use an ISO-8601 date or time "
+                          f"(2026-11-20, 2026-11-20T08:00) or a span (48h, 7d)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return moment.timestamp()
+
+
+# ---------------------------------------------------------------------------
+# RECORDS: the wire events as msgspec Structs, decoded as one tagged union
+# ---------------------------------------------------------------------------
+
+MAX_TICK = 2 ** 53
+Tick = Annotated[int, Meta(ge=0, le=MAX_TICK)]
+Text = Annotated[str, Meta(min_length=1, max_length=256)]
+Unit = Annotated[float, Meta(ge=0, le=1)]
+Positive = Annotated[float, Meta(gt=0)]
+Timestamp = Optional[Union[float, Annotated[str, Meta(max_length=64)]]]
+
+
+class Event(msgspec.Struct, tag_field="event", gc=False):
+    """Base of the six wire events. The ingest loop turns `ts` into UTC text (or receipt time)."""
+
+
+class TickFeatures(msgspec.Struct, gc=False):
+    volatility_10: Optional[float] = None
+    volatility_40: Optional[float] = None
+    momentum: Optional[float] = None
+    rsi: Optional[float] = None
+    volume_ratio: Optional[float] = None
+
+
+class UncertaintyBounds(msgspec.Struct, gc=False):
+    lower: Optional[float] = None
+    upper: Optional[float] = None
+
+
+class FeaturesUsed(msgspec.Struct, gc=False):
+    epr_active: Optional[bool] = None
+    peak_ratio: Optional[float] = None
+    volatility: Optional[float] = None
+    momentum: Optional[float] = None
+
+
+class GameStart(Event, tag="gameStart"):
+    gameId: Text
+    tick: Tick
+    price: Positive
+    ts: Timestamp = None
+
+
+class PriceUpdate(Event, tag="priceUpdate"):
+    gameId: Text
+    tick: Tick
+    price: Positive
+    features: Optional[TickFeatures] = None
+    ts: Timestamp = None
+
+
+class GameEnd(Event, tag="gameEnd"):
+    gameId: Text
+    tick: Tick
+    finalPrice: Annotated[float, Meta(ge=0)]
+    startTick: Optional[Tick] = None
+    treasuryRemainder: Optional[Annotated[int, Meta(ge=-MAX_TICK, le=MAX_TICK)]] = None
+    patterns: Optional[Annotated[list[Annotated[str, Meta(max_length=128)]],
+                                 Meta(max_length=256)]] = None
+    peakPrice: Optional[Positive] = None
+    peakTick: Optional[Tick] = None
+    ts: Timestamp = None
+
+    def __post_init__(self) -> None:
+        if self.startTick is not None and self.tick < self.startTick:
+            raise ValueError(f"end tick {self.tick} is before startTick {self.startTick}")
+
+
+class Prediction(Event, tag="prediction"):
+    game_id: Text
+    predicted_at_tick: Tick
+    predicted_end_tick: Tick
+    confidence: Unit
+    uncertainty_bounds: Optional[UncertaintyBounds] = None
+    features_used: Optional[FeaturesUsed] = None
+    model_version: Annotated[str, Meta(min_length=1, max_length=64)] = "v2.1.0"
+    ts: Timestamp = None
+
+    def __post_init__(self) -> None:
+        if self.predicted_end_tick < self.predicted_at_tick:
+            raise ValueError(f"predicted_end_tick {self.predicted_end_tick} is before "
+                             f"predicted_at_tick {self.predicted_at_tick}")
+        bounds = self.uncertainty_bounds
+        if bounds and bounds.lower is not None and bounds.upper is not None \
+                and bounds.lower > bounds.upper:
+            raise ValueError("uncertainty_bounds.lower is above uncertainty_bounds.upper")
+
+
+class SideBet(Event, tag="sideBet"):
+    game_id: Text
+    placed_at_tick: Tick
+    probability: Unit
+    expected_value: float
+    confidence: Unit
+    recommendation: Literal["BET", "SKIP"]
+    window_ticks: Annotated[int, Meta(ge=1, le=1_000_000)] = 40
+    ts: Timestamp = None
+
+
+class StateWrite(Event, tag="state"):
+    key: Text
+    value: msgspec.Raw
+    ts: Timestamp = None
+
+
+EVENT_TYPES = (GameStart, PriceUpdate, GameEnd, Prediction, SideBet, StateWrite)
+EVENT_NAMES = tuple(cls.__struct_config__.tag for cls in EVENT_TYPES)
+CONTROL_OPS = ("ping", "status")
+_DECODER = msgspec.json.Decoder(Union[EVENT_TYPES])  # type: ignore[valid-type]
+
+
+def decode_chunk(data: bytes, count: int) -> Optional[list]:
+    """Decode `count` newline-terminated lines at once, or None if any line needs a closer look.
+
+    msgspec's decode_lines splits on whitespace, not on newlines, so a chunk qualifies only
+    when no line starts with whitespace (so none is blank) and it yields exactly one value
+    per line.
+    """
+    if (data[:1] in b" \t\r\n" or b"\n\n" in data or b"\n " in data or b"\n\t" in data
+            or b"\n\r" in data):
+        return None
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    try:
+        events = _DECODER.decode_lines(data)
+    except (msgspec.MsgspecError, RecursionError, ValueError):
+        return None
+    return events if len(events) == count else None
+
+
+def decode_line(line: bytes) -> Union[Event, str]:
+    """One line as an Event, or the op name of a control line; raises LineRejected."""
+    try:
+        return _DECODER.decode(line)
+    except (msgspec.MsgspecError, RecursionError, ValueError) as exc:
+        problem = str(exc) or type(exc).__name__
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LineRejected("bad_utf8", f"line is not valid UTF-8 (byte {exc.start})") from None
+    if not line.strip():
+        raise LineRejected("bad_json", "empty line")
+    try:
+        obj = msgspec.json.decode(line)
+    except RecursionError:
+        raise LineRejected("bad_json", "JSON is nested too deeply") from None
+    except msgspec.ValidationError:   # well-formed JSON, but a number is out of range
+        obj = json.loads(line, parse_float=str, parse_int=str)
+    except msgspec.DecodeError as exc:
+        raise LineRejected("bad_json", f"not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        kind = {list: "an array", str: "a string"}.get(type(obj), "a scalar")
+        raise LineRejected("bad_event", f"line is {kind}, not a JSON object")
+    if "event" not in obj:
+        op = obj.get("op")
+        if op in CONTROL_OPS:
+            return op
+        if op is not None:
+            raise LineRejected("unknown_event",
+                               f"unknown op {op!r}; known ops: {', '.join(CONTROL_OPS)}")
+        raise LineRejected("bad_event", "missing field 'event'")
+    name = obj["event"]
+    if name not in EVENT_NAMES:
+        raise LineRejected("unknown_event",
+                           f"unknown event {name!r}; known events: {', '.join(EVENT_NAMES)}")
+    raise LineRejected("bad_event", f"{name}: {problem}")
+
+
+# ---------------------------------------------------------------------------
+# STORE: connections, schema steps, transactions
+# ---------------------------------------------------------------------------
+
+_SCHEMA_STEP = re.compile(r"^-- version: (\d+)[ \t]*$", re.M)
+
+
+def schema_path() -> Path:
+    """schema.sql beside this module (a checkout) or in <prefix>/share/tedstore (a wheel)."""
+    for candidate in (Path(__file__).with_name("schema.sql"),
+                      Path(sys.prefix) / "share" / "tedstore" / "schema.sql"):
+        if candidate.is_file():
+            return candidate
+    raise StoreError(f"schema.sql is missing beside {__file__} and in "
+                     f"{sys.prefix}/share/tedstore: reinstall tedstore")
+
+
+def schema_steps() -> list[tuple[int, str]]:
+    """The forward-only upgrade steps of schema.sql as (version, sql)."""
+    parts = _SCHEMA_STEP.split(schema_path().read_text())
+    return [(int(parts[i]), parts[i + 1]) for i in range(1, len(parts), 2)]
+
+
+def schema_version() -> int:
+    return schema_steps()[-1][0]
+
+
+def connect(path: str, *, readonly: bool = False, vfs: Optional[str] = None,
+            synchronous: str = "NORMAL") -> apsw.Connection:
+    """Open a connection set up the one way tedstore uses SQLite."""
+    if readonly and not os.path.exists(path):
+        raise StoreError(f"database {path} does not exist: start the daemon "
+                         f"(tedstore serve) or create it (tedstore init)")
+    flags = (apsw.SQLITE_OPEN_READONLY if readonly
+             else apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
+    try:
+        conn = apsw.Connection(path, flags=flags, vfs=vfs)
+    except apsw.Error as exc:
+        raise StoreError(f"cannot open database {path}: {exc}", exc) from exc
+    try:
+        conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+        conn.config(apsw.SQLITE_DBCONFIG_DQS_DML, 0)
+        conn.config(apsw.SQLITE_DBCONFIG_DQS_DDL, 0)
+        if not readonly:
+            mode = conn.pragma("journal_mode", "wal")
+            if mode != "wal":
+                raise StoreError(f"database {path} cannot use WAL (journal_mode is {mode}): "
+                                 f"put it on a local filesystem")
+            conn.pragma("synchronous", synchronous)
+            conn.pragma("journal_size_limit", JOURNAL_SIZE_LIMIT)
+        conn.execute("SELECT count(*) FROM sqlite_schema").get
+    except apsw.Error as exc:
+        conn.close()
+        raise StoreError(f"cannot use database {path}: {exc}", exc) from exc
+    except StoreError:
+        conn.close()
+        raise
+    return conn
+
+
+@contextlib.contextmanager
+def transaction(conn: apsw.Connection, mode: str = "IMMEDIATE") -> Iterator[apsw.Connection]:
+    """BEGIN/COMMIT; on failure ROLLBACK without letting a failed rollback hide the cause."""
+    conn.execute(f"BEGIN {mode}")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException as exc:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except apsw.Error as rollback_error:
+                exc.add_note(f"the rollback failed too: {rollback_error}")
+        raise
+
+
+def migrate(conn: apsw.Connection, path: str) -> tuple[int, int]:
+    """Bring the schema to the newest version, one forward-only step at a time."""
+    steps = schema_steps()
+    target = steps[-1][0]
+    current = conn.pragma("user_version")
+    if current > target:
+        raise StoreError(f"database {path} has schema version {current}, newer than this "
+                         f"tedstore understands ({target}): upgrade tedstore")
+    if current < target:
+        try:
+            with transaction(conn):
+                for version, sql in steps:
+                    if version > current:
+                        conn.execute(sql)
+        except apsw.Error as exc:
+            raise StoreError(f"cannot upgrade database {path} from schema version "
+                             f"{current} to {target}: {exc}", exc) from exc
+    return current, target
+
+
+def open_store(path: str, *, vfs: Optional[str] = None, synchronous: str = "NORMAL",
+               create: bool = True) -> apsw.Connection:
+    """A read-write connection to a database at the newest schema version."""
+    if not create and not os.path.exists(path):
+        raise StoreError(f"database {path} does not exist: start the daemon "
+                         f"(tedstore serve) or create it (tedstore init)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise StoreError(f"the folder of database {path} does not exist: create {folder} "
+                         f"or set TEDSTORE_DB")
+    conn = connect(path, vfs=vfs, synchronous=synchronous)
+    try:
+        migrate(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def record_job(conn: apsw.Connection, name: str, detail: dict, now: float) -> None:
+    conn.execute(SQL_RECORD_JOB, (name, utc_text(now), json.dumps(detail)))
+
+
+def last_jobs(conn: apsw.Connection) -> dict[str, dict]:
+    jobs = {}
+    if conn.table_exists("main", "jobs"):
+        for name, at, detail in conn.execute("SELECT name, last_run_at, detail FROM jobs"):
+            jobs[name] = {"at": at, **json.loads(detail)}
+    return jobs
+
+
+SQL_RECORD_JOB = "INSERT OR REPLACE INTO jobs (name, last_run_at, detail) VALUES (?1, ?2, ?3)"
+
+
+# ---------------------------------------------------------------------------
+# INGEST: one batch of lines becomes one transaction, one statement per table
+# ---------------------------------------------------------------------------
+# The big tables are written with executemany over plain tuples, the fastest path
+# apsw has. It releases the GIL once per row, which is cheap only while no other
+# thread of the daemon is busy: so all decoding happens here, in the writer, and the
+# event loop thread does no more than cut lines and send replies. Lists of game ids
+# travel as one JSON array through json_each(?).
+
+SQL_LOAD_GAMES = """
+SELECT game_id, start_tick, end_tick, peak_price, peak_tick, final_price,
+       treasury_remainder, patterns_detected, started_at, ended_at, created_at
+FROM games WHERE game_id IN (SELECT value FROM json_each(?1))"""
+
+SQL_SAVE_GAMES = """
+INSERT INTO games (game_id, start_tick, end_tick, duration_ticks, peak_price, peak_tick,
+                   final_price, treasury_remainder, patterns_detected, started_at,
+                   ended_at, created_at, updated_at)
+SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,
+       value->>7, value->>8, value->>9, value->>10, value->>11, ?2
+FROM json_each(?1) WHERE true
+ON CONFLICT (game_id) DO UPDATE SET
+    start_tick = excluded.start_tick, end_tick = excluded.end_tick,
+    duration_ticks = excluded.duration_ticks, peak_price = excluded.peak_price,
+    peak_tick = excluded.peak_tick, final_price = excluded.final_price,
+    treasury_remainder = excluded.treasury_remainder,
+    patterns_detected = excluded.patterns_detected, started_at = excluded.started_at,
+    ended_at = excluded.ended_at, created_at = excluded.created_at,
+    updated_at = excluded.updated_at"""
+
+SQL_SAVE_TICKS = """
+INSERT OR IGNORE INTO tick_samples (game_id, tick, price, volatility_10, volatility_40,
+                                    momentum, rsi, volume_ratio, ts, created_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)"""
+
+SQL_SAVE_PREDICTIONS = """
+INSERT OR IGNORE INTO predictions (game_id, predicted_at_tick, predicted_end_tick,
+                                   confidence, bound_lower, bound_upper, epr_active,
+                                   peak_ratio, volatility, momentum, model_version,
+                                   created_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"""
+
+SQL_SAVE_SIDE_BETS = """
+INSERT OR IGNORE INTO side_bets (game_id, placed_at_tick, window_end_tick, probability,
+                                 expected_value, confidence, recommendation, created_at)
+VALUES (?1, ?2, ?2 + ?3, ?4, ?5, ?6, ?7, ?8)"""
+
+SQL_SAVE_STATE = """
+INSERT INTO state (key, value, updated_at)
+SELECT value->>'key', value->'value', value->>'ts' FROM json_each(?1) WHERE true
+ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
+WHERE excluded.updated_at >= state.updated_at"""
+
+# Resolution runs for every game that ended in the batch or got a prediction or side
+# bet in it, so a late arrival is resolved on arrival, with the game's own ended_at.
+SQL_RESOLVE_PREDICTIONS = """
+UPDATE predictions
+SET actual_end_tick = g.end_tick,
+    raw_error = predictions.predicted_end_tick - g.end_tick,
+    signed_error = predictions.predicted_end_tick - g.end_tick,
+    e40 = (predictions.predicted_end_tick - g.end_tick) / 40.0,
+    within_windows = abs(predictions.predicted_end_tick - g.end_tick) / 40,
+    resolved_at = g.ended_at
+FROM games AS g
+WHERE g.game_id IN (SELECT value FROM json_each(?1)) AND g.end_tick IS NOT NULL
+  AND predictions.game_id = g.game_id AND predictions.actual_end_tick IS NULL"""
+
+SQL_RESOLVE_SIDE_BETS = """
+UPDATE side_bets
+SET actual_outcome = CASE WHEN g.end_tick BETWEEN side_bets.placed_at_tick
+                                              AND side_bets.window_end_tick
+                          THEN 'WON' ELSE 'LOST' END,
+    payout = CASE WHEN g.end_tick BETWEEN side_bets.placed_at_tick
+                                      AND side_bets.window_end_tick
+                  THEN ?2 ELSE -1 END,
+    resolved_at = g.ended_at
+FROM games AS g
+WHERE g.game_id IN (SELECT value FROM json_each(?1)) AND g.end_tick IS NOT NULL
+  AND side_bets.game_id = g.game_id AND side_bets.actual_outcome = 'PENDING'"""
+
+SQL_GAME_AGGREGATES = """
+UPDATE games
+SET had_predictions = EXISTS (SELECT 1 FROM predictions p WHERE p.game_id = games.game_id),
+    prediction_accuracy = (SELECT avg(abs(p.raw_error) <= 40) FROM predictions p
+                           WHERE p.game_id = games.game_id),
+    side_bets_placed = (SELECT count(*) FROM side_bets s
+                        WHERE s.game_id = games.game_id AND s.recommendation = 'BET')
+WHERE game_id IN (SELECT value FROM json_each(?1)) AND end_tick IS NOT NULL"""
+
+SQL_SAVE_REJECT = """
+INSERT INTO rejects (received_at, peer_pid, peer_uid, line_no, code, error, raw)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"""
+
+
+class Chunk:
+    """Complete lines from one connection, numbered from first_line, on their way to a COMMIT.
+
+    A chunk with `rejection` set stands for one line the reader already refused
+    (too long, forbidden peer): the writer only records it.
+    """
+
+    __slots__ = ("session", "first_line", "count", "data", "received", "rejection")
+
+    def __init__(self, session: Any, first_line: int, count: int, data: bytes,
+                 received: float, rejection: Optional[tuple[str, str]] = None):
+        self.session = session
+        self.first_line = first_line
+        self.count = count
+        self.data = data
+        self.received = received
+        self.rejection = rejection
+
+    @property
+    def last_line(self) -> int:
+        return self.first_line + self.count - 1
+
+    def lines(self) -> list[bytes]:
+        return self.data.split(b"\n")[:-1] if self.rejection is None else [self.data]
+
+    def split(self, head_lines: int) -> tuple["Chunk", "Chunk"]:
+        """Cut after `head_lines` lines, so that no batch exceeds the batch size."""
+        cut = 0
+        for _ in range(head_lines):
+            cut = self.data.index(b"\n", cut) + 1
+        return (Chunk(self.session, self.first_line, head_lines, self.data[:cut], self.received),
+                Chunk(self.session, self.first_line + head_lines, self.count - head_lines,
+                      self.data[cut:], self.received))
+
+    def refused(self, code: str, message: str) -> "Chunk":
+        """This one-line chunk turned into the record of its own rejection."""
+        return Chunk(self.session, self.first_line, 1, self.data, self.received,
+                     (code, message))
+
+
+class GameRow:
+    """A games row while a batch folds its events in; written back once per batch."""
+
+    __slots__ = ("game_id", "start_tick", "end_tick", "peak_price", "peak_tick",
+                 "final_price", "treasury_remainder", "patterns", "started_at",
+                 "ended_at", "created_at", "dirty")
+
+    def __init__(self, game_id: str, created_at: str, start_tick=None, end_tick=None,
+                 peak_price=None, peak_tick=None, final_price=None, treasury_remainder=None,
+                 patterns=(), started_at=None, ended_at=None, dirty=True):
+        self.game_id = game_id
+        self.start_tick = start_tick
+        self.end_tick = end_tick
+        self.peak_price = peak_price
+        self.peak_tick = peak_tick
+        self.final_price = final_price
+        self.treasury_remainder = treasury_remainder
+        self.patterns = list(patterns)
+        self.started_at = started_at
+        self.ended_at = ended_at
+        self.created_at = created_at
+        self.dirty = dirty
+
+    def see(self, price: float, tick: int, ts: str) -> None:
+        """Fold in one price: the peak is the highest price, at its earliest tick."""
+        peak = self.peak_price
+        if peak is None or price > peak or (price == peak and tick < self.peak_tick):
+            self.peak_price, self.peak_tick, self.dirty = price, tick, True
+        if ts < self.created_at:
+            self.created_at, self.dirty = ts, True
+
+    def touch(self, ts: str) -> None:
+        """A game was created when its earliest event happened, whatever order they arrive in."""
+        if ts < self.created_at:
+            self.created_at, self.dirty = ts, True
+
+    def row(self) -> list:
+        duration = (self.end_tick - self.start_tick
+                    if self.end_tick is not None and self.start_tick is not None else None)
+        return [self.game_id, self.start_tick, self.end_tick, duration, self.peak_price,
+                self.peak_tick, self.final_price, self.treasury_remainder,
+                json.dumps(self.patterns), self.started_at, self.ended_at, self.created_at]
+
+
+class IngestBatch:
+    """The lines of one transaction, decoded and grouped by the table they feed."""
+
+    def __init__(self, chunks: list[Chunk], sample_every: int, payout_multiplier: float):
+        self.chunks = chunks
+        self.sample_every = sample_every
+        self.payout_multiplier = payout_multiplier
+        self.ticks: list[PriceUpdate] = []
+        self.predictions: list[Prediction] = []
+        self.side_bets: list[SideBet] = []
+        self.states: list[StateWrite] = []
+        self.lifecycle: list[tuple[Event, Chunk, int]] = []
+        self.decode_rejects: list[tuple[Chunk, int, str, str, bytes]] = []
+        self.rejects: list[tuple[Chunk, int, str, str, bytes]] = []
+        self.counts: collections.Counter = collections.Counter()
+        for chunk in chunks:
+            self._read(chunk)
+
+    def _read(self, chunk: Chunk) -> None:
+        if chunk.rejection is not None:
+            code, message = chunk.rejection
+            self.decode_rejects.append((chunk, chunk.first_line, code, message, chunk.data))
+            return
+        received = utc_text(chunk.received)
+        events = decode_chunk(chunk.data, chunk.count)
+        if events is not None:
+            self._route(events, chunk, chunk.first_line, received)
+            return
+        for offset, line in enumerate(chunk.lines()):
+            try:
+                event = decode_line(line)
+            except LineRejected as exc:
+                self.decode_rejects.append((chunk, chunk.first_line + offset, exc.code,
+                                            str(exc), line))
+                continue
+            if not isinstance(event, str):           # a control line was answered already
+                self._route((event,), chunk, chunk.first_line + offset, received)
+
+    def _route(self, events: Iterable[Event], chunk: Chunk, line_no: int, received: str) -> None:
+        """Sort events by table, turning each `ts` into UTC text (receipt time when absent)."""
+        ticks, predictions, side_bets = self.ticks, self.predictions, self.side_bets
+        for event in events:
+            ts = event.ts
+            if ts is None:
+                event.ts = received
+            else:
+                try:
+                    event.ts = wire_ts(ts)
+                except ValueError as exc:
+                    self.decode_rejects.append((chunk, line_no, "bad_event",
+                                                f"{event.__struct_config__.tag}: {exc}",
+                                                chunk.lines()[line_no - chunk.first_line]))
+                    line_no += 1
+                    continue
+            kind = type(event)
+            if kind is PriceUpdate:
+                ticks.append(event)
+            elif kind is Prediction:
+                predictions.append(event)
+            elif kind is SideBet:
+                side_bets.append(event)
+            elif kind is StateWrite:
+                self.states.append(event)
+            else:
+                self.lifecycle.append((event, chunk, line_no))
+            line_no += 1
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.counts.values())
+
+    def write(self, conn: apsw.Connection, now: float) -> None:
+        """Apply the batch inside the caller's transaction; safe to call again after a rollback."""
+        self.rejects = list(self.decode_rejects)
+        self.counts = collections.Counter({
+            "priceUpdate": len(self.ticks), "prediction": len(self.predictions),
+            "sideBet": len(self.side_bets), "state": len(self.states)})
+        games = self._load_games(conn)
+        ended: set[str] = set()
+        for event, chunk, line_no in self.lifecycle:
+            try:
+                if type(event) is GameStart:
+                    self._start(games, event)
+                else:
+                    self._end(games, event, ended)
+            except LineRejected as exc:
+                self.rejects.append((chunk, line_no, exc.code, str(exc),
+                                     chunk.lines()[line_no - chunk.first_line]))
+                continue
+            self.counts[type(event).__struct_config__.tag] += 1
+        samples = []
+        every = self.sample_every
+        for event in self.ticks:
+            game = games.get(event.gameId)
+            if game is None:
+                game = games[event.gameId] = GameRow(event.gameId, event.ts)
+            game.see(event.price, event.tick, event.ts)
+            if event.tick % every == 0:
+                samples.append(event)
+        encode = msgspec.json.encode
+        changed = [game.row() for game in games.values() if game.dirty]
+        if changed:
+            conn.execute(SQL_SAVE_GAMES, (encode(changed), utc_text(now)))
+        if samples:
+            conn.executemany(SQL_SAVE_TICKS, _tick_rows(samples))
+        if self.predictions:
+            conn.executemany(SQL_SAVE_PREDICTIONS, _prediction_rows(self.predictions))
+        if self.side_bets:
+            conn.executemany(SQL_SAVE_SIDE_BETS, [
+                (b.game_id, b.placed_at_tick, b.window_ticks, b.probability, b.expected_value,
+                 b.confidence, b.recommendation, b.ts) for b in self.side_bets])
+        touched = ended.union([p.game_id for p in self.predictions],
+                              [b.game_id for b in self.side_bets])
+        if touched:
+            ids = encode(list(touched))
+            conn.execute(SQL_RESOLVE_PREDICTIONS, (ids,))
+            conn.execute(SQL_RESOLVE_SIDE_BETS, (ids, self.payout_multiplier))
+            conn.execute(SQL_GAME_AGGREGATES, (ids,))
+        if self.states:
+            conn.execute(SQL_SAVE_STATE, (encode(self.states),))
+        if self.rejects:
+            conn.executemany(SQL_SAVE_REJECT, [
+                (utc_text(chunk.received), getattr(chunk.session, "peer_pid", None),
+                 getattr(chunk.session, "peer_uid", None), line_no, code, message,
+                 _raw_for_rejects(raw))
+                for chunk, line_no, code, message, raw in self.rejects])
+
+    def _load_games(self, conn: apsw.Connection) -> dict[str, GameRow]:
+        ids = {event.gameId for event in self.ticks}
+        ids.update(event.gameId for event, _, _ in self.lifecycle)
+        games = {}
+        if ids:
+            for row in conn.execute(SQL_LOAD_GAMES, (msgspec.json.encode(list(ids)),)):
+                (game_id, start_tick, end_tick, peak_price, peak_tick, final_price,
+                 treasury, patterns, started_at, ended_at, created_at) = row
+                games[game_id] = GameRow(game_id, created_at, start_tick, end_tick, peak_price,
+                                         peak_tick, final_price, treasury, json.loads(patterns),
+                                         started_at, ended_at, dirty=False)
+        return games
+
+    @staticmethod
+    def _start(games: dict[str, GameRow], event: GameStart) -> None:
+        game = games.get(event.gameId)
+        if game is not None:
+            if game.started_at is not None:
+                return                               # a resent gameStart changes nothing
+            if game.end_tick is not None and event.tick > game.end_tick:
+                raise LineRejected("bad_event", f"gameStart tick {event.tick} is after the "
+                                   f"end tick {game.end_tick} of game {event.gameId!r}")
+        else:
+            game = games[event.gameId] = GameRow(event.gameId, event.ts)
+        game.start_tick, game.started_at, game.dirty = event.tick, event.ts, True
+        game.see(event.price, event.tick, event.ts)
+
+    @staticmethod
+    def _end(games: dict[str, GameRow], event: GameEnd, ended: set[str]) -> None:
+        game = games.get(event.gameId)
+        if game is not None and game.end_tick is not None:
+            if game.end_tick != event.tick:
+                raise LineRejected("conflict", f"game {event.gameId!r} already ended at tick "
+                                   f"{game.end_tick}; the first gameEnd stands")
+        else:
+            start = game.start_tick if game is not None else None
+            if start is None:
+                start = event.startTick
+            if start is not None and event.tick < start:
+                raise LineRejected("bad_event", f"end tick {event.tick} is before the start "
+                                   f"tick {start} of game {event.gameId!r}")
+            if game is None:
+                game = games[event.gameId] = GameRow(event.gameId, event.ts)
+            game.start_tick = start
+            game.end_tick, game.final_price = event.tick, event.finalPrice
+            game.treasury_remainder, game.ended_at = event.treasuryRemainder, event.ts
+            ended.add(event.gameId)
+        game.patterns = sorted(set(game.patterns).union(event.patterns or ()))
+        if event.peakPrice is not None and event.peakTick is not None:
+            game.see(event.peakPrice, event.peakTick, event.ts)
+        game.touch(event.ts)
+        game.dirty = True
+
+
+def _tick_rows(samples: list[PriceUpdate]) -> Iterator[tuple]:
+    for tick in samples:
+        features = tick.features
+        if features is None:
+            yield (tick.gameId, tick.tick, tick.price, None, None, None, None, None, tick.ts)
+        else:
+            yield (tick.gameId, tick.tick, tick.price, features.volatility_10,
+                   features.volatility_40, features.momentum, features.rsi,
+                   features.volume_ratio, tick.ts)
+
+
+def _prediction_rows(predictions: list[Prediction]) -> Iterator[tuple]:
+    for p in predictions:
+        bounds, used = p.uncertainty_bounds, p.features_used
+        lower, upper = (bounds.lower, bounds.upper) if bounds is not None else (None, None)
+        if used is None:
+            yield (p.game_id, p.predicted_at_tick, p.predicted_end_tick, p.confidence, lower,
+                   upper, None, None, None, None, p.model_version, p.ts)
+        else:
+            yield (p.game_id, p.predicted_at_tick, p.predicted_end_tick, p.confidence, lower,
+                   upper, used.epr_active, used.peak_ratio, used.volatility, used.momentum,
+                   p.model_version, p.ts)
+
+
+def _raw_for_rejects(raw: bytes) -> Union[str, bytes]:
+    """Text when the kept bytes are UTF-8 (readable in sqlite3), else a BLOB."""
+    raw = raw[:MAX_RAW_BYTES]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+
+
+# ---------------------------------------------------------------------------
+# WRITER: one thread, one write connection, group commit, acks after COMMIT
+# ---------------------------------------------------------------------------
+
+# Errors of the disk or of the lock, not of the data: the batch is retried until it
+# commits. Any other error is blamed on the data and the batch is bisected.
+TRANSIENT_ERRORS = (apsw.FullError, apsw.IOError, apsw.BusyError, apsw.LockedError,
+                    apsw.CantOpenError, apsw.ReadOnlyError, apsw.NoMemError,
+                    apsw.ProtocolError, apsw.InterruptError)
+
+
+class LatencyHistogram:
+    """Latencies in 5 %-wide logarithmic buckets: bounded memory, percentiles within 5 %."""
+
+    _GROWTH = 1.05
+    _FLOOR_MS = 0.01
+
+    def __init__(self) -> None:
+        self.buckets: collections.Counter = collections.Counter()
+        self.count = 0
+        self.total = 0.0
+
+    def record(self, ms: float, weight: int = 1) -> None:
+        index = 0 if ms <= self._FLOOR_MS else \
+            int(math.log(ms / self._FLOOR_MS) / math.log(self._GROWTH)) + 1
+        self.buckets[index] += weight
+        self.count += weight
+        self.total += ms * weight
+
+    def quantile(self, q: float) -> Optional[float]:
+        if not self.count:
+            return None
+        rank, seen = q * self.count, 0
+        for index, weight in sorted(self.buckets.items()):
+            seen += weight
+            if seen >= rank:
+                return round(self._FLOOR_MS * self._GROWTH ** index, 3)
+        return None
+
+    @property
+    def mean(self) -> Optional[float]:
+        return round(self.total / self.count, 3) if self.count else None
+
+
+class _Task:
+    """Work for the writer's connection, submitted by another thread that waits for it."""
+
+    __slots__ = ("fn", "done", "result", "error")
+
+    def __init__(self, fn: Callable[[apsw.Connection], Any]):
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+
+
+_STOP = object()
+
+
+class IngestQueue:
+    """FIFO between the socket readers and the writer, bounded by events and bytes.
+
+    put() never blocks (the event loop must not); it reports when the queue is full and
+    the readers should stop reading. take() reports when there is room again (below half).
+    """
+
+    def __init__(self, max_events: int, max_bytes: int):
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.events = 0
+        self.bytes = 0
+        self.blocked = False
+        self._items: collections.deque = collections.deque()
+        self._ready = threading.Condition(threading.Lock())
+
+    def put(self, item: Any) -> bool:
+        with self._ready:
+            self._items.append(item)
+            if type(item) is Chunk:
+                self.events += item.count
+                self.bytes += len(item.data)
+                if self.events >= self.max_events or self.bytes >= self.max_bytes:
+                    self.blocked = True
+            self._ready.notify()
+            return self.blocked
+
+    def take(self, max_events: int, timeout: float) -> tuple[Any, bool]:
+        """(list of chunks up to max_events | a task | _STOP | [], room_again)."""
+        with self._ready:
+            if not self._items:
+                self._ready.wait(timeout)
+            items = self._items
+            if not items:
+                return [], False
+            if type(items[0]) is not Chunk:
+                return items.popleft(), self._room()
+            batch, events = [], 0
+            while items and type(items[0]) is Chunk:
+                chunk = items[0]
+                if events + chunk.count > max_events:
+                    if events:
+                        break
+                    chunk, items[0] = chunk.split(max_events)
+                else:
+                    items.popleft()
+                batch.append(chunk)
+                events += chunk.count
+                self.events -= chunk.count
+                self.bytes -= len(chunk.data)
+            return batch, self._room()
+
+    def _room(self) -> bool:
+        if self.blocked and self.events < self.max_events // 2 and self.bytes < self.max_bytes // 2:
+            self.blocked = False
+            return True
+        return False
+
+
+class Writer(threading.Thread):
+    """Owns the only write connection: commits batches, then hands their acks back.
+
+    on_commit(results) receives [(session, [(line, code, error)], last_line)] after each
+    COMMIT has returned, never before; on_room() is called when a full queue drains.
+    """
+
+    def __init__(self, settings: Settings, *, vfs: Optional[str] = None,
+                 on_commit: Callable[[list], None] = lambda results: None,
+                 on_room: Callable[[], None] = lambda: None):
+        super().__init__(name="tedstore-writer", daemon=True)
+        self.settings = settings
+        self.vfs = vfs
+        self.on_commit = on_commit
+        self.on_room = on_room
+        self.queue = IngestQueue(settings.queue_events, settings.queue_bytes)
+        self.started = threading.Event()
+        self.start_error: Optional[BaseException] = None
+        self.heartbeat = time.monotonic()
+        self.records_saved = 0
+        self.commit_errors = 0
+        self.batches = 0
+        self.last_commit: Optional[float] = None
+        self.failing: Optional[str] = None
+        self.unsaved = 0
+        self.events_by_type: collections.Counter = collections.Counter()
+        self.rejects_by_code: collections.Counter = collections.Counter()
+        self.latency = LatencyHistogram()
+        self.latency_by_hour: dict[int, LatencyHistogram] = {}
+        self.conn: Optional[apsw.Connection] = None
+        self._stopping = False
+        self._last_commit_mono = 0.0
+        self._checkpointed = True
+
+    # -- API for other threads -------------------------------------------------
+
+    def submit(self, chunk: Chunk) -> bool:
+        """Queue a chunk; True means the queue is full and readers should pause."""
+        return self.queue.put(chunk)
+
+    def run_task(self, fn: Callable[[apsw.Connection], Any], timeout: Optional[float] = None) -> Any:
+        """Run fn(connection) on the writer thread, between batches, and return its result."""
+        if not self.is_alive():
+            raise StoreError("the writer has stopped")
+        task = _Task(fn)
+        self.queue.put(task)
+        if not task.done.wait(timeout):
+            raise StoreError("the writer did not run the task in time")
+        if task.error is not None:
+            raise task.error
+        return task.result
+
+    def stop(self) -> None:
+        """Commit everything queued so far, then close; readers must have stopped."""
+        self._stopping = True
+        self.queue.put(_STOP)
+
+    # -- the thread --------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self.conn = connect(self.settings.db, vfs=self.vfs,
+                                synchronous=self.settings.synchronous)
+        except StoreError as exc:
+            self.start_error = exc
+            self.started.set()
+            return
+        self.started.set()
+        try:
+            self._loop()
+        finally:
+            self._close()
+
+    def _loop(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            item, room = self.queue.take(self.settings.batch_size, WRITER_POLL_SECONDS)
+            if room:
+                self.on_room()
+            if item is _STOP:
+                return
+            if type(item) is _Task:
+                self._run_task(item)
+            elif item:
+                self._commit(item)
+            elif not self._checkpointed and \
+                    time.monotonic() - self._last_commit_mono >= CHECKPOINT_IDLE_SECONDS:
+                self._checkpoint()
+
+    def _run_task(self, task: _Task) -> None:
+        try:
+            task.result = task.fn(self.conn)
+        except BaseException as exc:
+            task.error = exc
+        finally:
+            self._checkpointed = False
+            task.done.set()
+
+    def _commit(self, chunks: list[Chunk]) -> None:
+        batch = IngestBatch(chunks, self.settings.tick_sample_every,
+                            self.settings.payout_multiplier)
+        try:
+            committed = self._write(batch)
+        except Exception as exc:
+            self._bisect(chunks, exc)
+            return
+        if committed:
+            self._committed(batch)
+
+    def _write(self, batch: IngestBatch) -> bool:
+        """Commit the batch, retrying disk and lock errors until it works; False if given up."""
+        delay, first_failure = 0.05, None
+        while True:
+            try:
+                with transaction(self.conn):
+                    batch.write(self.conn, time.time())
+            except TRANSIENT_ERRORS as exc:
+                self.commit_errors += 1
+                now = time.monotonic()
+                if first_failure is None:
+                    first_failure = now
+                    log.error("cannot commit %d lines: %s; retrying, nothing is acknowledged "
+                              "until it works", sum(c.count for c in batch.chunks), exc)
+                self.failing = f"{type(exc).__name__}: {exc}"
+                if self._stopping and now - first_failure > STOP_GRACE_SECONDS:
+                    self.unsaved += sum(c.count for c in batch.chunks)
+                    log.error("giving up on %d lines at shutdown: %s; they were not "
+                              "acknowledged, so clients will send them again",
+                              sum(c.count for c in batch.chunks), exc)
+                    return False
+                time.sleep(delay)
+                self.heartbeat = time.monotonic()
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                continue
+            if self.failing is not None:
+                log.warning("commits work again after %.1f s (%s)",
+                            time.monotonic() - first_failure, self.failing)
+                self.failing = None
+            return True
+
+    def _bisect(self, chunks: list[Chunk], exc: Exception) -> None:
+        """A batch the database refuses: commit its halves, down to the one line to reject."""
+        lines = sum(chunk.count for chunk in chunks)
+        if lines == 1:
+            chunk = chunks[0]
+            if chunk.rejection is not None:
+                self.unsaved += 1
+                log.error("cannot record the rejection of line %d (%s): %s",
+                          chunk.first_line, chunk.rejection[0], exc)
+                return
+            log.warning("line %d refused by the database: %s", chunk.first_line, exc)
+            self._commit([chunk.refused("bad_event", f"the database refused this event: {exc}")])
+            return
+        if len(chunks) == 1:
+            head, tail = chunks[0].split(chunks[0].count // 2)
+            halves = [[head], [tail]]
+        else:
+            halves = [chunks[:len(chunks) // 2], chunks[len(chunks) // 2:]]
+        for half in halves:
+            self._commit(half)
+
+    def _committed(self, batch: IngestBatch) -> None:
+        now = time.time()
+        self.batches += 1
+        self.records_saved += batch.accepted
+        self.events_by_type.update(batch.counts)
+        hour = self.latency_by_hour.get(hour_floor(now))
+        if hour is None:
+            hour = self.latency_by_hour[hour_floor(now)] = LatencyHistogram()
+            for old in [h for h in self.latency_by_hour if h < hour_floor(now) - 86400]:
+                del self.latency_by_hour[old]
+        by_session: dict[Any, list] = {}
+        for chunk in batch.chunks:
+            ms = max(0.0, (now - chunk.received) * 1000)
+            self.latency.record(ms, chunk.count)
+            hour.record(ms, chunk.count)
+            if chunk.session is not None:
+                entry = by_session.setdefault(chunk.session, [[], 0])
+                entry[1] = max(entry[1], chunk.last_line)
+        for chunk, line_no, code, message, _ in batch.rejects:
+            self.rejects_by_code[code] += 1
+            if chunk.session is not None:
+                by_session[chunk.session][0].append((line_no, code, message))
+        self.last_commit = now
+        self._last_commit_mono = time.monotonic()
+        self._checkpointed = False
+        self.on_commit([(session, sorted(rejected), last)
+                        for session, (rejected, last) in by_session.items()])
+
+    def _checkpoint(self) -> None:
+        """Truncate the WAL while idle; readers holding old snapshots only postpone it."""
+        self.conn.set_busy_timeout(0)
+        try:
+            self.conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+            self._checkpointed = True
+        except apsw.BusyError:
+            self._last_commit_mono = time.monotonic()     # a reader is in the way: try later
+        except apsw.Error as exc:
+            log.warning("WAL checkpoint failed: %s", exc)
+            self._last_commit_mono = time.monotonic()
+        finally:
+            self.conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+
+    def _close(self) -> None:
+        self._checkpoint()
+        self.conn.close()
+        self.conn = None
+
+
+# ---------------------------------------------------------------------------
+# SERVER: asyncio sessions cut streams into numbered lines and send acks back
+# ---------------------------------------------------------------------------
+
+_ACK = b'{"ack":%d}\n'
+_PONG = b'{"pong":true}\n'
+_PEERCRED = struct.Struct("3i")
+FORBIDDEN_LOG_SECONDS = 10.0       # one log line and rejects row per refused uid this often
+
+
+class Session(asyncio.Protocol):
+    """One client connection: numbers its lines, answers control lines, queues the rest."""
+
+    def __init__(self, server: "Server"):
+        self.server = server
+        self.transport: Optional[asyncio.Transport] = None
+        self.peer_pid: Optional[int] = None
+        self.peer_uid: Optional[int] = None
+        self.line_no = 0          # lines received and numbered
+        self.acked = 0            # lines acknowledged
+        self.partial = b""        # the start of a line still arriving
+        self.discarding = False   # inside a line that was too long
+        self.eof = False
+        self.closed = False
+        self.write_paused = False
+        self.reading = True
+        self.last_active = time.monotonic()
+
+    # -- asyncio callbacks -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):      # peers on odd sockets stay anonymous
+            self.peer_pid, self.peer_uid, _ = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        self.server.admit(self)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        self.server.forget(self)
+
+    def pause_writing(self) -> None:
+        """The client does not read its replies: stop reading its lines until it does."""
+        self.write_paused = True
+        self.update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.update_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        if self.discarding:
+            newline = data.find(b"\n")
+            if newline < 0:
+                return
+            data = data[newline + 1:]
+            self.discarding = False
+        if self.partial:
+            data = self.partial + data
+            self.partial = b""
+        end = data.rfind(b"\n") + 1
+        if end:
+            self._lines(data if end == len(data) else data[:end])
+        if end < len(data):
+            self._hold(data[end:])
+
+    def eof_received(self) -> bool:
+        """The client finished sending: take a last unterminated line, then ack and close."""
+        self.eof = True
+        if self.partial:
+            self._lines(self.partial + b"\n")
+            self.partial = b""
+        self._close_when_done()
+        return True
+
+    # -- lines ---------------------------------------------------------------------
+
+    def _lines(self, data: bytes) -> None:
+        """Queue complete lines, cutting out any longer than the limit."""
+        limit = self.server.settings.max_line_bytes
+        if len(data) <= limit + 1:
+            self._submit(data, data.count(b"\n"))
+            return
+        start = good = 0
+        while start < len(data):
+            end = data.index(b"\n", start) + 1
+            if end - start - 1 > limit:
+                if good < start:
+                    self._submit(data[good:start], data.count(b"\n", good, start))
+                self._too_long(data[start:end - 1])
+                good = end
+            start = end
+        if good < len(data):
+            self._submit(data[good:], data.count(b"\n", good))
+
+    def _hold(self, rest: bytes) -> None:
+        if len(rest) > self.server.settings.max_line_bytes:
+            self._too_long(rest)
+            self.discarding = True
+        else:
+            self.partial = rest
+
+    def _too_long(self, head: bytes) -> None:
+        self.line_no += 1
+        limit = self.server.settings.max_line_bytes
+        self.server.submit(Chunk(self, self.line_no, 1, head[:MAX_RAW_BYTES], time.time(),
+                                 ("too_long", f"line is longer than {limit} bytes "
+                                              f"(TEDSTORE_MAX_LINE_BYTES); it was discarded")))
+
+    def _submit(self, data: bytes, count: int) -> None:
+        if b'"op"' in data:
+            self._answer_control_lines(data)
+        first = self.line_no + 1
+        self.line_no += count
+        self.server.submit(Chunk(self, first, count, data, time.time()))
+
+    def _answer_control_lines(self, data: bytes) -> None:
+        """Control lines are answered at once; the writer still counts them for the ack."""
+        for line in data.split(b"\n"):
+            if b'"op"' not in line:
+                continue
+            try:
+                op = decode_line(line)
+            except LineRejected:
+                continue                 # the writer rejects and records it in line order
+            if op == "ping":
+                self.transport.write(_PONG)
+            elif op == "status":
+                self.transport.write(msgspec.json.encode({"status": self.server.status()}) + b"\n")
+
+    # -- replies and flow control --------------------------------------------------
+
+    def acknowledge(self, rejected: list[tuple[int, str, str]], last_line: int) -> None:
+        if self.closed:
+            return
+        encode = msgspec.json.encode
+        replies = [encode({"rejected": line, "code": code, "error": error}) + b"\n"
+                   for line, code, error in rejected]
+        replies.append(_ACK % last_line)
+        self.transport.write(b"".join(replies))
+        self.acked = last_line
+        self._close_when_done()
+
+    def refuse(self, reply: dict) -> None:
+        self.transport.write(msgspec.json.encode(reply) + b"\n")
+        self.transport.close()
+
+    def update_reading(self) -> None:
+        want = not (self.write_paused or self.server.queue_blocked or self.server.draining)
+        if want != self.reading and not self.closed:
+            self.reading = want
+            if want:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    def _close_when_done(self) -> None:
+        if self.eof and self.acked >= self.line_no and not self.closed:
+            self.transport.close()
+
+
+class Server:
+    """The sessions, and the flow of lines to the writer and of acks back to them."""
+
+    def __init__(self, settings: Settings, writer: Writer, status: Callable[[], dict]):
+        self.settings = settings
+        self.writer = writer
+        self.status = status
+        self.sessions: set[Session] = set()
+        self.queue_blocked = False
+        self.draining = False
+        self.connections_total = 0
+        self.refused: collections.Counter = collections.Counter()
+        self._forbidden_noted: dict[Optional[int], float] = {}
+
+    def admit(self, session: Session) -> None:
+        allowed = self.settings.allow_uids
+        if allowed is not None and session.peer_uid not in allowed:
+            self._forbid(session)
+            return
+        if len(self.sessions) >= self.settings.max_connections:
+            self.refused["too_many_connections"] += 1
+            log.warning("refused a connection from pid %s: %d connections is the limit",
+                        session.peer_pid, self.settings.max_connections)
+            session.refuse({"error": f"tedstore already has {self.settings.max_connections} "
+                                     f"connections (TEDSTORE_MAX_CONNECTIONS); retry later"})
+            return
+        self.sessions.add(session)
+        self.connections_total += 1
+        session.update_reading()
+
+    def _forbid(self, session: Session) -> None:
+        message = (f"uid {session.peer_uid} is not allowed to send to tedstore "
+                   f"(TEDSTORE_ALLOW_UIDS)")
+        self.refused["forbidden"] += 1
+        now = time.monotonic()
+        if now - self._forbidden_noted.get(session.peer_uid, -math.inf) >= FORBIDDEN_LOG_SECONDS:
+            self._forbidden_noted[session.peer_uid] = now
+            log.warning("refused a connection from pid %s: %s", session.peer_pid, message)
+            self.writer.submit(Chunk(session, 0, 1, b"", time.time(), ("forbidden", message)))
+        session.refuse({"rejected": 0, "code": "forbidden", "error": message})
+
+    def forget(self, session: Session) -> None:
+        self.sessions.discard(session)
+
+    def submit(self, chunk: Chunk) -> None:
+        if self.writer.submit(chunk) and not self.queue_blocked:
+            self.queue_blocked = True
+            for session in self.sessions:
+                session.update_reading()
+
+    def room(self) -> None:
+        """The writer drained a full queue: readers may read again."""
+        if self.writer.queue.blocked:
+            return                       # filled up again since; the writer will call again
+        self.queue_blocked = False
+        for session in list(self.sessions):
+            session.update_reading()
+
+    def deliver(self, results: list) -> None:
+        for session, rejected, last_line in results:
+            session.acknowledge(rejected, last_line)
+
+    def sweep_idle(self) -> None:
+        deadline = time.monotonic() - self.settings.idle_timeout
+        for session in list(self.sessions):
+            if session.last_active < deadline and session.acked >= session.line_no:
+                session.refuse({"error": f"idle for {self.settings.idle_timeout:g} s "
+                                         f"(TEDSTORE_IDLE_TIMEOUT); reconnect to send more"})
+
+    def drain(self) -> None:
+        """Stop reading everywhere: what was read is committed and acked, the rest is resent."""
+        self.draining = True
+        for session in self.sessions:
+            session.update_reading()
+
+    async def close_all(self, timeout: float) -> None:
+        for session in list(self.sessions):
+            session.transport.close()
+        deadline = time.monotonic() + timeout
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------
+# SCHEDULER: hourly rollups, nightly retention and backups
+# ---------------------------------------------------------------------------
+# The jobs are plain functions of a connection: the daemon reads on the scheduler's
+# own connection and writes through the writer thread; the CLI uses its own connection.
+
+Write = Callable[[Callable[[apsw.Connection], Any]], Any]
+
+SQL_OLDEST_DATA = """
+SELECT min(t) FROM (SELECT min(created_at) AS t FROM predictions
+                    UNION ALL SELECT min(created_at) FROM side_bets
+                    UNION ALL SELECT min(ended_at) FROM games
+                    UNION ALL SELECT min(received_at) FROM rejects)"""
+SQL_ROLLUP_PREDICTIONS = """
+SELECT count(*) FROM predictions WHERE created_at >= ?1 AND created_at < ?2"""
+SQL_ROLLUP_ERRORS = """
+SELECT raw_error FROM predictions
+WHERE created_at >= ?1 AND created_at < ?2 AND raw_error IS NOT NULL"""
+SQL_ROLLUP_SIDE_BETS = """
+SELECT coalesce(sum(recommendation = 'BET'), 0),
+       coalesce(sum(expected_value > 0), 0),
+       coalesce(sum(recommendation = 'BET' AND actual_outcome = 'WON'), 0),
+       coalesce(sum(recommendation = 'BET' AND actual_outcome = 'LOST'), 0),
+       total(CASE WHEN recommendation = 'BET' THEN expected_value END),
+       sum(CASE WHEN recommendation = 'BET' THEN payout END)
+FROM side_bets WHERE created_at >= ?1 AND created_at < ?2 AND actual_outcome <> 'PENDING'"""
+SQL_ROLLUP_GAMES = "SELECT count(*) FROM games WHERE ended_at >= ?1 AND ended_at < ?2"
+SQL_ROLLUP_REJECTS = "SELECT count(*) FROM rejects WHERE received_at >= ?1 AND received_at < ?2"
+SQL_SAVE_ROLLUP = """
+INSERT INTO metrics_hourly (hour_start, hour_end, games_analyzed, predictions_made,
+                            median_e40, mean_absolute_error, within_1_window,
+                            within_2_windows, within_3_windows, sidebets_recommended,
+                            sidebets_positive_ev, bets_won, bets_lost, total_ev,
+                            roi_percentage, avg_commit_latency_ms, p99_commit_latency_ms,
+                            rejected_lines, created_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
+ON CONFLICT (hour_start) DO UPDATE SET
+    games_analyzed = excluded.games_analyzed, predictions_made = excluded.predictions_made,
+    median_e40 = excluded.median_e40, mean_absolute_error = excluded.mean_absolute_error,
+    within_1_window = excluded.within_1_window, within_2_windows = excluded.within_2_windows,
+    within_3_windows = excluded.within_3_windows,
+    sidebets_recommended = excluded.sidebets_recommended,
+    sidebets_positive_ev = excluded.sidebets_positive_ev, bets_won = excluded.bets_won,
+    bets_lost = excluded.bets_lost, total_ev = excluded.total_ev,
+    roi_percentage = excluded.roi_percentage,
+    avg_commit_latency_ms = coalesce(excluded.avg_commit_latency_ms,
+                                     metrics_hourly.avg_commit_latency_ms),
+    p99_commit_latency_ms = coalesce(excluded.p99_commit_latency_ms,
+                                     metrics_hourly.p99_commit_latency_ms),
+    rejected_lines = excluded.rejected_lines, created_at = excluded.created_at"""
+SQL_ROLLED_THROUGH = "SELECT max(hour_end) FROM metrics_hourly"
+SQL_ROLLED_HOURS = "SELECT hour_start FROM metrics_hourly WHERE hour_start BETWEEN ?1 AND ?2"
+
+# Retention per table: (table, condition on the cutoff ?1, setting, feeds the rollup).
+RETENTION = (
+    ("tick_samples", "created_at < ?1", "tick_retention_days", False),
+    ("predictions", "created_at < ?1", "prediction_retention_days", True),
+    ("side_bets", "created_at < ?1", "sidebet_retention_days", True),
+    ("games", "created_at < ?1 AND coalesce(ended_at, '') < ?1", "game_retention_days", True),
+    ("rejects", "received_at < ?1", "prediction_retention_days", True),
+    ("metrics_hourly", "hour_start < ?1", "metrics_retention_days", False),
+)
+SQL_COUNT_EXPIRED = {table: f"SELECT count(*) FROM {table} WHERE {cond}"
+                     for table, cond, _, _ in RETENTION}
+SQL_DELETE_EXPIRED = {table: f"DELETE FROM {table} WHERE rowid IN "
+                             f"(SELECT rowid FROM {table} WHERE {cond} LIMIT ?2)"
+                      for table, cond, _, _ in RETENTION}
+
+
+def newest_complete_hour(now: float) -> int:
+    """The start of the latest hour that ended at least ROLLUP_DELAY_SECONDS ago."""
+    return hour_floor(now - ROLLUP_DELAY_SECONDS) - 3600
+
+
+def hours_to_roll(conn: apsw.Connection, now: float, settings: Settings,
+                  since: Optional[float] = None) -> list[int]:
+    """Hours after the last rollup (revisiting the latest few), or from `since`."""
+    floor = hour_floor(now - settings.metrics_retention_days * 86400)
+    if since is not None:
+        start = hour_floor(since)
+    else:
+        done = conn.execute("SELECT max(hour_start) FROM metrics_hourly").get
+        if done is not None:
+            start = int(text_epoch(done)) + 3600 - ROLLUP_REVISIT_HOURS * 3600
+        else:
+            oldest = conn.execute(SQL_OLDEST_DATA).get
+            if oldest is None:
+                return []
+            start = hour_floor(text_epoch(oldest))
+    return list(range(max(start, floor), newest_complete_hour(now) + 1, 3600))
+
+
+def rollup_hour(conn: apsw.Connection, hour: int, latency: Optional[LatencyHistogram],
+                now: float) -> tuple:
+    """One metrics_hourly row, as section 4 of the spec defines every column."""
+    start, end = utc_text(hour), utc_text(hour + 3600)
+    with transaction(conn, "DEFERRED"):
+        made = conn.execute(SQL_ROLLUP_PREDICTIONS, (start, end)).get
+        errors = [row[0] for row in conn.execute(SQL_ROLLUP_ERRORS, (start, end))]
+        recommended, positive_ev, won, lost, total_ev, payout = \
+            conn.execute(SQL_ROLLUP_SIDE_BETS, (start, end)).fetchone()
+        games = conn.execute(SQL_ROLLUP_GAMES, (start, end)).get
+        rejected = conn.execute(SQL_ROLLUP_REJECTS, (start, end)).get
+    resolved = len(errors)
+
+    def share(windows: int) -> Optional[float]:
+        if not resolved:
+            return None
+        return 100.0 * sum(1 for e in errors if abs(e) <= 40 * windows) / resolved
+
+    bets = won + lost
+    return (start, end, games, made,
+            statistics.median(errors) / 40 if resolved else None,
+            sum(abs(e) for e in errors) / resolved if resolved else None,
+            share(1), share(2), share(3), recommended, positive_ev, won, lost, total_ev,
+            100.0 * payout / bets if bets else None,
+            latency.mean if latency else None, latency.quantile(0.99) if latency else None,
+            rejected, utc_text(now))
+
+
+def run_rollups(conn: apsw.Connection, write: Write, hours: list[int], now: float,
+                latency_for: Callable[[int], Optional[LatencyHistogram]] = lambda hour: None,
+                progress: Callable[[int], None] = lambda n: None) -> dict:
+    """Compute the hours on `conn`, write them through `write`, 200 hours a transaction."""
+    for first in range(0, len(hours), 200):
+        rows = [rollup_hour(conn, hour, latency_for(hour), now) for hour in hours[first:first + 200]]
+
+        def save(db: apsw.Connection, rows: list = rows) -> None:
+            with transaction(db):
+                db.executemany(SQL_SAVE_ROLLUP, rows)
+        write(save)
+        progress(len(rows))
+    detail = {"hours": len(hours), "through": utc_text(hours[-1] + 3600) if hours else None}
+    if hours:
+        write(lambda db: record_job(db, "rollup", detail, now))
+    return detail
+
+
+def unrolled_hours(conn: apsw.Connection, before: str, now: float, settings: Settings) -> list[int]:
+    """Complete hours that hold data older than `before` but have no rollup yet."""
+    oldest = conn.execute(SQL_OLDEST_DATA).get
+    if oldest is None or oldest >= before:
+        return []
+    start = max(hour_floor(text_epoch(oldest)),
+                hour_floor(now - settings.metrics_retention_days * 86400))
+    end = min(hour_floor(text_epoch(before)), newest_complete_hour(now))
+    done = {row[0] for row in conn.execute(SQL_ROLLED_HOURS, (utc_text(start), utc_text(end)))}
+    return [hour for hour in range(start, end + 1, 3600) if utc_text(hour) not in done]
+
+
+def retention_cutoffs(conn: apsw.Connection, settings: Settings, now: float) -> dict[str, str]:
+    """Per table, the time before which rows go; never past the last rolled-up hour."""
+    rolled_through = conn.execute(SQL_ROLLED_THROUGH).get or ""
+    cutoffs = {}
+    for table, _, setting, rolled in RETENTION:
+        cutoff = utc_text(now - getattr(settings, setting) * 86400)
+        cutoffs[table] = min(cutoff, rolled_through) if rolled else cutoff
+    return cutoffs
+
+
+def delete_expired(conn: apsw.Connection, table: str, cutoff: str, limit: int) -> tuple[int, float]:
+    """Delete up to `limit` expired rows in one short transaction: (rows, seconds)."""
+    started = time.perf_counter()
+    with transaction(conn):
+        conn.execute(SQL_DELETE_EXPIRED[table], (cutoff, limit))
+        deleted = conn.changes()
+    return deleted, time.perf_counter() - started
+
+
+def run_retention(conn: apsw.Connection, write: Write, settings: Settings, now: float, *,
+                  dry_run: bool = False,
+                  latency_for: Callable[[int], Optional[LatencyHistogram]] = lambda hour: None,
+                  progress: Callable[[str, int], None] = lambda table, n: None) -> dict[str, int]:
+    """Roll up what is not rolled up yet, then delete expired rows in small transactions."""
+    if not dry_run:
+        oldest_cutoff = max(utc_text(now - getattr(settings, setting) * 86400)
+                            for _, _, setting, rolled in RETENTION if rolled)
+        missing = unrolled_hours(conn, oldest_cutoff, now, settings)
+        if missing:
+            run_rollups(conn, write, missing, now, latency_for)
+    cutoffs = retention_cutoffs(conn, settings, now)
+    removed = {}
+    for table, _, _, _ in RETENTION:
+        if dry_run:
+            removed[table] = conn.execute(SQL_COUNT_EXPIRED[table], (cutoffs[table],)).get
+            continue
+        removed[table], limit = 0, 1000
+        while True:
+            deleted, seconds = write(lambda db, t=table, n=limit: delete_expired(db, t, cutoffs[t], n))
+            removed[table] += deleted
+            progress(table, deleted)
+            if deleted < limit:
+                break
+            if seconds < RETENTION_STEP_SECONDS / 2:
+                limit = min(limit * 2, 50_000)
+            elif seconds > RETENTION_STEP_SECONDS * 2:
+                limit = max(limit // 2, 100)
+    if not dry_run:
+        write(lambda db: record_job(db, "retention", {"deleted": removed}, now))
+    return removed
+
+
+def backup_database(db_path: str, dest: str) -> dict:
+    """Copy the live database consistently, check the copy, and never overwrite."""
+    target = Path(dest)
+    if target.exists():
+        raise StoreError(f"{dest} already exists; tedstore backup never overwrites: "
+                         f"remove it or choose another name")
+    if not target.parent.is_dir():
+        raise StoreError(f"folder {target.parent} does not exist: create it first")
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    started = time.monotonic()
+    source = connect(db_path, readonly=True)
+    try:
+        copy = apsw.Connection(str(partial))
+        try:
+            with copy.backup("main", source, "main") as backup:
+                backup.step(-1)                # one step: one consistent snapshot
+            copy.pragma("journal_mode", "delete")
+            verdict = copy.execute("PRAGMA integrity_check").get
+        finally:
+            copy.close()
+        if verdict != "ok":
+            raise StoreError(f"the copy of {db_path} failed its integrity check: {verdict}")
+        os.link(partial, target)               # fails rather than overwrite
+    except apsw.Error as exc:
+        raise StoreError(f"cannot back up {db_path} to {dest}: {exc}", exc) from exc
+    except FileExistsError:
+        raise StoreError(f"{dest} appeared during the backup; it was left alone") from None
+    finally:
+        source.close()
+        for leftover in (partial, Path(f"{partial}-wal"), Path(f"{partial}-shm")):
+            leftover.unlink(missing_ok=True)
+    return {"path": str(target), "bytes": target.stat().st_size,
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def nightly_backup(settings: Settings, now: float) -> dict:
+    """A dated backup in TEDSTORE_BACKUP_DIR, keeping the newest TEDSTORE_BACKUP_KEEP."""
+    folder = Path(settings.backup_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{BACKUP_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}.db"
+    detail = backup_database(settings.db, str(folder / name))
+    backups = sorted(folder.glob(f"{BACKUP_PREFIX}*.db"))
+    for old in backups[:-settings.backup_keep]:
+        old.unlink()
+    detail["kept"] = min(len(backups), settings.backup_keep)
+    return detail
+
+
+def nightly_slot(now: float, hour_utc: int) -> float:
+    """The most recent CLEANUP_HOUR_UTC at or before now."""
+    slot = int(now // 86400 * 86400) + hour_utc * 3600
+    return slot if slot <= now else slot - 86400
+
+
+class Scheduler(threading.Thread):
+    """Runs rollups, retention and backups when due, catching up at start on what was missed."""
+
+    def __init__(self, settings: Settings, writer: Writer):
+        super().__init__(name="tedstore-scheduler", daemon=True)
+        self.settings = settings
+        self.writer = writer
+        self.stopped = threading.Event()
+        self.last: dict[str, dict] = {}
+        self.rolled_through: Optional[int] = None
+        self._conn: Optional[apsw.Connection] = None
+
+    def run(self) -> None:
+        try:
+            while not self.stopped.is_set():
+                try:
+                    pause = self.run_due(time.time())
+                except (TedstoreError, apsw.Error) as exc:
+                    log.error("a scheduled job failed: %s; trying again in a minute", exc)
+                    pause = 60.0
+                self.stopped.wait(min(pause, SCHEDULER_MAX_SLEEP))
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def run_due(self, now: float) -> float:
+        """Run every job that is due at `now`; return the seconds until the next one."""
+        if self._conn is None:
+            self._conn = connect(self.settings.db, readonly=True)
+            self.last.update(last_jobs(self._conn))
+        conn, write = self._conn, self.writer.run_task
+        latency_for = self.writer.latency_by_hour.get
+        if self.rolled_through is None or newest_complete_hour(now) > self.rolled_through:
+            hours = hours_to_roll(conn, now, self.settings)
+            if hours:
+                self.last["rollup"] = {"at": utc_text(now),
+                                       **run_rollups(conn, write, hours, now, latency_for)}
+                log.info("rolled up %d hour(s) through %s", len(hours),
+                         self.last["rollup"]["through"])
+            self.rolled_through = newest_complete_hour(now)
+        slot = nightly_slot(now, self.settings.cleanup_hour_utc)
+        if self.last.get("retention", {}).get("at", "") < utc_text(slot):
+            removed = run_retention(conn, write, self.settings, now, latency_for=latency_for)
+            self.last["retention"] = {"at": utc_text(now), "deleted": removed}
+            log.info("retention removed %s", ", ".join(f"{n} {t}" for t, n in removed.items()))
+        if self.settings.backup_dir and self.last.get("backup", {}).get("at", "") < utc_text(slot):
+            detail = nightly_backup(self.settings, now)
+            write(lambda db: record_job(db, "backup", detail, now))
+            self.last["backup"] = {"at": utc_text(now), **detail}
+            log.info("backed up to %s (%d bytes)", detail["path"], detail["bytes"])
+        next_rollup = newest_complete_hour(now) + 2 * 3600 + ROLLUP_DELAY_SECONDS
+        return max(1.0, min(next_rollup, slot + 86400) - now)
+
+
+# ---------------------------------------------------------------------------
+# SYSTEMD: sd_notify, the watchdog and socket activation, with the standard library
+# ---------------------------------------------------------------------------
+
+def sd_notify(message: str) -> bool:
+    """Send one datagram to $NOTIFY_SOCKET (a leading '@' is the abstract namespace)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", address, exc)
+        return False
+    return True
+
+
+def watchdog_interval() -> Optional[float]:
+    """Half of WATCHDOG_USEC in seconds, if systemd wants watchdog pings from this process."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+def inherited_socket() -> Optional[socket.socket]:
+    """The listening socket systemd passed (LISTEN_FDS), if it passed one to this process."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = int(os.environ.get("LISTEN_FDS", "0"))
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if count < 1:
+        return None
+    sock = socket.socket(fileno=3)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise DaemonError("systemd passed a socket that is not a Unix stream socket: "
+                          "use ListenStream=/path in tedstore.socket")
+    return sock
+
+
+# ---------------------------------------------------------------------------
+# DAEMON: the writer, the server, the scheduler and systemd, started and drained
+# ---------------------------------------------------------------------------
+
+class Daemon:
+    """`tedstore serve`: run() blocks until SIGTERM/SIGINT or request_stop(), then drains."""
+
+    def __init__(self, settings: Settings, *, vfs: Optional[str] = None):
+        self.settings = settings
+        self.vfs = vfs
+        self.ready = threading.Event()
+        self.started_at = time.time()
+        self.schema = 0
+        self.writer: Optional[Writer] = None
+        self.server: Optional[Server] = None
+        self.scheduler: Optional[Scheduler] = None
+        self.stopping = False
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stop: Optional[asyncio.Event] = None
+        self._bound_path: Optional[str] = None
+        self._lock_fd: Optional[int] = None
+
+    def run(self) -> int:
+        try:
+            self._lock_database()
+            conn = open_store(self.settings.db, vfs=self.vfs, synchronous=self.settings.synchronous)
+            self.schema = conn.pragma("user_version")
+            conn.close()
+            listener = self._listen()
+            return asyncio.run(self._serve(listener))
+        finally:
+            if self._bound_path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._bound_path)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+
+    def request_stop(self) -> None:
+        """Ask a running daemon to drain and exit; safe from any thread."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    def _lock_database(self) -> None:
+        path = self.settings.db + ".lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise DaemonError(f"cannot create {path}: {exc.strerror}; check that the folder "
+                              f"exists and is writable, or set TEDSTORE_DB") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DaemonError(f"another tedstore (pid {holder}) is already serving "
+                              f"{self.settings.db}: stop it first or set TEDSTORE_DB") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _listen(self) -> socket.socket:
+        inherited = inherited_socket()
+        if inherited is not None:
+            log.info("serving the socket systemd passed")
+            return inherited
+        path = self.settings.socket
+        if os.path.lexists(path):
+            if not stat_is_socket(path):
+                raise DaemonError(f"{path} exists and is not a socket: remove it or set "
+                                  f"TEDSTORE_SOCKET")
+            if socket_answers(path):
+                raise DaemonError(f"another tedstore is already listening on {path}: "
+                                  f"stop it first or set TEDSTORE_SOCKET")
+            os.unlink(path)                                   # stale: its daemon is gone
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            os.chmod(path, int(self.settings.socket_mode, 8))
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            raise DaemonError(f"cannot listen on {path}: {exc.strerror}; check that its "
+                              f"folder exists and is writable, or set TEDSTORE_SOCKET") from exc
+        self._bound_path = path
+        return sock
+
+    async def _serve(self, listener: socket.socket) -> int:
+        loop = asyncio.get_running_loop()
+        self._loop, self._stop = loop, asyncio.Event()
+        self.writer = Writer(
+            self.settings, vfs=self.vfs,
+            on_commit=lambda results: loop.call_soon_threadsafe(self.server.deliver, results),
+            on_room=lambda: loop.call_soon_threadsafe(self.server.room))
+        self.server = Server(self.settings, self.writer, self.status)
+        self.writer.start()
+        self.writer.started.wait()
+        if self.writer.start_error is not None:
+            listener.close()
+            raise self.writer.start_error
+        aserver = await loop.create_unix_server(lambda: Session(self.server), sock=listener)
+        self.scheduler = Scheduler(self.settings, self.writer)
+        self.scheduler.start()
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._stop.set)
+        log.info("tedstore %s serving %s with database %s (schema %d, WAL, synchronous=%s)",
+                 __version__, self.settings.socket, self.settings.db, self.schema,
+                 self.settings.synchronous)
+        sd_notify(f"READY=1\nSTATUS={self._status_line()}")
+        self.ready.set()
+        housekeeping = asyncio.ensure_future(self._housekeeping())
+        await self._stop.wait()
+        housekeeping.cancel()
+        return await self._drain(aserver)
+
+    async def _housekeeping(self) -> None:
+        """Watchdog pings while the writer makes progress, STATUS= lines, idle sweeps."""
+        watchdog = watchdog_interval()
+        tick = min(watchdog or 1.0, 1.0)
+        stale_after = max(watchdog or 0.0, 2 * WRITER_POLL_SECONDS)
+        last_status = last_sweep = time.monotonic()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if not self.writer.is_alive():
+                log.error("the writer thread died; stopping so that systemd restarts tedstore")
+                self._stop.set()
+                return
+            if watchdog and now - self.writer.heartbeat < stale_after:
+                sd_notify("WATCHDOG=1")
+            if now - last_status >= STATUS_NOTIFY_SECONDS:
+                sd_notify(f"STATUS={self._status_line()}")
+                last_status = now
+            if now - last_sweep >= IDLE_SWEEP_SECONDS:
+                self.server.sweep_idle()
+                last_sweep = now
+
+    async def _drain(self, aserver: asyncio.AbstractServer) -> int:
+        self.stopping = True
+        sd_notify("STOPPING=1")
+        log.info("stopping: committing %d queued lines before exit", self.writer.queue.events)
+        aserver.close()
+        self.server.drain()
+        self.scheduler.stop()
+        await asyncio.get_running_loop().run_in_executor(None, self._stop_writer)
+        await asyncio.sleep(0)                 # deliver the acks of the last commits
+        await self.server.close_all(timeout=5.0)
+        self.scheduler.join(timeout=5.0)
+        log.info("stopped after saving %d records", self.writer.records_saved)
+        return 1 if self.writer.unsaved else 0
+
+    def _stop_writer(self) -> None:
+        self.writer.stop()
+        self.writer.join()
+
+    def _status_line(self) -> str:
+        writer = self.writer
+        age = f"{time.time() - writer.last_commit:.1f} s ago" if writer.last_commit else "none yet"
+        line = f"queue {writer.queue.events} events, last commit {age}"
+        return f"{line}, FAILING: {writer.failing}" if writer.failing else line
+
+    def status(self) -> dict:
+        """Everything `tedstore status` shows, as the daemon sees it now."""
+        writer, server, settings = self.writer, self.server, self.settings
+        latency = writer.latency
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "enabled": True,
+            "repository": {"enabled": True,
+                           "last_save": utc_text(writer.last_commit) if writer.last_commit else None,
+                           "records_saved": writer.records_saved,
+                           "errors": writer.commit_errors},
+            "manager": {"enabled": True, "running": writer.is_alive() and not self.stopping,
+                        "persist_interval": settings.batch_interval},
+            "writer": {"state": "failing" if writer.failing else "ok", "error": writer.failing,
+                       "batches": writer.batches, "unsaved": writer.unsaved},
+            "queue": {"events": writer.queue.events, "bytes": writer.queue.bytes,
+                      "max_events": settings.queue_events, "max_bytes": settings.queue_bytes,
+                      "full": writer.queue.blocked},
+            "connections": {"open": len(server.sessions), "total": server.connections_total,
+                            "refused": dict(server.refused)},
+            "events": dict(writer.events_by_type),
+            "rejects": dict(writer.rejects_by_code),
+            "commit_latency_ms": {"avg": latency.mean, "p50": latency.quantile(0.5),
+                                  "p99": latency.quantile(0.99)},
+            "last_rollup": self.scheduler.last.get("rollup"),
+            "last_retention": self.scheduler.last.get("retention"),
+            "last_backup": self.scheduler.last.get("backup"),
+            "database": database_facts(settings.db) | {"schema_version": self.schema},
+            "socket": settings.socket,
+        }
+
+
+def stat_is_socket(path: str) -> bool:
+    import stat
+    return stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+def socket_answers(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket at path."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True            # e.g. a full backlog: someone is listening
+        return True
+
+
+def database_facts(path: str) -> dict:
+    def size(name: str) -> Optional[int]:
+        try:
+            return os.stat(name).st_size
+        except OSError:
+            return None
+    return {"path": path, "size_bytes": size(path), "wal_bytes": size(path + "-wal")}
+
+
+# ---------------------------------------------------------------------------
+# CLIENT AND READER: what trackers and the CLI use to talk to tedstore
+# ---------------------------------------------------------------------------
+
+def connect_socket(path: str, timeout: float = 5.0) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise ProtocolError(f"cannot reach tedstore at {path}: {reason}; is the daemon running "
+                            f"(tedstore serve), and is TEDSTORE_SOCKET right?") from exc
+    return sock
+
+
+def request(path: str, op: str, timeout: float = 5.0) -> dict:
+    """Send one control line (ping, status) and return the answer."""
+    with connect_socket(path, timeout) as sock:
+        sock.sendall(msgspec.json.encode({"op": op}) + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            try:
+                data = sock.recv(65536)
+            except OSError as exc:
+                raise ProtocolError(f"tedstore at {path} did not answer {op}: {exc}") from exc
+            if not data:
+                raise ProtocolError(f"tedstore at {path} closed the connection instead of "
+                                    f"answering {op}")
+            reply += data
+    answer = msgspec.json.decode(reply.split(b"\n")[0])
+    if "error" in answer:
+        raise ProtocolError(f"tedstore at {path} refused: {answer['error']}")
+    return answer
+
+
+class StreamResult(msgspec.Struct):
+    lines: int = 0
+    acked: int = 0
+    rejections: list = msgspec.field(default_factory=list)   # [(line, code, error)]
+    latencies_ms: list = msgspec.field(default_factory=list)
+
+
+def stream_lines(path: str, blocks: Iterable[bytes], *, rate: Optional[float] = None,
+                 measure_latency: bool = False, idle_timeout: float = 60.0,
+                 progress: Callable[[int], None] = lambda acked: None) -> StreamResult:
+    """Pipeline NDJSON over one connection and wait until every line is acknowledged.
+
+    Each block holds one or more complete lines. With `rate`, lines leave at that many
+    per second; with `measure_latency`, each line's send-to-ack time is recorded.
+    """
+    sock = connect_socket(path)
+    sock.setblocking(False)
+    result = StreamResult()
+    source, exhausted = iter(blocks), False
+    outgoing, replies = bytearray(), b""
+    sent_at: collections.deque = collections.deque()       # (last line of block, time)
+    started = last_heard = time.monotonic()
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ)
+    try:
+        while not (exhausted and not outgoing and result.acked >= result.lines):
+            now = time.monotonic()
+            wait = None
+            while not exhausted and len(outgoing) < 262144:
+                if rate and started + result.lines / rate > now:
+                    wait = started + result.lines / rate - now
+                    break
+                block = next(source, None)
+                if block is None:
+                    exhausted = True
+                    break
+                if not block.endswith(b"\n"):
+                    block += b"\n"
+                outgoing += block
+                result.lines += block.count(b"\n")
+                if measure_latency:
+                    sent_at.append((result.lines, now))
+            selector.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if outgoing else 0))
+            events = selector.select(min(wait, 1.0) if wait is not None else 1.0)
+            now = time.monotonic()
+            for _, mask in events:
+                if mask & selectors.EVENT_WRITE:
+                    with contextlib.suppress(BlockingIOError):
+                        del outgoing[:sock.send(outgoing)]
+                if mask & selectors.EVENT_READ:
+                    try:
+                        data = sock.recv(262144)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        data, reason = b"", exc
+                    else:
+                        reason = None
+                    if not data:
+                        raise ProtocolError(
+                            f"tedstore closed the connection after acknowledging "
+                            f"{result.acked} of {result.lines} lines"
+                            + (f" ({reason})" if reason else "")
+                            + "; send the rest again, duplicates are harmless")
+                    last_heard = now
+                    replies += data
+                    *complete, replies = replies.split(b"\n")
+                    for reply in complete:
+                        _take_reply(msgspec.json.decode(reply), result, sent_at, now)
+                    progress(result.acked)
+            if result.acked < result.lines and not outgoing and now - last_heard > idle_timeout:
+                raise ProtocolError(f"tedstore acknowledged nothing for {idle_timeout:g} s "
+                                    f"({result.acked} of {result.lines} lines acknowledged)")
+    finally:
+        selector.close()
+        sock.close()
+    return result
+
+
+def _take_reply(reply: dict, result: StreamResult, sent_at: collections.deque, now: float) -> None:
+    if "ack" in reply:
+        result.acked = reply["ack"]
+        while sent_at and sent_at[0][0] <= result.acked:
+            last, at = sent_at.popleft()
+            result.latencies_ms.append((now - at) * 1000)
+    elif "rejected" in reply:
+        result.rejections.append((reply["rejected"], reply.get("code"), reply.get("error")))
+        if reply["rejected"] == 0:
+            raise ProtocolError(f"tedstore refused the connection: {reply.get('error')}")
+    elif "error" in reply:
+        raise ProtocolError(f"tedstore refused the connection: {reply['error']}")
+
+
+class Client:
+    """Delivery for trackers: send() never blocks or raises; a thread does the rest.
+
+    Lines wait in a bounded buffer until acknowledged; after a reconnect everything not
+    yet acknowledged is sent again (the store is idempotent). When the buffer is full
+    the oldest line is dropped and counted. Counters: sent (accepted by send), acked
+    (stored), rejected (refused by tedstore), dropped (never delivered).
+    """
+
+    def __init__(self, socket_path: Optional[str] = None, *, buffer_size: int = 100_000):
+        settings = load_settings(socket=socket_path)
+        self.enabled = settings.persistence_enabled
+        self.socket_path = settings.socket
+        self.buffer_size = buffer_size
+        self.sent = self.acked = self.rejected = self.dropped = 0
+        self._pending: collections.deque = collections.deque()   # unacknowledged lines
+        self._in_flight = 0        # how many of them went out on the current connection
+        self._first_line = 1       # that connection's number for _pending[0]
+        self._rejected_unacked = 0
+        self._closing = False
+        self._settled = threading.Condition(threading.Lock())
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_w.setblocking(False)
+        self._thread = threading.Thread(target=self._run, name="tedstore-client", daemon=True)
+        if self.enabled:
+            self._thread.start()
+
+    def send(self, event: Union[dict, Event]) -> None:
+        """Queue one event for delivery; never blocks, never raises."""
+        if not self.enabled:
+            return
+        try:
+            line = msgspec.json.encode(event) + b"\n"
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            with self._settled:
+                self.dropped += 1
+            log.warning("tedstore client dropped an event it cannot encode: %s", exc)
+            return
+        with self._settled:
+            if self._closing:
+                self.dropped += 1
+                return
+            if len(self._pending) >= self.buffer_size:
+                self._pending.popleft()
+                self.dropped += 1
+                if self._in_flight:
+                    self._in_flight -= 1
+                    self._first_line += 1
+            self._pending.append(line)
+            self.sent += 1
+        self._wake()
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until everything sent so far is acknowledged; False on timeout."""
+        if not self.enabled:
+            return True
+        with self._settled:
+            return self._settled.wait_for(lambda: not self._pending, timeout)
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Flush for up to `timeout` seconds, then stop; True if nothing was left behind."""
+        flushed = self.flush(timeout)
+        with self._settled:
+            self._closing = True
+        self._wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._wake_r.close()
+        self._wake_w.close()
+        return flushed
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):   # a wake-up is already pending
+            self._wake_w.send(b"\0")
+
+    def _run(self) -> None:
+        backoff, sock = 0.05, None
+        while True:
+            with self._settled:
+                if self._closing:
+                    break
+            if sock is None:
+                try:
+                    sock = connect_socket(self.socket_path, timeout=2.0)
+                except ProtocolError as exc:
+                    log.debug("%s", exc)
+                    self._sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                sock.setblocking(False)
+                with self._settled:
+                    self._in_flight, self._first_line, self._rejected_unacked = 0, 1, 0
+            try:
+                self._exchange(sock)
+                backoff = 0.05
+            except (OSError, ProtocolError) as exc:
+                log.debug("tedstore connection lost: %s", exc)
+                sock.close()
+                sock = None
+                self._sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        if sock is not None:
+            sock.close()
+
+    def _exchange(self, sock: socket.socket) -> None:
+        """Run one connection until it breaks or the client closes."""
+        outgoing, replies = b"", b""
+        while True:
+            with self._settled:
+                if self._closing:
+                    return
+                if not outgoing and self._in_flight < len(self._pending):
+                    lines = list(itertools.islice(self._pending, self._in_flight,
+                                                  self._in_flight + 1000))
+                    outgoing = b"".join(lines)
+                    self._in_flight += len(lines)
+            readable, writable, _ = select.select([sock, self._wake_r],
+                                                  [sock] if outgoing else [], [], 1.0)
+            if self._wake_r in readable:
+                self._wake_r.recv(4096)
+            if writable:
+                with contextlib.suppress(BlockingIOError):
+                    outgoing = outgoing[sock.send(outgoing):]
+            if sock in readable:
+                data = sock.recv(65536)
+                if not data:
+                    raise ProtocolError("tedstore closed the connection")
+                replies += data
+                *complete, replies = replies.split(b"\n")
+                for reply in complete:
+                    self._take(msgspec.json.decode(reply))
+
+    def _take(self, reply: dict) -> None:
+        with self._settled:
+            if "ack" in reply:
+                done = max(0, min(reply["ack"] - self._first_line + 1, self._in_flight))
+                for _ in range(done):
+                    self._pending.popleft()
+                self._in_flight -= done
+                self._first_line += done
+                self.acked += done - min(done, self._rejected_unacked)
+                self._rejected_unacked = 0
+                self._settled.notify_all()
+            elif "rejected" in reply and reply["rejected"] > 0:
+                self.rejected += 1
+                self._rejected_unacked += 1
+                log.warning("tedstore rejected an event (%s): %s", reply.get("code"),
+                            reply.get("error"))
+            elif "error" in reply or "rejected" in reply:
+                raise ProtocolError(f"tedstore refused the connection: {reply.get('error')}")
+
+    def _sleep(self, seconds: float) -> None:
+        select.select([self._wake_r], [], [], seconds)
+
+
+class Reader:
+    """Read-only access for a tracker's warm start; safe while the daemon writes."""
+
+    def __init__(self, db_path: Optional[str] = None):
+        self.db_path = load_settings(db=db_path).db
+        self.conn = connect(self.db_path, readonly=True)
+
+    def _rows(self, sql: str, params: tuple = ()) -> list[dict]:
+        cursor = self.conn.execute(sql, params)
+        rows = cursor.fetchall()
+        if not rows:
+            return []
+        names = [d[0] for d in cursor.get_description()]
+        return [dict(zip(names, row)) for row in rows]
+
+    def recent_predictions(self, n: int = 200) -> list[dict]:
+        """The newest n predictions, oldest first (ready to refill a deque)."""
+        return self._rows(SQL_RECENT.format(table="predictions"), (n,))
+
+    def recent_side_bets(self, n: int = 200) -> list[dict]:
+        return self._rows(SQL_RECENT.format(table="side_bets"), (n,))
+
+    def recent_ticks(self, n: int = 1200) -> list[dict]:
+        """The newest n stored tick samples (every TICK_SAMPLE_EVERY-th tick), oldest first."""
+        return self._rows(SQL_RECENT.format(table="tick_samples"), (n,))
+
+    def load_state(self, key: str, default: Any = None) -> Any:
+        value = self.conn.execute("SELECT value FROM state WHERE key = ?1", (key,)).get
+        return default if value is None else json.loads(value)
+
+    def game(self, game_id: str) -> Optional[dict]:
+        rows = self._rows("SELECT * FROM games WHERE game_id = ?1", (game_id,))
+        return rows[0] if rows else None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+SQL_RECENT = """
+SELECT * FROM (SELECT * FROM {table} ORDER BY created_at DESC, id DESC LIMIT ?1)
+ORDER BY created_at, id"""
+
+
+# ---------------------------------------------------------------------------
+# SIMULATOR: a synthetic tracker for demos, tests and benchmarks
+# ---------------------------------------------------------------------------
+
+PATTERN_NAMES = ("double_top", "slow_bleed", "moonshot", "flatline", "whipsaw")
+
+
+def simulate_events(games: int, *, seed: int = 1, start: Optional[float] = None,
+                    mix: str = "game", prefix: str = "sim") -> Iterator[dict]:
+    """Crash-style games: a random-walk price that crashes at a random tick.
+
+    mix="game" gives the tracker's full feed (ticks with features, a prediction every 20
+    ticks, a side bet every 40, start and end); mix="predictions" gives one prediction
+    per tick and nothing else.
+    """
+    rng = random.Random(seed)
+    clock_ms = int((time.time() if start is None else start) * 1000)
+    for number in range(games):
+        game_id = f"{prefix}-{seed}-{number}"
+        end_tick = 20 + int(rng.expovariate(1 / 280))
+        price, peak, peak_tick = 1.0, 1.0, 0
+        if mix == "game":
+            yield {"event": "gameStart", "gameId": game_id, "tick": 0, "price": 1.0, "ts": clock_ms}
+        for tick in range(1, end_tick):
+            ts = clock_ms + tick * 250
+            if mix == "predictions":
+                yield _simulated_prediction(rng, game_id, tick, end_tick, ts)
+                continue
+            price = round(price * math.exp(rng.gauss(0.003, 0.04)), 6)
+            if price > peak:
+                peak, peak_tick = price, tick
+            yield {"event": "priceUpdate", "gameId": game_id, "tick": tick, "price": price,
+                   "features": {"volatility_10": round(rng.uniform(0, 0.1), 4),
+                                "volatility_40": round(rng.uniform(0, 0.1), 4),
+                                "momentum": round(rng.gauss(0, 1), 4),
+                                "rsi": round(rng.uniform(0, 100), 2),
+                                "volume_ratio": round(rng.uniform(0.5, 2), 3)},
+                   "ts": ts}
+            if tick % 20 == 0:
+                yield _simulated_prediction(rng, game_id, tick, end_tick, ts)
+            if tick % 40 == 0:
+                probability = round(rng.uniform(0.05, 0.35), 4)
+                expected_value = round(probability * 6 - 1, 4)
+                yield {"event": "sideBet", "game_id": game_id, "placed_at_tick": tick,
+                       "probability": probability, "expected_value": expected_value,
+                       "confidence": round(rng.uniform(0.3, 0.9), 3),
+                       "recommendation": "BET" if expected_value > 0 else "SKIP", "ts": ts}
+        clock_ms += end_tick * 250
+        if mix == "game":
+            yield {"event": "gameEnd", "gameId": game_id, "tick": end_tick,
+                   "finalPrice": round(price * rng.uniform(0.01, 0.2), 6), "startTick": 0,
+                   "peakPrice": peak, "peakTick": peak_tick,
+                   "treasuryRemainder": rng.randint(0, 10_000),
+                   "patterns": rng.sample(PATTERN_NAMES, rng.randint(0, 2)), "ts": clock_ms}
+        clock_ms += 5000
+
+
+def _simulated_prediction(rng: random.Random, game_id: str, tick: int, end_tick: int,
+                          ts: int) -> dict:
+    guess = max(tick, end_tick + int(rng.gauss(0, 60)))
+    return {"event": "prediction", "game_id": game_id, "predicted_at_tick": tick,
+            "predicted_end_tick": guess, "confidence": round(rng.uniform(0.2, 0.95), 3),
+            "uncertainty_bounds": {"lower": guess - 40, "upper": guess + 40},
+            "features_used": {"epr_active": rng.random() < 0.3,
+                              "peak_ratio": round(rng.uniform(0.5, 1), 3),
+                              "volatility": round(rng.uniform(0, 0.1), 4),
+                              "momentum": round(rng.gauss(0, 1), 4)},
+            "ts": ts}
+
+
+def ingest_offline(conn: apsw.Connection, blocks: Iterable[bytes], settings: Settings,
+                   progress: Callable[[int], None] = lambda lines: None
+                   ) -> tuple[int, list[tuple[int, str, str]]]:
+    """Apply NDJSON without a daemon, in the daemon's batches: (lines, rejections)."""
+    lines, rejections, pending = 0, [], []
+
+    def flush() -> None:
+        batch = IngestBatch(pending, settings.tick_sample_every, settings.payout_multiplier)
+        with transaction(conn):
+            batch.write(conn, time.time())
+        rejections.extend(sorted((line, code, message)
+                                 for _, line, code, message, _ in batch.rejects))
+        progress(sum(chunk.count for chunk in pending))
+        pending.clear()
+
+    for block in blocks:
+        if not block.endswith(b"\n"):
+            block += b"\n"
+        count = block.count(b"\n")
+        pending.append(Chunk(None, lines + 1, count, block, time.time()))
+        lines += count
+        if sum(chunk.count for chunk in pending) >= settings.batch_size:
+            flush()
+    if pending:
+        flush()
+    return lines, rejections
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+class TedstoreGroup(click.Group):
+    """Every error a user can cause ends as one line and exit status 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TedstoreError as exc:
+            raise click.ClickException(str(exc)) from None
+        except apsw.Error as exc:
+            raise click.ClickException(f"database error: {exc}") from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+def config_option(fn: Callable) -> Callable:
+    return click.option("--config", type=click.Path(dir_okay=False),
+                        help=f"TOML settings file [default: {DEFAULT_CONFIG_FILE} if present].")(fn)
+
+
+def db_option(fn: Callable) -> Callable:
+    return click.option("--db", help="Database path [env TEDSTORE_DB; default ./tedstore.db, "
+                                     "or $STATE_DIRECTORY/tedstore.db under systemd].")(fn)
+
+
+def socket_option(fn: Callable) -> Callable:
+    return click.option("--socket", help="Daemon socket [env TEDSTORE_SOCKET; default "
+                                         "./tedstore.sock, or $RUNTIME_DIRECTORY/tedstore.sock "
+                                         "under systemd].")(fn)
+
+
+def json_option(fn: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+def _read_blocks(paths: Iterable[str], block_size: int = 1 << 20) -> Iterator[tuple[str, bytes]]:
+    """(name, block of complete lines) from files or '-' (stdin)."""
+    for path in paths:
+        stream = sys.stdin.buffer if path == "-" else open(path, "rb")
+        name = "<stdin>" if path == "-" else path
+        try:
+            rest = b""
+            while True:
+                data = stream.read(block_size)
+                if not data:
+                    break
+                data = rest + data
+                end = data.rfind(b"\n") + 1
+                if end:
+                    yield name, data[:end]
+                rest = data[end:]
+            if rest:
+                yield name, rest + b"\n"
+        finally:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    # journald stamps each line itself; a terminal needs the time
+    fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") \
+        else "%(asctime)s tedstore %(levelname)s %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+@click.group(cls=TedstoreGroup, context_settings={"help_option_names": ["-h", "--help"],
+                                                  "max_content_width": 100})
+@click.version_option(__version__, prog_name="tedstore")
+def cli() -> None:
+    """tedstore: the durable store for TED trackers.
+
+    Start the daemon with `tedstore serve`; trackers send NDJSON events to its Unix
+    socket; ask questions with `tedstore status` or the sqlite3 CLI.
+    """
+
+
+@cli.command()
+@config_option
+@db_option
+@socket_option
+def serve(config: Optional[str], db: Optional[str], socket: Optional[str]) -> None:
+    """Run the daemon in the foreground until SIGTERM or Ctrl-C.
+
+    It creates or upgrades the database, listens on the socket (or on the one systemd
+    passes), and on SIGTERM commits and acknowledges what it accepted before exiting.
+
+    Example: tedstore serve --db /var/lib/tedstore/tedstore.db
+    """
+    settings = load_settings(config, db=db, socket=socket)
+    _setup_logging()
+    sys.exit(Daemon(settings).run())
+
+
+@cli.command()
+@config_option
+@db_option
+@click.option("--check", is_flag=True, help="Only check the database; exit 1 if it is not ready.")
+def init(config: Optional[str], db: Optional[str], check: bool) -> None:
+    """Create or upgrade the database, or check it with --check.
+
+    Example: tedstore init --check --db /var/lib/tedstore/tedstore.db
+    """
+    settings = load_settings(config, db=db)
+    if not check:
+        before = 0
+        if os.path.exists(settings.db):
+            with contextlib.closing(connect(settings.db, readonly=True)) as conn:
+                before = conn.pragma("user_version")
+        open_store(settings.db).close()
+        click.echo(f"database {settings.db} is ready (schema version {schema_version()}"
+                   + (f", upgraded from {before})" if before and before < schema_version() else ")"))
+        return
+    problems = check_database(settings.db)
+    for problem in problems:
+        click.echo(f"FAIL {problem}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"ok: {settings.db} is at schema version {schema_version()} and intact")
+
+
+def check_database(path: str) -> list[str]:
+    """What is wrong with the database at path, each with what to do about it."""
+    if not os.path.exists(path):
+        return [f"{path} does not exist: run tedstore init, or start the daemon"]
+    try:
+        with contextlib.closing(connect(path, readonly=True)) as conn:
+            problems = []
+            version = conn.pragma("user_version")
+            if version != schema_version():
+                problems.append(f"{path} is at schema version {version}, not "
+                                f"{schema_version()}: run tedstore init to upgrade it")
+            if conn.pragma("journal_mode") != "wal":
+                problems.append(f"{path} is not in WAL mode: run tedstore init")
+            verdict = conn.execute("PRAGMA integrity_check").get
+            if verdict != "ok":
+                problems.append(f"{path} failed its integrity check ({verdict}): restore the "
+                                f"newest backup (see README, Backups)")
+            return problems
+    except (StoreError, apsw.Error) as exc:
+        return [f"{path} cannot be read: {exc}"]
+
+
+@cli.command()
+@config_option
+@db_option
+@socket_option
+@json_option
+def status(config: Optional[str], db: Optional[str], socket: Optional[str], as_json: bool) -> None:
+    """Show what the daemon is doing; exit 1 if it is not running.
+
+    Example: tedstore status --json
+    """
+    settings = load_settings(config, db=db, socket=socket)
+    try:
+        answer = request(settings.socket, "status")["status"]
+    except ProtocolError as exc:
+        offline = {"running": False, "error": str(exc), "database": database_facts(settings.db)}
+        if os.path.exists(settings.db):
+            with contextlib.closing(connect(settings.db, readonly=True)) as conn:
+                offline["database"]["schema_version"] = conn.pragma("user_version")
+                offline["jobs"] = last_jobs(conn)
+        if as_json:
+            _echo_json(offline)
+        else:
+            click.echo(f"tedstore is not running: {exc}")
+            _print_tree({"database": offline["database"], "jobs": offline.get("jobs")})
+        sys.exit(1)
+    if as_json:
+        _echo_json({"running": True, **answer})
+    else:
+        click.echo(f"tedstore {answer['version']} is running (pid {answer['pid']}, "
+                   f"up {answer['uptime_s']:g} s)")
+        _print_tree({k: v for k, v in answer.items() if k not in ("version", "pid", "uptime_s")})
+
+
+def _print_tree(value: Any, indent: int = 0) -> None:
+    for key, item in value.items():
+        if isinstance(item, dict) and item:
+            click.echo(f"{'  ' * indent}{key}:")
+            _print_tree(item, indent + 1)
+        else:
+            click.echo(f"{'  ' * indent}{key}: {'-' if item in (None, {}) else item}")
+
+
+@cli.command()
+@config_option
+@db_option
+@socket_option
+def doctor(config: Optional[str], db: Optional[str], socket: Optional[str]) -> None:
+    """Check a deployment end to end and say what to fix; exit 1 if anything is wrong.
+
+    Example: sudo -u tedstore tedstore doctor --config /etc/tedstore.toml
+    """
+    settings = load_settings(config, db=db, socket=socket)
+    failures = 0
+    for ok, message in diagnose(settings, time.time()):
+        click.echo(f"{'ok  ' if ok else 'FAIL'} {message}")
+        failures += not ok
+    if failures:
+        click.echo(f"{failures} problem(s) found", err=True)
+        sys.exit(1)
+
+
+def diagnose(settings: Settings, now: float) -> Iterator[tuple[bool, str]]:
+    """(ok, message) for each thing a working deployment needs."""
+    folder = os.path.dirname(os.path.abspath(settings.db))
+    if not os.path.isdir(folder):
+        yield False, f"database folder {folder} is missing: create it or set TEDSTORE_DB"
+        return
+    yield (os.access(folder, os.W_OK | os.X_OK),
+           f"database folder {folder} is writable" if os.access(folder, os.W_OK | os.X_OK)
+           else f"database folder {folder} is not writable by uid {os.getuid()}: "
+                f"chown it to the tedstore user")
+    problems = check_database(settings.db)
+    yield (not problems, problems[0] if problems else
+           f"database {settings.db} is intact, schema version {schema_version()}")
+    for problem in problems[1:]:
+        yield False, problem
+    try:
+        pong = request(settings.socket, "ping", timeout=3.0)
+        yield pong.get("pong") is True, f"daemon answers on {settings.socket}"
+    except ProtocolError as exc:
+        yield False, str(exc)
+    wal = database_facts(settings.db)["wal_bytes"] or 0
+    yield (wal <= 4 * JOURNAL_SIZE_LIMIT,
+           f"WAL is {wal / 1e6:.1f} MB" + ("" if wal <= 4 * JOURNAL_SIZE_LIMIT else
+           ": a long-open reader (a sqlite3 session?) holds it back; close it"))
+    usage = shutil.disk_usage(folder)
+    free_ok = usage.free >= 1e9 and usage.free >= 0.05 * usage.total
+    yield (free_ok, f"{usage.free / 1e9:.1f} GB free on the database's disk"
+           + ("" if free_ok else ": free some space, or lower the retention days"))
+    clock_ok = now > 1.7e9
+    newest = None
+    if not problems:
+        with contextlib.closing(connect(settings.db, readonly=True)) as conn:
+            newest = conn.execute("SELECT max(created_at) FROM predictions").get
+    if newest is not None and text_epoch(newest) > now + 300:
+        clock_ok = False
+    yield (clock_ok, f"clock reads {utc_text(now)} UTC" + ("" if clock_ok else
+           f": it is behind the newest stored event ({newest}) or implausible; fix NTP"))
+    if settings.backup_dir:
+        writable = os.access(settings.backup_dir, os.W_OK)
+        yield (writable, f"backup folder {settings.backup_dir} is "
+               + ("writable" if writable else "missing or not writable: create it"))
+
+
+@cli.command()
+@config_option
+@socket_option
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+def send(config: Optional[str], socket: Optional[str], files: tuple[str, ...]) -> None:
+    """Send NDJSON events from FILES (or stdin) and wait for every acknowledgement.
+
+    Rejected lines are listed as FILE:LINE: code: reason; the exit status is 1 if any
+    line was rejected.
+
+    Example: tedstore send events-2026-11-21.ndjson
+    """
+    settings = load_settings(config, socket=socket)
+    starts: list[tuple[int, str, int]] = []     # (first connection line, file, its line 1)
+    counted = 0
+
+    def blocks() -> Iterator[bytes]:
+        nonlocal counted
+        for name, block in _read_blocks(files or ("-",)):
+            if not starts or starts[-1][1] != name:
+                starts.append((counted + 1, name, counted + 1))
+            counted += block.count(b"\n")
+            yield block
+
+    result = stream_lines(settings.socket, blocks())
+    _report_rejections(result.rejections, starts)
+    click.echo(f"sent {result.lines} lines: {result.lines - len(result.rejections)} stored, "
+               f"{len(result.rejections)} rejected", err=True)
+    if result.rejections:
+        sys.exit(1)
+
+
+def _report_rejections(rejections: list, starts: list[tuple[int, str, int]]) -> None:
+    for line, code, error in rejections:
+        first, name, base = max((s for s in starts if s[0] <= line), default=(1, "<input>", 1))
+        click.echo(f"{name}:{line - base + 1}: {code}: {error}", err=True)
+
+
+@cli.command(name="import")
+@config_option
+@db_option
+@socket_option
+@click.argument("files", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+def import_(config: Optional[str], db: Optional[str], socket: Optional[str],
+            files: tuple[str, ...]) -> None:
+    """Replay NDJSON logs into the database: through the daemon if it runs, else directly.
+
+    Replaying is idempotent; afterwards run `tedstore rollup --since DATE` for the
+    hours the logs cover.
+
+    Example: tedstore import tracker-2026-11-*.ndjson
+    """
+    settings = load_settings(config, db=db, socket=socket)
+    starts: list[tuple[int, str, int]] = []
+    counted = 0
+
+    def blocks() -> Iterator[bytes]:
+        nonlocal counted
+        for name, block in _read_blocks(files):
+            if not starts or starts[-1][1] != name:
+                starts.append((counted + 1, name, counted + 1))
+            counted += block.count(b"\n")
+            yield block
+
+    if socket_answers(settings.socket):
+        result = stream_lines(settings.socket, blocks())
+        lines, rejections, via = result.lines, result.rejections, "the daemon"
+    else:
+        with contextlib.closing(open_store(settings.db, synchronous=settings.synchronous)) as conn:
+            lines, rejections = ingest_offline(conn, blocks(), settings)
+        via = settings.db
+    _report_rejections(rejections, starts)
+    click.echo(f"imported {lines} lines into {via}: {lines - len(rejections)} stored, "
+               f"{len(rejections)} rejected", err=True)
+    if rejections:
+        sys.exit(1)
+
+
+@cli.command()
+@config_option
+@socket_option
+@click.option("--games", default=10, show_default=True, help="How many games to play.")
+@click.option("--events", type=click.IntRange(min=1), help="Stop after this many events.")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True),
+              help="Events per second [default: as fast as possible].")
+@click.option("--mix", type=click.Choice(["game", "predictions"]), default="game",
+              show_default=True, help="The full game feed, or predictions only.")
+@click.option("--seed", default=1, show_default=True, help="Random seed (same seed, same games).")
+@click.option("--stdout", "to_stdout", is_flag=True, help="Print the NDJSON instead of sending it.")
+def simulate(config: Optional[str], socket: Optional[str], games: int, events: Optional[int],
+             rate: Optional[float], mix: str, seed: int, to_stdout: bool) -> None:
+    """Play a synthetic tracker: games with crash-style prices, predictions, side bets.
+
+    Example: tedstore simulate --games 100 --rate 1000
+    """
+    settings = load_settings(config, socket=socket)
+    stream = simulate_events(games, seed=seed, mix=mix)
+    lines = (msgspec.json.encode(event) + b"\n"
+             for event in itertools.islice(stream, events))
+    if to_stdout:
+        out = sys.stdout.buffer
+        for line in lines:
+            out.write(line)
+        out.flush()
+        return
+    started = time.monotonic()
+    result = stream_lines(settings.socket, lines, rate=rate)
+    seconds = time.monotonic() - started
+    click.echo(f"simulated {result.lines} events in {seconds:.2f} s "
+               f"({result.lines / seconds:,.0f}/s): {result.acked} acknowledged, "
+               f"{len(result.rejections)} rejected", err=True)
+    if result.rejections:
+        sys.exit(1)
+
+
+@cli.command()
+@config_option
+@db_option
+@click.argument("dest", type=click.Path(dir_okay=False))
+def backup(config: Optional[str], db: Optional[str], dest: str) -> None:
+    """Copy the live database to DEST consistently and verify the copy.
+
+    Safe while the daemon runs; never overwrites DEST.
+
+    Example: tedstore backup /srv/backups/tedstore-2026-11-22.db
+    """
+    settings = load_settings(config, db=db)
+    detail = backup_database(settings.db, dest)
+    click.echo(f"backed up {settings.db} to {detail['path']} ({detail['bytes']:,} bytes, "
+               f"integrity ok) in {detail['seconds']:.2f} s")
+
+
+@cli.command()
+@config_option
+@db_option
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@json_option
+def retention(config: Optional[str], db: Optional[str], dry_run: bool, as_json: bool) -> None:
+    """Delete rows older than each table's retention (rolling up first what is not).
+
+    Runs in small transactions, so a running daemon keeps ingesting meanwhile.
+
+    Example: tedstore retention --dry-run
+    """
+    settings = load_settings(config, db=db)
+    now = time.time()
+    with contextlib.closing(open_store(settings.db, create=False,
+                                       synchronous=settings.synchronous)) as conn:
+        removed = run_retention(conn, lambda fn: fn(conn), settings, now, dry_run=dry_run)
+    if as_json:
+        _echo_json({"dry_run": dry_run, "deleted" if not dry_run else "would_delete": removed})
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for table, count in removed.items():
+        click.echo(f"{table}: {verb} {count:,} rows")
+
+
+@cli.command()
+@config_option
+@db_option
+@click.option("--since", help="Recompute from this time (2026-11-20, 48h) instead of "
+                              "from the last rollup.")
+@json_option
+def rollup(config: Optional[str], db: Optional[str], since: Optional[str], as_json: bool) -> None:
+    """Compute the hourly metrics of every completed hour not yet rolled up.
+
+    Example: tedstore rollup --since 2026-11-20   (after importing old logs)
+    """
+    settings = load_settings(config, db=db)
+    now = time.time()
+    start = parse_when(since, now) if since else None
+    with contextlib.closing(open_store(settings.db, create=False,
+                                       synchronous=settings.synchronous)) as conn:
+        hours = hours_to_roll(conn, now, settings, since=start)
+        with _progress(len(hours), "rolling up") as bar:
+            detail = run_rollups(conn, lambda fn: fn(conn), hours, now, progress=bar.update)
+    if as_json:
+        _echo_json(detail)
+    elif hours:
+        click.echo(f"rolled up {len(hours)} hour(s) from {utc_text(hours[0])} "
+                   f"to {detail['through']}")
+    else:
+        click.echo("nothing to roll up")
+
+
+@contextlib.contextmanager
+def _progress(length: int, label: str) -> Iterator[Any]:
+    """A progress bar on a terminal, silence elsewhere."""
+    if sys.stderr.isatty() and length > 1:
+        with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
+            yield bar
+    else:
+        yield _NoProgress()
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+
+def main() -> None:
+    cli(prog_name="tedstore")
+
+
+if __name__ == "__main__":
+    main()
