@@ -410,7 +410,11 @@ def decode_chunk(data: bytes, count: int) -> Optional[list]:
 def decode_line(line: bytes) -> Union[Event, str]:
     """One line as an Event, or the op name of a control line; raises LineRejected."""
     try:
-        return _DECODER.decode(line)
+        event = _DECODER.decode(line)
+        if line.isascii():
+            return event
+        line.decode("utf-8")        # msgspec does not look inside the fields it skips
+        return event
     except (msgspec.MsgspecError, RecursionError, ValueError) as exc:
         problem = str(exc) or type(exc).__name__
     try:
@@ -2031,7 +2035,7 @@ class Daemon:
             if now - last_status >= STATUS_NOTIFY_SECONDS:
                 sd_notify(f"STATUS={self._status_line()}")
                 last_status = now
-            if now - last_sweep >= IDLE_SWEEP_SECONDS:
+            if now - last_sweep >= min(IDLE_SWEEP_SECONDS, self.settings.idle_timeout / 2):
                 self.server.sweep_idle()
                 last_sweep = now
 
@@ -2182,7 +2186,7 @@ def stream_lines(path: str, blocks: Iterable[bytes], *, rate: Optional[float] = 
     selector = selectors.DefaultSelector()
     selector.register(sock, selectors.EVENT_READ)
     try:
-        while not (exhausted and not outgoing and result.acked >= result.lines):
+        while True:
             now = time.monotonic()
             wait = None
             while not exhausted and len(outgoing) < 262144:
@@ -2199,6 +2203,8 @@ def stream_lines(path: str, blocks: Iterable[bytes], *, rate: Optional[float] = 
                 result.lines += block.count(b"\n")
                 if measure_latency:
                     sent_at.append((result.lines, now))
+            if exhausted and not outgoing and result.acked >= result.lines:
+                break
             selector.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if outgoing else 0))
             events = selector.select(min(wait, 1.0) if wait is not None else 1.0)
             now = time.monotonic()
@@ -2897,22 +2903,30 @@ def import_(config: Optional[str], db: Optional[str], socket: Optional[str],
 @cli.command()
 @config_option
 @socket_option
-@click.option("--games", default=10, show_default=True, help="How many games to play.")
+@click.option("--games", type=click.IntRange(min=1),
+              help="How many games to play [default: 10, or as many as --events needs].")
 @click.option("--events", type=click.IntRange(min=1), help="Stop after this many events.")
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True),
               help="Events per second [default: as fast as possible].")
 @click.option("--mix", type=click.Choice(["game", "predictions"]), default="game",
               show_default=True, help="The full game feed, or predictions only.")
 @click.option("--seed", default=1, show_default=True, help="Random seed (same seed, same games).")
+@click.option("--start", help="When the first game starts (2026-11-20T08:00, 48h) "
+                              "[default: now].")
 @click.option("--stdout", "to_stdout", is_flag=True, help="Print the NDJSON instead of sending it.")
-def simulate(config: Optional[str], socket: Optional[str], games: int, events: Optional[int],
-             rate: Optional[float], mix: str, seed: int, to_stdout: bool) -> None:
+def simulate(config: Optional[str], socket: Optional[str], games: Optional[int],
+             events: Optional[int],
+             rate: Optional[float], mix: str, seed: int, start: Optional[str],
+             to_stdout: bool) -> None:
     """Play a synthetic tracker: games with crash-style prices, predictions, side bets.
 
     Example: tedstore simulate --games 100 --rate 1000
     """
     settings = load_settings(config, socket=socket)
-    stream = simulate_events(games, seed=seed, mix=mix)
+    first = parse_when(start, time.time()) if start else None
+    if games is None:
+        games = 10 if events is None else events       # a game has at least 20 events
+    stream = simulate_events(games, seed=seed, mix=mix, start=first)
     lines = (msgspec.json.encode(event) + b"\n"
              for event in itertools.islice(stream, events))
     if to_stdout:

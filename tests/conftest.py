@@ -1,0 +1,220 @@
+"""Fixtures: a temporary folder, the daemon as a real subprocess or in-process, raw connections."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import tedstore  # noqa: E402
+
+
+@pytest.fixture
+def tmp():
+    """A short folder: Unix socket paths must stay under 108 bytes."""
+    folder = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def wait_for(predicate, timeout: float = 15.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+class DaemonProcess:
+    """`tedstore serve` as a subprocess, with its log in a file."""
+
+    def __init__(self, folder: Path, env: dict | None = None, args: tuple = ()):
+        self.folder = folder
+        self.db = str(folder / "tedstore.db")
+        self.socket = str(folder / "tedstore.sock")
+        self.log_path = folder / "daemon.log"
+        self.env = {"TEDSTORE_DB": self.db, "TEDSTORE_SOCKET": self.socket, **(env or {})}
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> "DaemonProcess":
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("TEDSTORE_", "PERSISTENCE_", "NOTIFY_", "WATCHDOG_"))}
+        env.update(self.env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tedstore", "serve", *self.args], cwd=self.folder, env=env,
+            stdout=subprocess.DEVNULL, stderr=open(self.log_path, "ab"))
+        if wait:
+            wait_for(lambda: self.proc.poll() is not None or tedstore.socket_answers(self.socket),
+                     what="the daemon to listen")
+            assert self.proc.poll() is None, self.log()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def connect(self) -> "Conn":
+        return Conn(self.socket)
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        return query(self.db, sql, params)
+
+
+def query(db: str, sql: str, params: tuple = ()) -> list[tuple]:
+    conn = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def daemon_factory(tmp):
+    started: list[DaemonProcess] = []
+
+    def make(env: dict | None = None, args: tuple = (), start: bool = True, folder: Path = None):
+        daemon = DaemonProcess(folder or tmp, env, args)
+        started.append(daemon)
+        return daemon.start() if start else daemon
+
+    yield make
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill()
+
+
+@pytest.fixture
+def daemon(daemon_factory) -> DaemonProcess:
+    return daemon_factory()
+
+
+class Conn:
+    """A raw NDJSON connection that reads replies as the tests need them."""
+
+    def __init__(self, path: str, timeout: float = 15.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.buffer = b""
+        self.replies: list[dict] = []
+
+    def send(self, *lines) -> None:
+        data = b"".join((line if isinstance(line, bytes) else
+                         (json.dumps(line) if isinstance(line, dict) else line).encode()) + b"\n"
+                        for line in lines)
+        self.sock.sendall(data)
+
+    def read_reply(self) -> dict:
+        while b"\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed by tedstore")
+            self.buffer += data
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        reply = json.loads(line)
+        self.replies.append(reply)
+        return reply
+
+    def read_until(self, key: str) -> dict:
+        """The next reply carrying `key`; acks may come in between."""
+        while True:
+            reply = self.read_reply()
+            if key in reply:
+                return reply
+
+    def wait_ack(self, n: int) -> list[dict]:
+        """Read replies until an ack >= n; return the rejections seen on the way."""
+        rejected = []
+        while True:
+            reply = self.read_reply()
+            if reply.get("ack", 0) >= n:
+                return rejected
+            if "rejected" in reply:
+                rejected.append(reply)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class InProcessDaemon:
+    """The Daemon object in a thread: for faults only a test VFS or a hook can cause."""
+
+    def __init__(self, folder: Path, vfs: str | None = None, **settings):
+        self.settings = tedstore.load_settings(db=str(folder / "tedstore.db"),
+                                               socket=str(folder / "tedstore.sock"), **settings)
+        self.daemon = tedstore.Daemon(self.settings, vfs=vfs)
+        self.code = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.code = self.daemon.run()
+
+    def start(self) -> "InProcessDaemon":
+        self.thread.start()
+        wait_for(lambda: self.daemon.ready.is_set() or not self.thread.is_alive(),
+                 what="the in-process daemon")
+        assert self.daemon.ready.is_set(), "the in-process daemon did not start"
+        return self
+
+    def stop(self) -> int:
+        self.daemon.request_stop()
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+        return self.code
+
+    @property
+    def socket(self) -> str:
+        return self.settings.socket
+
+    @property
+    def db(self) -> str:
+        return self.settings.db
+
+
+@pytest.fixture
+def inprocess(tmp):
+    running: list[InProcessDaemon] = []
+
+    def make(vfs: str | None = None, **settings) -> InProcessDaemon:
+        daemon = InProcessDaemon(tmp, vfs, **settings).start()
+        running.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in running:
+        if daemon.thread.is_alive():
+            daemon.stop()
+
+
+def prediction(game: str, at: int, end: int, **extra) -> dict:
+    return {"event": "prediction", "game_id": game, "predicted_at_tick": at,
+            "predicted_end_tick": end, "confidence": 0.5, **extra}
+
+
+def side_bet(game: str, at: int, recommendation: str = "BET", **extra) -> dict:
+    return {"event": "sideBet", "game_id": game, "placed_at_tick": at, "probability": 0.2,
+            "expected_value": 0.2, "confidence": 0.6, "recommendation": recommendation, **extra}

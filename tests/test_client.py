@@ -1,0 +1,147 @@
+"""What trackers and operators send with: the Client, `tedstore send` and `tedstore simulate`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import tedstore
+from conftest import prediction, query, wait_for
+
+
+def run_cli(*args, env: dict | None = None, input: bytes | None = None, cwd=None):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TEDSTORE_", "PERSISTENCE_"))}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "tedstore", *args], input=input,
+                          capture_output=True, env=full_env, cwd=cwd, timeout=120)
+
+
+# -- tedstore send ------------------------------------------------------------------------
+
+def test_send_waits_for_acks_and_reports_rejections_by_file_and_line(daemon, tmp):
+    first = tmp / "a.ndjson"
+    first.write_text("\n".join(json.dumps(prediction("a", i, i + 9)) for i in range(3)) + "\n")
+    second = tmp / "b.ndjson"
+    second.write_text(json.dumps(prediction("b", 1, 9)) + "\n{oops\n"
+                      + json.dumps(prediction("b", 2, 9)))            # no final newline
+    result = run_cli("send", "--socket", daemon.socket, str(first), str(second))
+    assert result.returncode == 1
+    err = result.stderr.decode()
+    assert f"{second}:2: bad_json:" in err
+    assert "6 lines" in err and "1 rejected" in err
+    assert daemon.query("SELECT count(*) FROM predictions") == [(5,)]
+
+
+def test_send_from_stdin_exits_zero_when_all_lines_are_stored(daemon):
+    data = "".join(json.dumps(prediction("s", i, i + 9)) + "\n" for i in range(500)).encode()
+    result = run_cli("send", "--socket", daemon.socket, input=data)
+    assert result.returncode == 0, result.stderr
+    assert daemon.query("SELECT count(*) FROM predictions") == [(500,)]
+
+
+def test_send_without_a_daemon_says_so_in_one_line(tmp):
+    result = run_cli("send", "--socket", str(tmp / "none.sock"), input=b"{}\n")
+    assert result.returncode == 1
+    err = result.stderr.decode().strip()
+    assert "cannot reach tedstore" in err and "tedstore serve" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+# -- tedstore simulate ----------------------------------------------------------------------
+
+def test_simulate_plays_whole_games_into_the_daemon(daemon):
+    result = run_cli("simulate", "--socket", daemon.socket, "--games", "3", "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    games = daemon.query("SELECT count(*), count(end_tick), sum(had_predictions) FROM games")
+    assert games == [(3, 3, 3)]
+    assert daemon.query("SELECT count(*) FROM predictions WHERE actual_end_tick IS NULL") == [(0,)]
+    assert daemon.query("SELECT count(*) FROM side_bets WHERE actual_outcome = 'PENDING'") == [(0,)]
+
+
+def test_simulate_is_reproducible(tmp):
+    args = ("simulate", "--games", "2", "--seed", "7", "--start", "2026-11-20T08:00", "--stdout")
+    one, two = run_cli(*args).stdout, run_cli(*args).stdout
+    assert one == two and one.count(b"\n") > 50
+    events = [json.loads(line) for line in one.splitlines()]
+    assert {e["event"] for e in events} == {"gameStart", "priceUpdate", "prediction",
+                                            "sideBet", "gameEnd"}
+    for line in one.splitlines():
+        tedstore.decode_line(line)                      # every simulated line is valid
+
+
+def test_simulate_rate_is_honoured(daemon):
+    started = time.monotonic()
+    result = run_cli("simulate", "--socket", daemon.socket, "--events", "200", "--rate", "400")
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started >= 0.45           # 200 events at 400/s take 0.5 s
+
+
+# -- the Python client ----------------------------------------------------------------------
+
+def test_client_delivers_and_counts(daemon):
+    with tedstore.Client(daemon.socket) as client:
+        for i in range(1000):
+            client.send(prediction("c", i, i + 5))
+        client.send(tedstore.GameStart(gameId="c", tick=0, price=1.0))
+        client.send({"event": "gameStart", "gameId": "c", "tick": -1, "price": 1.0})
+        assert client.flush(15)
+        assert (client.sent, client.acked, client.rejected, client.dropped) == (1002, 1001, 1, 0)
+    assert daemon.query("SELECT count(*) FROM predictions") == [(1000,)]
+
+
+def test_client_never_blocks_or_raises_without_a_daemon(tmp):
+    client = tedstore.Client(str(tmp / "nobody.sock"), buffer_size=100)
+    started = time.monotonic()
+    for i in range(1000):
+        client.send(prediction("x", i, i + 1))
+    client.send({"not": object()})                      # cannot be encoded: counted, not raised
+    assert time.monotonic() - started < 1.0
+    assert client.flush(0.2) is False
+    assert client.dropped == 901 and client.sent == 1000
+    assert client.close(timeout=0.1) is False
+
+
+def test_client_resends_across_a_daemon_restart(daemon_factory):
+    daemon = daemon_factory()
+    client = tedstore.Client(daemon.socket)
+    stop = threading.Event()
+    sent = []
+
+    def produce() -> None:
+        i = 0
+        while not stop.is_set() or i < 3000:
+            client.send(prediction("r", i, i + 3))
+            sent.append(i)
+            i += 1
+            if i % 100 == 0:
+                time.sleep(0.005)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    wait_for(lambda: client.acked > 500, what="first acks")
+    daemon.kill()                                       # mid-stream, unacked lines in flight
+    time.sleep(0.3)
+    daemon_factory()                                    # same folder, same socket
+    stop.set()
+    producer.join()
+    assert client.flush(30), (client.acked, client.sent)
+    stored = {row[0] for row in query(daemon.db, "SELECT predicted_at_tick FROM predictions "
+                                                 "WHERE game_id = 'r'")}
+    assert stored == set(sent)
+    assert client.dropped == 0 and client.rejected == 0
+    client.close()
+
+
+def test_client_is_a_no_op_when_persistence_is_disabled(tmp, monkeypatch):
+    monkeypatch.setenv("PERSISTENCE_ENABLED", "false")
+    client = tedstore.Client(str(tmp / "never.sock"))
+    client.send(prediction("x", 1, 2))
+    assert client.flush(0) is True and client.sent == 0
+    assert not client._thread.is_alive()
+    client.close()
