@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -138,6 +139,20 @@ class Conn:
         reply = json.loads(line)
         self.replies.append(reply)
         return reply
+
+    def poll(self, wait: float = 0.0) -> list[dict]:
+        """The replies that arrive within `wait` seconds, without blocking any longer."""
+        if select.select([self.sock], [], [], wait)[0]:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed by tedstore")
+            self.buffer += data
+        replies = []
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            replies.append(json.loads(line))
+        self.replies.extend(replies)
+        return replies
 
     def read_until(self, key: str) -> dict:
         """The next reply carrying `key`; acks may come in between."""

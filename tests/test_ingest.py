@@ -276,36 +276,37 @@ def _send_quietly(conn: Conn, lines: list[dict]) -> None:
         pass
 
 
-def _ingest_until_killed(path: str, client: int, acked: dict, stop: threading.Event) -> None:
-    """Send unique predictions on one connection and remember the highest ack."""
+def _ingest_until_killed(path: str, client: int, acked: dict, killed: threading.Event,
+                         errors: list) -> None:
+    """Send unique predictions on one connection, keeping at most 4,000 unacknowledged,
+    and remember the highest ack; any error before the kill fails the test."""
     try:
-        conn = Conn(path, timeout=30)
+        conn = Conn(path, timeout=60)
         sent = 0
-        while not stop.is_set():
-            conn.send(*[prediction(f"c{client}", sent + i, sent + i + 1) for i in range(200)])
-            sent += 200
-            while True:
-                conn.sock.settimeout(0.001 if sent - acked[client] < 2000 else 30)
-                try:
-                    reply = conn.read_reply()
-                except socket.timeout:
-                    break
+        while not killed.is_set():
+            if sent - acked[client] < 4000:
+                conn.send(*[prediction(f"c{client}", sent + i, sent + i + 1) for i in range(200)])
+                sent += 200
+            for reply in conn.poll(0 if sent - acked[client] < 4000 else 0.2):
                 acked[client] = max(acked[client], reply.get("ack", 0))
-    except (ConnectionError, OSError):
-        return
+    except (ConnectionError, OSError) as exc:
+        if not killed.is_set():
+            errors.append(f"client {client}: {exc!r}")
 
 
 def test_kill_9_during_ingest_loses_no_acknowledged_line(daemon_factory):
     daemon = daemon_factory()
     acked = {client: 0 for client in range(4)}
-    stop = threading.Event()
-    threads = [threading.Thread(target=_ingest_until_killed, args=(daemon.socket, c, acked, stop))
-               for c in acked]
+    killed, errors = threading.Event(), []
+    threads = [threading.Thread(target=_ingest_until_killed,
+                                args=(daemon.socket, c, acked, killed, errors)) for c in acked]
     for thread in threads:
         thread.start()
-    wait_for(lambda: min(acked.values()) > 20_000, timeout=90, what="sustained ingest")
+    wait_for(lambda: errors or min(acked.values()) > 20_000, timeout=120,
+             what="sustained ingest from four connections")
+    assert not errors
+    killed.set()
     daemon.kill()
-    stop.set()
     for thread in threads:
         thread.join(30)
     restarted = daemon_factory()
