@@ -55,6 +55,7 @@ DEFAULT_CONFIG_FILE = "/etc/tedstore.toml"
 MAX_RAW_BYTES = 4096                 # how much of a rejected line the rejects table keeps
 MAX_ERROR_CHARS = 300                # longest error text in a reply
 BUSY_TIMEOUT_MS = 5000               # how long a connection waits for the write lock
+OPTIMIZE_ON_OPEN = 0x10002           # PRAGMA optimize flags SQLite advises for a new connection
 JOURNAL_SIZE_LIMIT = 32 * 1024 ** 2  # the WAL is truncated back to this after a checkpoint
 WRITER_POLL_SECONDS = 0.5            # the writer wakes (and beats its heart) at least this often
 CHECKPOINT_IDLE_SECONDS = 1.0        # idle time after which the writer truncates the WAL
@@ -585,13 +586,15 @@ SQL_RECORD_JOB = "INSERT OR REPLACE INTO jobs (name, last_run_at, detail) VALUES
 # The big tables are written with executemany over plain tuples, the fastest path
 # apsw has. It releases the GIL once per row, which is cheap only while no other
 # thread of the daemon is busy: so all decoding happens here, in the writer, and the
-# event loop thread does no more than cut lines and send replies. Lists of game ids
-# travel as one JSON array through json_each(?).
+# event loop thread does no more than cut lines and send replies. The few game rows a
+# batch touches travel as one JSON array through json_each(?).
 
+# CROSS JOIN keeps json_each the outer loop: with statistics from a small games table the
+# planner would otherwise rather scan games than probe its index once per id.
 SQL_LOAD_GAMES = """
-SELECT game_id, start_tick, end_tick, peak_price, peak_tick, final_price,
-       treasury_remainder, patterns_detected, started_at, ended_at, created_at
-FROM games WHERE game_id IN (SELECT value FROM json_each(?1))"""
+SELECT g.game_id, g.start_tick, g.end_tick, g.peak_price, g.peak_tick, g.final_price,
+       g.treasury_remainder, g.patterns_detected, g.started_at, g.ended_at, g.created_at
+FROM json_each(?1) AS ids CROSS JOIN games AS g ON g.game_id = ids.value"""
 
 SQL_SAVE_GAMES = """
 INSERT INTO games (game_id, start_tick, end_tick, duration_ticks, peak_price, peak_tick,
@@ -632,8 +635,9 @@ SELECT value->>'key', value->'value', value->>'ts' FROM json_each(?1) WHERE true
 ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
 WHERE excluded.updated_at >= state.updated_at"""
 
-# Resolution runs for every game that ended in the batch or got a prediction or side
-# bet in it, so a late arrival is resolved on arrival, with the game's own ended_at.
+# Resolution runs, one game id at a time, for every game that ended in the batch or got
+# a prediction or side bet in it: a late arrival is resolved on arrival, with the game's
+# own ended_at. The equality constraints pin every lookup to an index.
 SQL_RESOLVE_PREDICTIONS = """
 UPDATE predictions
 SET actual_end_tick = g.end_tick,
@@ -643,8 +647,8 @@ SET actual_end_tick = g.end_tick,
     within_windows = abs(predictions.predicted_end_tick - g.end_tick) / 40,
     resolved_at = g.ended_at
 FROM games AS g
-WHERE g.game_id IN (SELECT value FROM json_each(?1)) AND g.end_tick IS NOT NULL
-  AND predictions.game_id = g.game_id AND predictions.actual_end_tick IS NULL"""
+WHERE g.game_id = ?1 AND g.end_tick IS NOT NULL
+  AND predictions.game_id = ?1 AND predictions.actual_end_tick IS NULL"""
 
 SQL_RESOLVE_SIDE_BETS = """
 UPDATE side_bets
@@ -656,17 +660,17 @@ SET actual_outcome = CASE WHEN g.end_tick BETWEEN side_bets.placed_at_tick
                   THEN ?2 ELSE -1 END,
     resolved_at = g.ended_at
 FROM games AS g
-WHERE g.game_id IN (SELECT value FROM json_each(?1)) AND g.end_tick IS NOT NULL
-  AND side_bets.game_id = g.game_id AND side_bets.actual_outcome = 'PENDING'"""
+WHERE g.game_id = ?1 AND g.end_tick IS NOT NULL
+  AND side_bets.game_id = ?1 AND side_bets.actual_outcome = 'PENDING'"""
 
 SQL_GAME_AGGREGATES = """
 UPDATE games
-SET had_predictions = EXISTS (SELECT 1 FROM predictions p WHERE p.game_id = games.game_id),
+SET had_predictions = EXISTS (SELECT 1 FROM predictions p WHERE p.game_id = ?1),
     prediction_accuracy = (SELECT avg(abs(p.raw_error) <= 40) FROM predictions p
-                           WHERE p.game_id = games.game_id),
+                           WHERE p.game_id = ?1),
     side_bets_placed = (SELECT count(*) FROM side_bets s
-                        WHERE s.game_id = games.game_id AND s.recommendation = 'BET')
-WHERE game_id IN (SELECT value FROM json_each(?1)) AND end_tick IS NOT NULL"""
+                        WHERE s.game_id = ?1 AND s.recommendation = 'BET')
+WHERE game_id = ?1 AND end_tick IS NOT NULL"""
 
 SQL_SAVE_REJECT = """
 INSERT INTO rejects (received_at, peer_pid, peer_uid, line_no, code, error, raw)
@@ -754,7 +758,8 @@ class GameRow:
                     if self.end_tick is not None and self.start_tick is not None else None)
         return [self.game_id, self.start_tick, self.end_tick, duration, self.peak_price,
                 self.peak_tick, self.final_price, self.treasury_remainder,
-                json.dumps(self.patterns), self.started_at, self.ended_at, self.created_at]
+                msgspec.json.encode(self.patterns).decode(), self.started_at, self.ended_at,
+                self.created_at]
 
 
 class IngestBatch:
@@ -871,10 +876,11 @@ class IngestBatch:
         touched = ended.union([p.game_id for p in self.predictions],
                               [b.game_id for b in self.side_bets])
         if touched:
-            ids = encode(list(touched))
-            conn.execute(SQL_RESOLVE_PREDICTIONS, (ids,))
-            conn.execute(SQL_RESOLVE_SIDE_BETS, (ids, self.payout_multiplier))
-            conn.execute(SQL_GAME_AGGREGATES, (ids,))
+            ids = [(game_id,) for game_id in touched]
+            conn.executemany(SQL_RESOLVE_PREDICTIONS, ids)
+            conn.executemany(SQL_RESOLVE_SIDE_BETS,
+                             [(game_id, self.payout_multiplier) for game_id in touched])
+            conn.executemany(SQL_GAME_AGGREGATES, ids)
         if self.states:
             conn.execute(SQL_SAVE_STATE, (encode(self.states),))
         if self.rejects:
@@ -1156,6 +1162,11 @@ class Writer(threading.Thread):
             self.start_error = exc
             self.started.set()
             return
+        try:
+            self.conn.pragma("analysis_limit", 1000)
+            self.conn.pragma("optimize", OPTIMIZE_ON_OPEN)   # statistics steer the query plans
+        except apsw.Error as exc:
+            log.warning("PRAGMA optimize failed: %s", exc)
         self.started.set()
         try:
             self._loop()
@@ -1594,7 +1605,7 @@ ON CONFLICT (hour_start) DO UPDATE SET
     p99_commit_latency_ms = coalesce(excluded.p99_commit_latency_ms,
                                      metrics_hourly.p99_commit_latency_ms),
     rejected_lines = excluded.rejected_lines, created_at = excluded.created_at"""
-SQL_ROLLED_THROUGH = "SELECT max(hour_end) FROM metrics_hourly"
+SQL_LAST_ROLLUP = "SELECT max(hour_start) FROM metrics_hourly"
 SQL_ROLLED_HOURS = "SELECT hour_start FROM metrics_hourly WHERE hour_start BETWEEN ?1 AND ?2"
 
 # Retention per table: (table, condition on the cutoff ?1, setting, feeds the rollup).
@@ -1625,7 +1636,7 @@ def hours_to_roll(conn: apsw.Connection, now: float, settings: Settings,
     if since is not None:
         start = hour_floor(since)
     else:
-        done = conn.execute("SELECT max(hour_start) FROM metrics_hourly").get
+        done = conn.execute(SQL_LAST_ROLLUP).get
         if done is not None:
             start = int(text_epoch(done)) + 3600 - ROLLUP_REVISIT_HOURS * 3600
         else:
@@ -1696,7 +1707,8 @@ def unrolled_hours(conn: apsw.Connection, before: str, now: float, settings: Set
 
 def retention_cutoffs(conn: apsw.Connection, settings: Settings, now: float) -> dict[str, str]:
     """Per table, the time before which rows go; never past the last rolled-up hour."""
-    rolled_through = conn.execute(SQL_ROLLED_THROUGH).get or ""
+    last = conn.execute(SQL_LAST_ROLLUP).get
+    rolled_through = utc_text(text_epoch(last) + 3600) if last else ""
     cutoffs = {}
     for table, _, setting, rolled in RETENTION:
         cutoff = utc_text(now - getattr(settings, setting) * 86400)
@@ -1840,6 +1852,7 @@ class Scheduler(threading.Thread):
             if hours:
                 self.last["rollup"] = {"at": utc_text(now),
                                        **run_rollups(conn, write, hours, now, latency_for)}
+                write(lambda db: db.pragma("optimize"))     # hourly, as SQLite advises
                 log.info("rolled up %d hour(s) through %s", len(hours),
                          self.last["rollup"]["through"])
             self.rolled_through = newest_complete_hour(now)
@@ -2425,12 +2438,7 @@ class Reader:
         self.conn = connect(self.db_path, readonly=True)
 
     def _rows(self, sql: str, params: tuple = ()) -> list[dict]:
-        cursor = self.conn.execute(sql, params)
-        rows = cursor.fetchall()
-        if not rows:
-            return []
-        names = [d[0] for d in cursor.get_description()]
-        return [dict(zip(names, row)) for row in rows]
+        return rows_as_dicts(self.conn.execute(sql, params))
 
     def recent_predictions(self, n: int = 200) -> list[dict]:
         """The newest n predictions, oldest first (ready to refill a deque)."""
@@ -2459,6 +2467,15 @@ class Reader:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def rows_as_dicts(cursor: apsw.Cursor) -> list[dict]:
+    """The rows of a just-executed query as dicts (apsw describes only a running statement)."""
+    try:
+        names = [d[0] for d in cursor.get_description()]
+    except apsw.ExecutionCompleteError:
+        return []                                # the query returned no rows
+    return [dict(zip(names, row)) for row in cursor]
 
 
 SQL_RECENT = """

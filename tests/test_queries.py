@@ -1,0 +1,199 @@
+"""The README's sqlite3 one-liners against a live daemon's database, and the query plans."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import apsw
+import pytest
+
+import tedstore
+from conftest import query
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+ONE_LINER = re.compile(r'^sqlite3 (?:-\S+ )*tedstore\.db "(.+)"$')
+
+
+def readme_one_liners() -> dict[str, str]:
+    """{question (the comment above it): SQL} for every sqlite3 one-liner in the README."""
+    found, question = {}, None
+    for line in README.read_text().splitlines():
+        if line.startswith("# "):
+            question = line[2:].strip()
+        match = ONE_LINER.match(line)
+        if match:
+            found[question] = match.group(1)
+    return found
+
+
+def sqlite3_cli(db: str, sql: str) -> list[dict]:
+    result = subprocess.run(["sqlite3", "-json", db, sql], capture_output=True, text=True,
+                            check=True, timeout=30)
+    return json.loads(result.stdout) if result.stdout.strip() else []
+
+
+@pytest.fixture
+def live(daemon):
+    """A daemon that has played a few games that ended in the last few minutes, with rejects."""
+    started = time.time() - 600
+    with tedstore.Client(daemon.socket) as client:
+        for event in tedstore.simulate_events(6, seed=21, start=started):
+            client.send(event)
+        client.send({"event": "nonsense"})
+        assert client.flush(30)
+    return daemon
+
+
+def rows(db: str, sql: str) -> list[dict]:
+    conn = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return tedstore.rows_as_dicts(conn.execute(sql))
+    finally:
+        conn.close()
+
+
+def check_accuracy_daily(db, answer):
+    resolved = [r["raw_error"] for r in rows(db, "SELECT raw_error FROM predictions "
+                                                 "WHERE raw_error IS NOT NULL")]
+    total = sum(r["predictions"] for r in answer)
+    assert total == query(db, "SELECT count(*) FROM predictions")[0][0]
+    assert sum(r["resolved"] for r in answer) == len(resolved)
+    if len(answer) == 1:
+        assert answer[0]["mean_absolute_error"] == round(statistics.mean(map(abs, resolved)), 2)
+        assert answer[0]["within_1_window_pct"] == \
+            round(100 * sum(abs(e) <= 40 for e in resolved) / len(resolved), 1)
+
+
+def check_roi_daily(db, answer):
+    bets = rows(db, "SELECT actual_outcome, payout FROM side_bets WHERE recommendation = 'BET'")
+    assert sum(r["bets"] for r in answer) == len(bets)
+    assert sum(r["won"] for r in answer) == sum(b["actual_outcome"] == "WON" for b in bets)
+    if len(answer) == 1:
+        assert answer[0]["roi_percentage"] == \
+            round(100 * sum(b["payout"] for b in bets) / len(bets), 1)
+
+
+def check_game_summary(db, answer):
+    games = rows(db, "SELECT game_id, end_tick FROM games")
+    assert len(answer) == min(10, len(games))
+    for line in answer:
+        assert line["predictions"] == query(
+            db, "SELECT count(*) FROM predictions WHERE game_id = ?", (line["game_id"],))[0][0]
+        assert line["end_tick"] == next(g["end_tick"] for g in games if g["game_id"] == line["game_id"])
+
+
+def check_last_24_hours(db, answer):
+    since = tedstore.utc_text(time.time() - 86400)
+    errors = [r["raw_error"] for r in rows(db, "SELECT raw_error, created_at FROM predictions "
+                                               "WHERE raw_error IS NOT NULL")
+              if r["created_at"] > since]
+    assert answer == [{"resolved": len(errors),
+                       "mean_abs_error_ticks": round(statistics.mean(map(abs, errors)), 1),
+                       "within_1_window_pct":
+                           round(100 * sum(abs(e) <= 40 for e in errors) / len(errors), 1)}]
+
+
+def check_worst_today(db, answer):
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    by_game: dict[str, list[int]] = {}
+    for r in rows(db, "SELECT game_id, raw_error, created_at FROM predictions "
+                      "WHERE raw_error IS NOT NULL"):
+        if r["created_at"] >= today:
+            by_game.setdefault(r["game_id"], []).append(abs(r["raw_error"]))
+    expected = sorted(((g, len(e), round(statistics.mean(e), 1)) for g, e in by_game.items()),
+                      key=lambda t: -t[2])[:10]
+    assert [(r["game_id"], r["predictions"], r["mean_abs_error"]) for r in answer] == expected
+
+
+def check_roi_by_day(db, answer):
+    assert set(answer[0]) == {"day", "bets", "won", "lost", "roi_percentage"}
+    check_roi_daily(db, answer)
+
+
+def check_rejects(db, answer):
+    assert [(r["code"], "nonsense" in r["error"]) for r in answer] == [("unknown_event", True)]
+    assert answer[0]["line_no"] == query(db, "SELECT line_no FROM rejects")[0][0]
+
+
+CHECKS = {
+    "View prediction_accuracy_daily": check_accuracy_daily,
+    "View side_bet_roi_daily": check_roi_daily,
+    "View game_summary": check_game_summary,
+    "How accurate were we in the last 24 hours?": check_last_24_hours,
+    "Which games had the worst predictions today?": check_worst_today,
+    "Side-bet ROI by day": check_roi_by_day,
+    "What was rejected in the last hour, and why?": check_rejects,
+}
+
+
+def test_every_readme_one_liner_has_a_check():
+    questions = {q.split(":")[0] for q in readme_one_liners()}
+    assert questions == set(CHECKS)
+
+
+@pytest.mark.parametrize("question", sorted(CHECKS))
+def test_readme_one_liner_answers_through_the_sqlite3_cli(live, question):
+    sql = next(s for q, s in readme_one_liners().items() if q.split(":")[0] == question)
+    answer = sqlite3_cli(live.db, sql)
+    assert answer, f"no answer to {question!r}"
+    CHECKS[question](live.db, answer)
+
+
+# -- query plans --------------------------------------------------------------------------------
+
+def statements() -> dict[str, str]:
+    """Every SQL statement tedstore runs against the big tables, by name."""
+    found = {name: value for name, value in vars(tedstore).items()
+             if name.startswith("SQL_") and isinstance(value, str)}
+    for name in ("SQL_COUNT_EXPIRED", "SQL_DELETE_EXPIRED"):
+        for table, sql in getattr(tedstore, name).items():
+            found[f"{name}[{table}]"] = sql
+    del found["SQL_RECENT"]                     # a template: planned once per table below
+    for table in ("predictions", "side_bets", "tick_samples"):
+        found[f"SQL_RECENT[{table}]"] = tedstore.SQL_RECENT.format(table=table)
+    found["Reader.game"] = "SELECT * FROM games WHERE game_id = ?1"
+    found["Reader.load_state"] = "SELECT value FROM state WHERE key = ?1"
+    found["game_summary view"] = "SELECT * FROM game_summary WHERE game_id = ?1"
+    for question, sql in readme_one_liners().items():
+        if "created_at" in sql or "received_at" in sql:
+            found[f"README: {question}"] = sql
+    return found
+
+
+def plan(conn: apsw.Connection, sql: str) -> list[str]:
+    numbered = [int(n) for n in re.findall(r"\?(\d+)", sql)]
+    params = (None,) * (max(numbered) if numbered else sql.count("?"))
+    return [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+
+
+@pytest.fixture(scope="module")
+def planner(tmp_path_factory):
+    """A database with a month of games and the statistics the daemon's PRAGMA optimize keeps."""
+    path = str(tmp_path_factory.mktemp("plan") / "plan.db")
+    conn = tedstore.open_store(path)
+    settings = tedstore.load_settings(db=path)
+    for day in range(30):
+        events = tedstore.simulate_events(3, seed=day, start=time.time() - day * 86400)
+        tedstore.ingest_offline(conn, [json.dumps(e).encode() + b"\n" for e in events], settings)
+    conn.pragma("optimize", tedstore.OPTIMIZE_ON_OPEN)
+    yield conn
+    conn.close()
+
+
+# Ordered index scans that stop at a LIMIT are fine; everything else must search.
+ORDERED_SCANS = ("SQL_RECENT[",)
+
+
+@pytest.mark.parametrize("name", sorted(statements()))
+def test_every_query_uses_an_index(planner, name):
+    """No statement reads a whole table: each one searches an index (json_each lists aside)."""
+    steps = plan(planner, statements()[name])
+    bad = [step for step in steps
+           if re.match(r"(SCAN|SEARCH) (?!\()", step) and "VIRTUAL TABLE" not in step
+           and ("USING" not in step or (step.startswith("SCAN") and not name.startswith(ORDERED_SCANS)))]
+    assert not bad, f"{name}: {steps}"
