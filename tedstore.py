@@ -214,20 +214,24 @@ class LineRejected(TedstoreError):
 # ---------------------------------------------------------------------------
 
 MAX_EPOCH = 253402300799.0           # 9999-12-31 23:59:59 UTC
-_SECOND_TEXT: dict[int, str] = {}    # every event formats a time: cache the seconds part
+# Every event formats a time, so the text is assembled from cached parts: the minute
+# ('YYYY-MM-DD HH:MM:'), the second ('SS') and the millisecond ('.mmm').
+_MINUTE_TEXT: dict[int, str] = {}
+_SECOND_TEXT = tuple(f"{second:02d}" for second in range(60))
 _MILLI_TEXT = tuple(f".{milli:03d}" for milli in range(1000))
 
 
 def utc_text(epoch: float) -> str:
     """Unix seconds as UTC text 'YYYY-MM-DD HH:MM:SS.SSS' (to the nearest millisecond)."""
     milli = int(epoch * 1000.0 + 0.5)
-    second = milli // 1000
-    prefix = _SECOND_TEXT.get(second)
+    minute, rest = divmod(milli, 60_000)
+    prefix = _MINUTE_TEXT.get(minute)
     if prefix is None:
-        if len(_SECOND_TEXT) > 4096:
-            _SECOND_TEXT.clear()
-        prefix = _SECOND_TEXT[second] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second))
-    return prefix + _MILLI_TEXT[milli - second * 1000]
+        if len(_MINUTE_TEXT) > 4096:
+            _MINUTE_TEXT.clear()
+        prefix = _MINUTE_TEXT[minute] = time.strftime("%Y-%m-%d %H:%M:", time.gmtime(minute * 60))
+    second, milli = divmod(rest, 1000)
+    return prefix + _SECOND_TEXT[second] + _MILLI_TEXT[milli]
 
 
 def text_epoch(text: str) -> float:
@@ -384,28 +388,27 @@ EVENT_TYPES = (GameStart, PriceUpdate, GameEnd, Prediction, SideBet, StateWrite)
 EVENT_NAMES = tuple(cls.__struct_config__.tag for cls in EVENT_TYPES)
 CONTROL_OPS = ("ping", "status")
 _DECODER = msgspec.json.Decoder(Union[EVENT_TYPES])  # type: ignore[valid-type]
+_CHUNK_DECODER = msgspec.json.Decoder(list[Union[EVENT_TYPES]])  # type: ignore[valid-type]
 
 
-def decode_chunk(data: bytes, count: int) -> Optional[list]:
-    """Decode `count` newline-terminated lines at once, or None if any line needs a closer look.
+def decode_chunk(data: bytes) -> Optional[list]:
+    """Decode newline-terminated lines in one call, or None if any line needs a closer look.
 
-    msgspec's decode_lines splits on whitespace, not on newlines, so a chunk qualifies only
-    when no line starts with whitespace (so none is blank) and it yields exactly one value
-    per line.
+    A JSON string cannot hold a raw newline, so every newline ends a line. Joined with
+    commas into one JSON array, the lines parse only if each holds exactly one value:
+    a blank line or two values on one line make the array malformed.
     """
-    if (data[:1] in b" \t\r\n" or b"\n\n" in data or b"\n " in data or b"\n\t" in data
-            or b"\n\r" in data):
-        return None
     if not data.isascii():
         try:
-            data.decode("utf-8")
+            data.decode("utf-8")    # msgspec does not look inside the fields it skips
         except UnicodeDecodeError:
             return None
+    array = bytearray(b"[") + data.replace(b"\n", b",")
+    array[-1] = 0x5D                # the last line's comma becomes the closing ']'
     try:
-        events = _DECODER.decode_lines(data)
+        return _CHUNK_DECODER.decode(array)
     except (msgspec.MsgspecError, RecursionError, ValueError):
         return None
-    return events if len(events) == count else None
 
 
 def decode_line(line: bytes) -> Union[Event, str]:
@@ -770,8 +773,8 @@ class IngestBatch:
         self.sample_every = sample_every
         self.payout_multiplier = payout_multiplier
         self.ticks: list[PriceUpdate] = []
-        self.predictions: list[Prediction] = []
-        self.side_bets: list[SideBet] = []
+        self.predictions: list[tuple] = []      # rows of SQL_SAVE_PREDICTIONS
+        self.side_bets: list[tuple] = []        # rows of SQL_SAVE_SIDE_BETS
         self.states: list[StateWrite] = []
         self.lifecycle: list[tuple[Event, Chunk, int]] = []
         self.decode_rejects: list[tuple[Chunk, int, str, str, bytes]] = []
@@ -786,7 +789,7 @@ class IngestBatch:
             self.decode_rejects.append((chunk, chunk.first_line, code, message, chunk.data))
             return
         received = utc_text(chunk.received)
-        events = decode_chunk(chunk.data, chunk.count)
+        events = decode_chunk(chunk.data)
         if events is not None:
             self._route(events, chunk, chunk.first_line, received)
             return
@@ -801,12 +804,17 @@ class IngestBatch:
                 self._route((event,), chunk, chunk.first_line + offset, received)
 
     def _route(self, events: Iterable[Event], chunk: Chunk, line_no: int, received: str) -> None:
-        """Sort events by table, turning each `ts` into UTC text (receipt time when absent)."""
+        """Sort events by table, turning each `ts` into UTC text (receipt time when absent).
+
+        Predictions and side bets become their table rows here, in the one pass over them.
+        """
         ticks, predictions, side_bets = self.ticks, self.predictions, self.side_bets
         for event in events:
             ts = event.ts
             if ts is None:
                 event.ts = received
+            elif type(ts) is float and 0.0 <= ts <= MAX_EPOCH * 1000.0:   # the common case
+                event.ts = utc_text(ts / 1000.0 if ts > 1e11 else ts)
             else:
                 try:
                     event.ts = wire_ts(ts)
@@ -820,9 +828,21 @@ class IngestBatch:
             if kind is PriceUpdate:
                 ticks.append(event)
             elif kind is Prediction:
-                predictions.append(event)
+                bounds, used = event.uncertainty_bounds, event.features_used
+                predictions.append((
+                    event.game_id, event.predicted_at_tick, event.predicted_end_tick,
+                    event.confidence,
+                    None if bounds is None else bounds.lower,
+                    None if bounds is None else bounds.upper,
+                    None if used is None else used.epr_active,
+                    None if used is None else used.peak_ratio,
+                    None if used is None else used.volatility,
+                    None if used is None else used.momentum,
+                    event.model_version, event.ts))
             elif kind is SideBet:
-                side_bets.append(event)
+                side_bets.append((event.game_id, event.placed_at_tick, event.window_ticks,
+                                  event.probability, event.expected_value, event.confidence,
+                                  event.recommendation, event.ts))
             elif kind is StateWrite:
                 self.states.append(event)
             else:
@@ -868,13 +888,11 @@ class IngestBatch:
         if samples:
             conn.executemany(SQL_SAVE_TICKS, _tick_rows(samples))
         if self.predictions:
-            conn.executemany(SQL_SAVE_PREDICTIONS, _prediction_rows(self.predictions))
+            conn.executemany(SQL_SAVE_PREDICTIONS, self.predictions)
         if self.side_bets:
-            conn.executemany(SQL_SAVE_SIDE_BETS, [
-                (b.game_id, b.placed_at_tick, b.window_ticks, b.probability, b.expected_value,
-                 b.confidence, b.recommendation, b.ts) for b in self.side_bets])
-        touched = ended.union([p.game_id for p in self.predictions],
-                              [b.game_id for b in self.side_bets])
+            conn.executemany(SQL_SAVE_SIDE_BETS, self.side_bets)
+        touched = ended.union([row[0] for row in self.predictions],
+                              [row[0] for row in self.side_bets])
         if touched:
             ids = [(game_id,) for game_id in touched]
             conn.executemany(SQL_RESOLVE_PREDICTIONS, ids)
@@ -953,19 +971,6 @@ def _tick_rows(samples: list[PriceUpdate]) -> Iterator[tuple]:
             yield (tick.gameId, tick.tick, tick.price, features.volatility_10,
                    features.volatility_40, features.momentum, features.rsi,
                    features.volume_ratio, tick.ts)
-
-
-def _prediction_rows(predictions: list[Prediction]) -> Iterator[tuple]:
-    for p in predictions:
-        bounds, used = p.uncertainty_bounds, p.features_used
-        lower, upper = (bounds.lower, bounds.upper) if bounds is not None else (None, None)
-        if used is None:
-            yield (p.game_id, p.predicted_at_tick, p.predicted_end_tick, p.confidence, lower,
-                   upper, None, None, None, None, p.model_version, p.ts)
-        else:
-            yield (p.game_id, p.predicted_at_tick, p.predicted_end_tick, p.confidence, lower,
-                   upper, used.epr_active, used.peak_ratio, used.volatility, used.momentum,
-                   p.model_version, p.ts)
 
 
 def _raw_for_rejects(raw: bytes) -> Union[str, bytes]:

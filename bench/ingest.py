@@ -43,14 +43,15 @@ def fresh_db(folder: str, name: str) -> str:
     return path
 
 
-def ceiling(folder: str, events: list[dict]) -> float:
+def ceiling(folder: str, events: list[dict], synchronous: str = "NORMAL") -> float:
     """apsw executemany in 5,000-row transactions: the most this schema takes in-process."""
     rows = [(e["game_id"], e["predicted_at_tick"], e["predicted_end_tick"], e["confidence"],
              e["uncertainty_bounds"]["lower"], e["uncertainty_bounds"]["upper"],
              e["features_used"]["epr_active"], e["features_used"]["peak_ratio"],
              e["features_used"]["volatility"], e["features_used"]["momentum"], "v2.1.0",
              tedstore.utc_text(e["ts"] / 1000)) for e in events]
-    conn = tedstore.connect(fresh_db(folder, "ceiling.db"))
+    conn = tedstore.connect(fresh_db(folder, f"ceiling-{time.monotonic_ns()}.db"),
+                            synchronous=synchronous)
     sql = f"INSERT OR IGNORE INTO predictions ({PREDICTION_COLUMNS}) VALUES ({', '.join('?' * 12)})"
     started = time.perf_counter()
     for first in range(0, len(rows), 5000):
@@ -61,12 +62,13 @@ def ceiling(folder: str, events: list[dict]) -> float:
     return len(rows) / seconds
 
 
-def per_event_commit(folder: str, events: list[dict]) -> float:
-    """One transaction per event: what a naive store does."""
+def per_event_commit(folder: str, events: list[dict], synchronous: str = "NORMAL") -> float:
+    """One transaction per event, with the same durability setting."""
     rows = [(e["game_id"], e["predicted_at_tick"], e["predicted_end_tick"], e["confidence"],
              None, None, None, None, None, None, "v2.1.0", tedstore.utc_text(e["ts"] / 1000))
             for e in events]
-    conn = tedstore.connect(fresh_db(folder, "per-event.db"))
+    conn = tedstore.connect(fresh_db(folder, f"per-event-{time.monotonic_ns()}.db"),
+                            synchronous=synchronous)
     sql = f"INSERT OR IGNORE INTO predictions ({PREDICTION_COLUMNS}) VALUES ({', '.join('?' * 12)})"
     started = time.perf_counter()
     for row in rows:
@@ -79,10 +81,12 @@ def per_event_commit(folder: str, events: list[dict]) -> float:
 class Daemon:
     """tedstore serve as a subprocess on a fresh database."""
 
-    def __init__(self, folder: str, name: str):
-        self.db = os.path.join(folder, f"{name}.db")
-        self.socket = os.path.join(folder, f"{name}.sock")
-        env = dict(os.environ, TEDSTORE_DB=self.db, TEDSTORE_SOCKET=self.socket)
+    def __init__(self, folder: str, name: str, synchronous: str = "NORMAL"):
+        unique = f"{name}-{time.monotonic_ns()}"
+        self.db = os.path.join(folder, f"{unique}.db")
+        self.socket = os.path.join(folder, f"{unique}.sock")
+        env = dict(os.environ, TEDSTORE_DB=self.db, TEDSTORE_SOCKET=self.socket,
+                   TEDSTORE_SYNCHRONOUS=synchronous)
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tedstore.py"), "serve"],
                                      env=env, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
@@ -121,12 +125,13 @@ def _client(socket_path: str, blocks: list[bytes], barrier, results) -> None:
     results.put((result.acked, len(result.rejections)))
 
 
-def end_to_end(folder: str, name: str, events: list[dict], clients: int) -> tuple[float, float]:
+def end_to_end(folder: str, name: str, events: list[dict], clients: int,
+               synchronous: str = "NORMAL") -> tuple[float, float]:
     """Acknowledged events/s with `clients` concurrent connections; and the daemon's peak RSS."""
     lines = [msgspec.json.encode(e) + b"\n" for e in events]
     parts = [blocks_of(lines[len(lines) * i // clients: len(lines) * (i + 1) // clients])
              for i in range(clients)]
-    daemon = Daemon(folder, name)
+    daemon = Daemon(folder, name, synchronous)
     try:
         ctx = multiprocessing.get_context("fork")
         barrier, results = ctx.Barrier(clients + 1), ctx.Queue()
@@ -166,31 +171,55 @@ def paced(folder: str, rate: float, seconds: float) -> tuple[float, float, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measure everything this many times, interleaved; report medians")
     parser.add_argument("--paced-rate", type=float, default=1000)
     parser.add_argument("--paced-seconds", type=float, default=10)
     args = parser.parse_args()
     predictions = prediction_events(args.events, seed=1)
     game_mix = list(itertools.islice(tedstore.simulate_events(10 ** 6, seed=2), args.events))
+    runs: dict[str, list[float]] = {}
+    rss: list[float] = []
+
+    def measure(name: str, value: float) -> None:
+        runs.setdefault(name, []).append(value)
+
     with tempfile.TemporaryDirectory(prefix="tedstore-bench-") as folder:
-        top = ceiling(folder, predictions)
-        naive = per_event_commit(folder, predictions[:20_000])
-        print(f"machine: {os.cpu_count()} cores, SQLite {apsw.sqlite_lib_version()}, "
-              f"apsw {apsw.apsw_version()}, Python {sys.version.split()[0]}")
-        print(f"in-process ceiling (executemany, 5,000-row txns): {top:>10,.0f} predictions/s")
-        print(f"per-event-commit baseline:                       {naive:>10,.0f} predictions/s")
-        rss = []
-        for name, events in (("predictions", predictions), ("game mix", game_mix)):
-            for clients in (1, 4):
-                rate, peak = end_to_end(folder, f"{name.replace(' ', '-')}-{clients}", events, clients)
-                rss.append(peak)
-                line = f"tedstore {name}, {clients} client(s):"
-                print(f"{line:<49}{rate:>10,.0f} events/s acknowledged"
-                      f"  ({100 * rate / top:.0f}% of ceiling, {rate / naive:.0f}x per-event)")
+        for _ in range(args.rounds):
+            measure("ceiling", ceiling(folder, predictions))
+            measure("per-event", per_event_commit(folder, predictions[:20_000]))
+            measure("per-event FULL", per_event_commit(folder, predictions[:3_000], "FULL"))
+            for name, events in (("predictions", predictions), ("game mix", game_mix)):
+                for clients in (1, 4):
+                    rate, peak = end_to_end(folder, name.replace(" ", "-"), events, clients)
+                    measure(f"{name} {clients}", rate)
+                    rss.append(peak)
+            rate, peak = end_to_end(folder, "predictions-full", predictions, 1, "FULL")
+            measure("predictions 1 FULL", rate)
+            rss.append(peak)
         p50, p99, peak = paced(folder, args.paced_rate, args.paced_seconds)
         rss.append(peak)
-        print(f"ack latency at {args.paced_rate:,.0f} events/s (game mix): "
-              f"p50 {p50:.2f} ms, p99 {p99:.2f} ms")
-        print(f"daemon peak RSS: {max(rss):.0f} MB")
+    med = {name: statistics.median(values) for name, values in runs.items()}
+    top, naive, naive_full = med["ceiling"], med["per-event"], med["per-event FULL"]
+    print(f"machine: {os.cpu_count()} cores, SQLite {apsw.sqlite_lib_version()}, "
+          f"apsw {apsw.apsw_version()}, Python {sys.version.split()[0]}; "
+          f"medians of {args.rounds} interleaved rounds, {args.events:,} events each")
+    print(f"in-process ceiling (executemany, 5,000-row txns): {top:>10,.0f} predictions/s")
+    print(f"per-event-commit baseline, synchronous=NORMAL:   {naive:>10,.0f} predictions/s")
+    print(f"per-event-commit baseline, synchronous=FULL:     {naive_full:>10,.0f} predictions/s")
+    for name in ("predictions 1", "predictions 4", "game mix 1", "game mix 4"):
+        what, clients = name.rsplit(" ", 1)
+        line = f"tedstore {what}, {clients} client(s):"
+        print(f"{line:<49}{med[name]:>10,.0f} events/s acknowledged  "
+              f"({100 * med[name] / top:.0f}% of ceiling, {med[name] / naive:.1f}x per-event)")
+    full = med["predictions 1 FULL"]
+    print(f"{'tedstore predictions, 1 client, FULL:':<49}{full:>10,.0f} events/s acknowledged  "
+          f"({full / naive_full:.0f}x per-event FULL)")
+    print(f"ack latency at {args.paced_rate:,.0f} events/s (game mix): "
+          f"p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    print(f"daemon peak RSS: {max(rss):.0f} MB")
+    print("all rounds: " + "; ".join(f"{name} " + "/".join(f"{v:,.0f}" for v in values)
+                                     for name, values in runs.items()))
 
 
 if __name__ == "__main__":

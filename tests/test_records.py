@@ -122,20 +122,23 @@ def test_control_lines():
 
 def test_decode_chunk_takes_clean_chunks_whole():
     data = b"".join(line(GOOD[name]) + b"\n" for name in sorted(GOOD))
-    events = decode_chunk(data, len(GOOD))
+    events = decode_chunk(data)
     assert [type(e).__struct_config__.tag for e in events] == sorted(GOOD)
 
 
-@pytest.mark.parametrize("data, count", [
-    (b'{"event":"state","key":"a","value":1}{"event":"state","key":"b","value":2}\n  \n', 2),
-    (b'{"event":"state","key":"a","value":1}\n\n', 2),
-    (b'\n{"event":"state","key":"a","value":1}\n', 2),
-    (b'{"event":"state","key":"a","value":1}\n{"op":"ping"}\n', 2),
-    (b'{"event":"state","key":"a","value":1}\n{"event":"state","key":"\xff","value":1}\n', 2),
+@pytest.mark.parametrize("data", [
+    b'{"event":"state","key":"a","value":1}{"event":"state","key":"b","value":2}\n  \n',
+    b'{"event":"state","key":"a","value":1} {"event":"state","key":"b","value":2}\n',
+    b'{"event":"state","key":"a","value":1}\n\n',
+    b'\n{"event":"state","key":"a","value":1}\n',
+    b'{"event":"state","key":"a","value":1}\n \t\r\n',
+    b'{"event":"state","key":"a","value":1}\n{"op":"ping"}\n',
+    b'{"event":"state","key":"a","value":1}\n{"event":"state","key":"\xff","value":1}\n',
+    b'{"event":"state","key":"a","value":1}\n{"event":"state","key":"b","value":1,"x":"\xc3"}\n',
 ])
-def test_decode_chunk_leaves_doubtful_chunks_to_line_by_line(data, count):
+def test_decode_chunk_leaves_doubtful_chunks_to_line_by_line(data):
     """decode_lines splits on whitespace: two values on one line must not pass as two lines."""
-    assert decode_chunk(data, count) is None
+    assert decode_chunk(data) is None
 
 
 # -- ts ---------------------------------------------------------------------------------
