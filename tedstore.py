@@ -1093,11 +1093,28 @@ class IngestQueue:
                 self.bytes -= len(chunk.data)
             return batch, self._room()
 
+    def take_tasks(self) -> list[_Task]:
+        """Remove and return the queued tasks only, leaving the chunks in their order."""
+        with self._ready:
+            tasks = [item for item in self._items if type(item) is _Task]
+            if tasks:
+                self._items = collections.deque(item for item in self._items
+                                                if type(item) is not _Task)
+            return tasks
+
     def _room(self) -> bool:
         if self.blocked and self.events < self.max_events // 2 and self.bytes < self.max_bytes // 2:
             self.blocked = False
             return True
         return False
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an apsw error, naming SQLite's code (errors from a VFS have no text)."""
+    code = getattr(exc, "extendedresult", None)
+    name = apsw.mapping_extended_result_codes.get(code) if code is not None else None
+    text = str(exc) or "no message"
+    return f"{type(exc).__name__}: {text}" + (f" ({name})" if name else "")
 
 
 class Writer(threading.Thread):
@@ -1215,7 +1232,11 @@ class Writer(threading.Thread):
             self._committed(batch)
 
     def _write(self, batch: IngestBatch) -> bool:
-        """Commit the batch, retrying disk and lock errors until it works; False if given up."""
+        """Commit the batch, retrying disk and lock errors until it works; False if given up.
+
+        Between attempts the writer still runs queued tasks: a retention run can free the
+        pages a full disk needs, and status and the scheduler keep working.
+        """
         delay, first_failure = 0.05, None
         while True:
             try:
@@ -1224,11 +1245,11 @@ class Writer(threading.Thread):
             except TRANSIENT_ERRORS as exc:
                 self.commit_errors += 1
                 now = time.monotonic()
+                self.failing = describe_error(exc)
                 if first_failure is None:
                     first_failure = now
                     log.error("cannot commit %d lines: %s; retrying, nothing is acknowledged "
-                              "until it works", sum(c.count for c in batch.chunks), exc)
-                self.failing = f"{type(exc).__name__}: {exc}"
+                              "until it works", sum(c.count for c in batch.chunks), self.failing)
                 if self._stopping and now - first_failure > STOP_GRACE_SECONDS:
                     self.unsaved += sum(c.count for c in batch.chunks)
                     log.error("giving up on %d lines at shutdown: %s; they were not "
@@ -1238,6 +1259,8 @@ class Writer(threading.Thread):
                 time.sleep(delay)
                 self.heartbeat = time.monotonic()
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
+                for task in self.queue.take_tasks():
+                    self._run_task(task)
                 continue
             if self.failing is not None:
                 log.warning("commits work again after %.1f s (%s)",
@@ -1841,6 +1864,7 @@ class Scheduler(threading.Thread):
         finally:
             if self._conn is not None:
                 self._conn.close()
+                self._conn = None
 
     def stop(self) -> None:
         self.stopped.set()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import apsw
+import msgspec
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +123,8 @@ class Conn:
         self.sock.connect(path)
         self.buffer = b""
         self.replies: list[dict] = []
+        self.acked = 0            # the highest ack received
+        self._reported = 0        # replies already looked at by wait_ack
 
     def send(self, *lines) -> None:
         data = b"".join((line if isinstance(line, bytes) else
@@ -138,6 +141,7 @@ class Conn:
         line, self.buffer = self.buffer.split(b"\n", 1)
         reply = json.loads(line)
         self.replies.append(reply)
+        self.acked = max(self.acked, reply.get("ack", 0))
         return reply
 
     def poll(self, wait: float = 0.0) -> list[dict]:
@@ -151,6 +155,7 @@ class Conn:
         while b"\n" in self.buffer:
             line, self.buffer = self.buffer.split(b"\n", 1)
             replies.append(json.loads(line))
+            self.acked = max(self.acked, replies[-1].get("ack", 0))
         self.replies.extend(replies)
         return replies
 
@@ -162,14 +167,12 @@ class Conn:
                 return reply
 
     def wait_ack(self, n: int) -> list[dict]:
-        """Read replies until an ack >= n; return the rejections seen on the way."""
-        rejected = []
-        while True:
-            reply = self.read_reply()
-            if reply.get("ack", 0) >= n:
-                return rejected
-            if "rejected" in reply:
-                rejected.append(reply)
+        """Read replies until an ack >= n; return the rejections since the last wait_ack."""
+        while self.acked < n:
+            self.read_reply()
+        rejected = [r for r in self.replies[self._reported:] if "rejected" in r]
+        self._reported = len(self.replies)
+        return rejected
 
     def close(self) -> None:
         self.sock.close()
@@ -233,3 +236,33 @@ def prediction(game: str, at: int, end: int, **extra) -> dict:
 def side_bet(game: str, at: int, recommendation: str = "BET", **extra) -> dict:
     return {"event": "sideBet", "game_id": game, "placed_at_tick": at, "probability": 0.2,
             "expected_value": 0.2, "confidence": 0.6, "recommendation": recommendation, **extra}
+
+
+class Store:
+    """A real database file fed through the same batches the writer commits."""
+
+    def __init__(self, path: Path, **overrides):
+        self.path = str(path)
+        self.settings = tedstore.load_settings(db=self.path, **overrides)
+        self.conn = tedstore.open_store(self.path)
+
+    def send(self, *events, batch_size: int | None = None) -> list[tuple[int, str, str]]:
+        lines = [msgspec.json.encode(e) + b"\n" if not isinstance(e, bytes) else e + b"\n"
+                 for e in events]
+        size = batch_size or len(lines) or 1
+        settings = msgspec.structs.replace(self.settings, batch_size=size)
+        _, rejections = tedstore.ingest_offline(self.conn, lines, settings)
+        return rejections
+
+    def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def one(self, sql: str, params: tuple = ()) -> dict:
+        return tedstore.rows_as_dicts(self.conn.execute(sql, params))[0]
+
+
+@pytest.fixture
+def store(tmp):
+    store = Store(tmp / "t.db")
+    yield store
+    store.conn.close()

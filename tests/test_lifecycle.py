@@ -13,39 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tedstore
-from conftest import prediction, side_bet
+from conftest import Store, prediction, side_bet
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-class Store:
-    """A real database file fed through the same batches the writer commits."""
-
-    def __init__(self, path: Path, **overrides):
-        self.path = str(path)
-        self.settings = tedstore.load_settings(db=self.path, **overrides)
-        self.conn = tedstore.open_store(self.path)
-
-    def send(self, *events, batch_size: int | None = None) -> list[tuple[int, str, str]]:
-        lines = [msgspec.json.encode(e) + b"\n" if not isinstance(e, bytes) else e + b"\n"
-                 for e in events]
-        size = batch_size or len(lines) or 1
-        settings = msgspec.structs.replace(self.settings, batch_size=size)
-        _, rejections = tedstore.ingest_offline(self.conn, lines, settings)
-        return rejections
-
-    def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
-        return self.conn.execute(sql, params).fetchall()
-
-    def one(self, sql: str, params: tuple = ()) -> dict:
-        return tedstore.rows_as_dicts(self.conn.execute(sql, params))[0]
-
-
-@pytest.fixture
-def store(tmp):
-    store = Store(tmp / "t.db")
-    yield store
-    store.conn.close()
 
 
 def start(game="g", tick=0, price=1.0, **extra):

@@ -1,0 +1,606 @@
+"""Operations: hourly rollups, retention, WAL upkeep, backups, status, init, doctor, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import apsw
+import pytest
+
+import tedstore
+from conftest import Conn, Store, prediction, query, side_bet, wait_for
+
+HOUR = tedstore.text_epoch("2026-11-20 10:00:00.000")
+
+
+def at(hour: float, minute: float) -> float:
+    """Unix seconds at `minute` past the hour, as a ts in milliseconds."""
+    return (hour + minute * 60) * 1000
+
+
+def cli(*args, env: dict | None = None, input: bytes | None = None):
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("TEDSTORE_", "PERSISTENCE_", "NOTIFY_", "WATCHDOG_"))}
+    clean.update(env or {})
+    return subprocess.run([sys.executable, "-m", "tedstore", *args], input=input,
+                          capture_output=True, text=True, env=clean, timeout=120)
+
+
+def rollup_row(store: Store, hour: float) -> dict:
+    return store.one("SELECT * FROM metrics_hourly WHERE hour_start = ?", (tedstore.utc_text(hour),))
+
+
+def local_write(conn: apsw.Connection):
+    return lambda fn: fn(conn)
+
+
+# -- hourly rollup ---------------------------------------------------------------------------
+
+def hour_of_play(store: Store) -> dict:
+    """Two games in HOUR, with predictions and side bets whose outcomes are known."""
+    events = [
+        {"event": "gameStart", "gameId": "a", "tick": 0, "price": 1.0, "ts": at(HOUR, 1)},
+        prediction("a", 10, 110, ts=at(HOUR, 2)),      # error +10
+        prediction("a", 20, 40, ts=at(HOUR, 3)),       # error -60
+        prediction("a", 30, 230, ts=at(HOUR, 4)),      # error +130
+        side_bet("a", 80, ts=at(HOUR, 5)),             # 80..120: WON, ev 0.2
+        side_bet("a", 10, expected_value=-0.3, ts=at(HOUR, 5)),   # BET, LOST
+        side_bet("a", 30, "SKIP", expected_value=0.4, ts=at(HOUR, 5)),  # SKIP, LOST
+        {"event": "gameEnd", "gameId": "a", "tick": 100, "finalPrice": 0.1, "ts": at(HOUR, 20)},
+        {"event": "gameStart", "gameId": "b", "tick": 0, "price": 1.0, "ts": at(HOUR, 30)},
+        prediction("b", 5, 50, ts=at(HOUR, 31)),       # error -150
+        side_bet("b", 190, ts=at(HOUR, 31)),           # 190..230: WON
+        {"event": "gameEnd", "gameId": "b", "tick": 200, "finalPrice": 0.1, "ts": at(HOUR, 59)},
+        # created in the hour but never resolved: counted as made, not measured
+        prediction("c", 1, 90, ts=at(HOUR, 40)),
+        side_bet("c", 1, ts=at(HOUR, 40)),
+        # the next hour
+        prediction("b", 6, 51, ts=at(HOUR, 61)),
+    ]
+    assert store.send(*events) == []
+    store.conn.execute("INSERT INTO rejects (received_at, line_no, code, error) VALUES "
+                       "(?, 1, 'bad_json', 'x'), (?, 2, 'bad_json', 'x'), (?, 3, 'bad_json', 'x')",
+                       (tedstore.utc_text(HOUR + 60), tedstore.utc_text(HOUR + 3599),
+                        tedstore.utc_text(HOUR + 3600)))
+    return {"errors": [10, -60, 130, -150]}
+
+
+def test_rollup_computes_every_column_as_the_spec_defines(store):
+    errors = hour_of_play(store)["errors"]
+    latency = tedstore.LatencyHistogram()
+    for ms in (1.0, 2.0, 3.0, 50.0):
+        latency.record(ms)
+    now = HOUR + 7200
+    tedstore.run_rollups(store.conn, local_write(store.conn), [int(HOUR)], now,
+                         latency_for=lambda hour: latency if hour == HOUR else None)
+    row = rollup_row(store, HOUR)
+    assert row["hour_end"] == "2026-11-20 11:00:00.000"
+    assert row["games_analyzed"] == 2
+    assert row["predictions_made"] == 5
+    assert row["median_e40"] == statistics.median(e / 40 for e in errors) == -0.625
+    assert row["mean_absolute_error"] == statistics.mean(abs(e) for e in errors) == 87.5
+    assert row["within_1_window"] == 25.0       # |10|
+    assert row["within_2_windows"] == 50.0      # |10|, |-60|
+    assert row["within_3_windows"] == 50.0      # 130 and 150 are beyond 120
+    assert row["sidebets_recommended"] == 3     # resolved BETs
+    assert row["sidebets_positive_ev"] == 3     # resolved, ev > 0: two BETs and the SKIP
+    assert (row["bets_won"], row["bets_lost"]) == (2, 1)
+    assert row["total_ev"] == pytest.approx(0.2 - 0.3 + 0.2)
+    assert row["roi_percentage"] == pytest.approx(100 * (5 + 5 - 1) / 3)
+    assert row["avg_commit_latency_ms"] == latency.mean
+    assert row["p99_commit_latency_ms"] == latency.quantile(0.99) >= 50
+    assert row["rejected_lines"] == 2
+    assert row["created_at"] == tedstore.utc_text(now)
+
+
+def test_an_hour_with_nothing_to_measure_has_null_ratios(store):
+    tedstore.run_rollups(store.conn, local_write(store.conn), [int(HOUR)], HOUR + 7200)
+    row = rollup_row(store, HOUR)
+    assert (row["games_analyzed"], row["predictions_made"], row["bets_won"]) == (0, 0, 0)
+    for column in ("median_e40", "mean_absolute_error", "within_1_window", "within_2_windows",
+                   "within_3_windows", "roi_percentage", "avg_commit_latency_ms",
+                   "p99_commit_latency_ms"):
+        assert row[column] is None, column
+
+
+def test_rollup_is_idempotent_and_keeps_measured_latency(store):
+    hour_of_play(store)
+    latency = tedstore.LatencyHistogram()
+    latency.record(7.0)
+    write = local_write(store.conn)
+    tedstore.run_rollups(store.conn, write, [int(HOUR)], HOUR + 7200, lambda h: latency)
+    first = rollup_row(store, HOUR)
+    tedstore.run_rollups(store.conn, write, [int(HOUR)], HOUR + 7200)   # e.g. tedstore rollup
+    again = rollup_row(store, HOUR)
+    assert again == first
+    assert store.rows("SELECT count(*) FROM metrics_hourly") == [(1,)]
+    store.send(prediction("b", 7, 200, ts=at(HOUR, 45)))               # a late arrival
+    tedstore.run_rollups(store.conn, write, [int(HOUR)], HOUR + 7200)
+    assert rollup_row(store, HOUR)["predictions_made"] == first["predictions_made"] + 1
+    assert rollup_row(store, HOUR)["avg_commit_latency_ms"] == 7.0
+
+
+def test_hours_to_roll_catch_up_and_revisit(store):
+    hour_of_play(store)
+    now = HOUR + 5 * 3600 + 120
+    hours = tedstore.hours_to_roll(store.conn, now, store.settings)
+    assert hours == [int(HOUR) + 3600 * i for i in range(5)]          # from the oldest data
+    tedstore.run_rollups(store.conn, local_write(store.conn), hours, now)
+    later = tedstore.hours_to_roll(store.conn, now + 3600, store.settings)
+    assert later == [int(HOUR) + 3600 * i for i in range(5 - tedstore.ROLLUP_REVISIT_HOURS, 6)]
+    assert tedstore.hours_to_roll(store.conn, now, store.settings, since=HOUR + 3600)[0] == HOUR + 3600
+
+
+def test_the_daemon_catches_up_missed_hours_at_start(daemon_factory, tmp):
+    old = Store(tmp / "tedstore.db")
+    hour_of_play(old)
+    old.conn.close()
+    daemon = daemon_factory()
+    expected = tedstore.newest_complete_hour(time.time())
+    wait_for(lambda: query(daemon.db, "SELECT max(hour_start) FROM metrics_hourly")[0][0]
+             == tedstore.utc_text(expected), what="the catch-up rollup")
+    hours = query(daemon.db, "SELECT count(*), min(hour_start) FROM metrics_hourly")[0]
+    assert hours == ((expected - HOUR) // 3600 + 1, "2026-11-20 10:00:00.000")
+    assert query(daemon.db, "SELECT predictions_made FROM metrics_hourly WHERE hour_start = ?",
+                 (tedstore.utc_text(HOUR),)) == [(5,)]
+    status = tedstore.request(daemon.socket, "status")["status"]
+    assert status["last_rollup"]["through"] == tedstore.utc_text(expected + 3600)
+
+
+def test_the_daemon_rolls_up_its_own_commit_latency(inprocess):
+    daemon = inprocess()
+    conn = Conn(daemon.socket)
+    conn.send(*[prediction("lat", i, i + 5) for i in range(300)])
+    conn.wait_ack(300)
+    scheduler = daemon.daemon.scheduler
+    scheduler.stop()
+    scheduler.join(10)
+    now = time.time()
+    scheduler.run_due(now + 2 * 3600)
+    measured = daemon.daemon.writer.latency_by_hour[tedstore.hour_floor(now)]
+    row = query(daemon.db, "SELECT avg_commit_latency_ms, p99_commit_latency_ms, predictions_made "
+                           "FROM metrics_hourly WHERE hour_start = ?",
+                (tedstore.utc_text(tedstore.hour_floor(now)),))
+    assert row == [(measured.mean, measured.quantile(0.99), 300)]
+    assert measured.count == 300
+
+
+def test_rollup_cli_recomputes_a_range(tmp):
+    store = Store(tmp / "r.db")
+    hour_of_play(store)
+    store.conn.close()
+    result = cli("rollup", "--db", store.path, "--since", "2026-11-20T10:00", "--json")
+    assert result.returncode == 0, result.stderr
+    detail = json.loads(result.stdout)
+    assert detail["hours"] >= 2
+    assert query(store.path, "SELECT predictions_made FROM metrics_hourly WHERE hour_start = ?",
+                 (tedstore.utc_text(HOUR),)) == [(5,)]
+    assert "rolled up" in cli("rollup", "--db", store.path, "--since", "2026-11-20").stdout
+
+
+# -- retention -----------------------------------------------------------------------------
+
+def aged_store(tmp, **settings) -> tuple[Store, float]:
+    """Data at 1, 10, 100 and 200 days old, in every table."""
+    now = time.time()
+    store = Store(tmp / "aged.db", **settings)
+    for days in (1, 10, 100, 200):
+        ts = (now - days * 86400) * 1000
+        game = f"d{days}"
+        store.send({"event": "gameStart", "gameId": game, "tick": 0, "price": 1.0, "ts": ts},
+                   *[{"event": "priceUpdate", "gameId": game, "tick": n, "price": 1.5, "ts": ts}
+                     for n in (10, 20)],
+                   prediction(game, 5, 50, ts=ts), side_bet(game, 5, ts=ts),
+                   {"event": "gameEnd", "gameId": game, "tick": 40, "finalPrice": 0.1, "ts": ts})
+        store.conn.execute("INSERT INTO rejects (received_at, line_no, code, error) "
+                           "VALUES (?, 1, 'bad_json', 'x')", (tedstore.utc_text(ts / 1000),))
+    return store, now
+
+
+def test_retention_dry_run_then_run_deletes_per_table(tmp):
+    store, now = aged_store(tmp)
+    write = local_write(store.conn)
+    tedstore.run_rollups(store.conn, write, tedstore.hours_to_roll(store.conn, now, store.settings), now)
+    planned = tedstore.run_retention(store.conn, write, store.settings, now, dry_run=True)
+    assert planned == {"tick_samples": 6, "predictions": 2, "side_bets": 2, "games": 1,
+                       "rejects": 2, "metrics_hourly": 0}
+    assert store.rows("SELECT count(*) FROM predictions") == [(4,)]       # dry run kept them
+    removed = tedstore.run_retention(store.conn, write, store.settings, now)
+    assert removed == planned
+    assert store.rows("SELECT game_id FROM predictions ORDER BY game_id") == [("d1",), ("d10",)]
+    assert store.rows("SELECT game_id FROM games ORDER BY game_id") == \
+        [("d1",), ("d10",), ("d100",)]
+    assert store.rows("SELECT DISTINCT game_id FROM tick_samples") == [("d1",)]
+    assert store.rows("SELECT count(*) FROM rejects") == [(2,)]
+    assert json.loads(store.rows("SELECT detail FROM jobs WHERE name = 'retention'")[0][0]) == \
+        {"deleted": removed}
+
+
+def test_retention_rolls_up_before_it_deletes(tmp):
+    """Never delete rows of an hour whose rollup has not been written."""
+    store, now = aged_store(tmp)
+    assert store.rows("SELECT count(*) FROM metrics_hourly") == [(0,)]
+    hours = {tedstore.utc_text(tedstore.hour_floor(tedstore.text_epoch(t)))
+             for (t,) in store.rows("SELECT created_at FROM predictions WHERE game_id IN "
+                                    "('d100', 'd200')")}
+    tedstore.run_retention(store.conn, local_write(store.conn), store.settings, now)
+    for hour in hours:
+        assert store.rows("SELECT predictions_made, games_analyzed FROM metrics_hourly "
+                          "WHERE hour_start = ?", (hour,)) == [(1, 1)]
+
+
+def test_retention_cutoff_stops_at_the_last_rollup(tmp):
+    store, now = aged_store(tmp)
+    cutoffs = tedstore.retention_cutoffs(store.conn, store.settings, now)
+    assert cutoffs["predictions"] == cutoffs["games"] == cutoffs["rejects"] == ""
+    assert cutoffs["tick_samples"] == tedstore.utc_text(now - 7 * 86400)
+    assert tedstore.delete_expired(store.conn, "predictions", cutoffs["predictions"], 100)[0] == 0
+
+
+def test_retention_follows_the_configured_days(tmp):
+    store, now = aged_store(tmp, prediction_retention_days=5, tick_retention_days=300)
+    removed = tedstore.run_retention(store.conn, local_write(store.conn), store.settings, now)
+    assert removed["predictions"] == 3 and removed["tick_samples"] == 0 and removed["rejects"] == 3
+
+
+def test_retention_cli(tmp):
+    store, _ = aged_store(tmp)
+    store.conn.close()
+    dry = cli("retention", "--db", store.path, "--dry-run")
+    assert dry.returncode == 0 and "tick_samples: would delete 6 rows" in dry.stdout
+    done = cli("retention", "--db", store.path, "--json")
+    assert json.loads(done.stdout)["deleted"]["predictions"] == 2
+
+
+def test_nightly_jobs_run_once_a_day_and_catch_up(tmp):
+    settings = tedstore.load_settings(db=str(tmp / "n.db"), backup_dir=str(tmp / "backups"),
+                                      backup_keep=2)
+    tedstore.open_store(settings.db).close()
+    writer = tedstore.Writer(settings)
+    writer.start()
+    writer.started.wait()
+    scheduler = tedstore.Scheduler(settings, writer)
+    day = tedstore.text_epoch("2026-11-20 00:00:00.000")
+
+    def run_at(clock: str) -> tuple[str, str]:
+        scheduler.run_due(day + tedstore.text_epoch(f"1970-01-01 {clock}") if len(clock) == 12
+                          else tedstore.text_epoch(clock))
+        return scheduler.last["retention"]["at"], scheduler.last.get("backup", {}).get("at")
+
+    first = run_at("02:00:00.000")                                  # never ran: catch up
+    assert first == ("2026-11-20 02:00:00.000", "2026-11-20 02:00:00.000")
+    assert run_at("02:30:00.000") == first                          # not again before 03:00
+    assert run_at("03:00:05.000")[0] == "2026-11-20 03:00:05.000"   # the nightly slot
+    assert run_at("05:00:00.000")[0] == "2026-11-20 03:00:05.000"
+    assert run_at("2026-11-22 10:00:00.000")[0] == "2026-11-22 10:00:00.000"  # missed a night
+    assert len(os.listdir(tmp / "backups")) == 2                    # TEDSTORE_BACKUP_KEEP
+    jobs = dict(query(settings.db, "SELECT name, last_run_at FROM jobs"))
+    assert jobs["retention"] == jobs["backup"] == "2026-11-22 10:00:00.000"
+    scheduler.stop()
+    writer.stop()
+    writer.join(10)
+
+
+# -- WAL upkeep ------------------------------------------------------------------------------
+
+def wal_size(db: str) -> int:
+    try:
+        return os.path.getsize(db + "-wal")
+    except FileNotFoundError:
+        return 0
+
+
+def test_a_reader_holding_a_snapshot_does_not_stop_ingest_and_the_wal_shrinks_after(daemon):
+    reader = apsw.Connection(daemon.db, flags=apsw.SQLITE_OPEN_READONLY)
+    reader.execute("BEGIN")
+    before = reader.execute("SELECT count(*) FROM predictions").get
+    conn = daemon.connect()
+    lines = [prediction("w", i, i + 9) for i in range(40_000)]
+    for first in range(0, len(lines), 2000):
+        conn.send(*lines[first:first + 2000])
+    assert conn.wait_ack(len(lines)) == []
+    time.sleep(3 * tedstore.CHECKPOINT_IDLE_SECONDS)              # idle checkpoints were tried
+    autocheckpoint = 1000 * daemon.query("PRAGMA page_size")[0][0]
+    assert wal_size(daemon.db) > autocheckpoint    # the snapshot kept the WAL from resetting
+    assert reader.execute("SELECT count(*) FROM predictions").get == before
+    reader.execute("COMMIT")
+    reader.close()
+    wait_for(lambda: wal_size(daemon.db) == 0, what="the idle checkpoint to truncate the WAL")
+    assert daemon.query("SELECT count(*) FROM predictions") == [(40_000,)]
+
+
+def test_the_wal_stays_bounded_under_constant_ingest(daemon):
+    """An hour of ingest at 100 events/s (360,000 events), sent as fast as it goes."""
+    peak, done = [0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], wal_size(daemon.db))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    lines = (json.dumps(e).encode() + b"\n"
+             for e in tedstore.simulate_events(2000, seed=4, mix="predictions"))
+    import itertools
+    result = tedstore.stream_lines(daemon.socket, itertools.islice(lines, 360_000))
+    done.set()
+    watcher.join()
+    assert result.acked == 360_000 and not result.rejections
+    assert 0 < peak[0] <= tedstore.JOURNAL_SIZE_LIMIT, f"WAL peaked at {peak[0] / 1e6:.1f} MB"
+
+
+# -- backups ----------------------------------------------------------------------------------
+
+def test_backup_while_ingesting_is_consistent_and_never_overwrites(daemon, tmp):
+    stop = threading.Event()
+
+    def ingest() -> None:
+        with tedstore.Client(daemon.socket) as client:
+            for event in tedstore.simulate_events(400, seed=8):
+                if stop.is_set():
+                    break
+                client.send(event)
+            client.flush(30)
+
+    feeder = threading.Thread(target=ingest)
+    feeder.start()
+    wait_for(lambda: daemon.query("SELECT count(*) FROM games WHERE end_tick IS NOT NULL")[0][0] > 5,
+             what="some finished games")
+    dest = tmp / "copy.db"
+    result = cli("backup", "--db", daemon.db, str(dest))
+    stop.set()
+    feeder.join()
+    assert result.returncode == 0, result.stderr
+    assert "integrity ok" in result.stdout
+    assert query(str(dest), "PRAGMA integrity_check") == [("ok",)]
+    assert query(str(dest), "PRAGMA journal_mode") == [("delete",)]
+    # a consistent snapshot: every prediction of an ended game is resolved in the copy
+    assert query(str(dest), "SELECT count(*) FROM predictions p JOIN games g USING (game_id) "
+                            "WHERE g.end_tick IS NOT NULL AND p.actual_end_tick IS NULL") == [(0,)]
+    assert 0 < query(str(dest), "SELECT count(*) FROM predictions")[0][0] <= \
+        daemon.query("SELECT count(*) FROM predictions")[0][0]
+    before = dest.read_bytes()
+    again = cli("backup", "--db", daemon.db, str(dest))
+    assert again.returncode == 1 and "never overwrites" in again.stderr
+    assert dest.read_bytes() == before
+    assert not [p for p in os.listdir(tmp) if "partial" in p]
+
+
+def test_restore_from_a_backup_as_the_readme_shows(daemon_factory, tmp):
+    daemon = daemon_factory()
+    conn = daemon.connect()
+    conn.send(*[prediction("keep", i, i + 1) for i in range(100)])
+    conn.wait_ack(100)
+    assert cli("backup", "--db", daemon.db, str(tmp / "b.db")).returncode == 0
+    conn.send(*[prediction("lost", i, i + 1) for i in range(10)])
+    conn.wait_ack(110)
+    assert daemon.stop() == 0
+    for suffix in ("-wal", "-shm"):
+        (tmp / f"tedstore.db{suffix}").unlink(missing_ok=True)
+    shutil.copyfile(tmp / "b.db", tmp / "tedstore.db")
+    restored = daemon_factory()
+    assert restored.query("SELECT game_id, count(*) FROM predictions GROUP BY 1") == [("keep", 100)]
+
+
+def test_nightly_backup_keeps_the_newest(tmp):
+    settings = tedstore.load_settings(db=str(tmp / "n.db"), backup_dir=str(tmp / "b"),
+                                      backup_keep=3)
+    tedstore.open_store(settings.db).close()
+    made = [tedstore.nightly_backup(settings, HOUR + day * 86400)["path"] for day in range(5)]
+    assert sorted(str(p) for p in (tmp / "b").iterdir()) == made[-3:]
+
+
+# -- status, init, doctor --------------------------------------------------------------------------
+
+def test_status_reports_every_field(daemon):
+    conn = daemon.connect()
+    conn.send(prediction("s", 1, 2), b"nope")
+    conn.wait_ack(2)
+    status = tedstore.request(daemon.socket, "status")["status"]
+    assert status["enabled"] is True and status["version"] == tedstore.__version__
+    assert set(status["repository"]) == {"enabled", "last_save", "records_saved", "errors"}
+    assert status["repository"]["records_saved"] == 1
+    assert set(status["manager"]) == {"enabled", "running", "persist_interval"}
+    assert status["manager"]["running"] is True and status["manager"]["persist_interval"] == 0.05
+    assert status["queue"]["events"] == 0 and status["connections"]["open"] >= 1
+    assert status["events"]["prediction"] == 1 and status["rejects"] == {"bad_json": 1}
+    assert status["commit_latency_ms"]["p99"] is not None
+    assert {"last_rollup", "last_retention", "last_backup"} <= set(status)
+    assert status["last_retention"]["deleted"]["predictions"] == 0
+    assert status["database"]["size_bytes"] > 0 and "wal_bytes" in status["database"]
+    assert status["database"]["schema_version"] == tedstore.schema_version()
+    result = cli("status", "--socket", daemon.socket, "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["running"] is True
+    human = cli("status", "--socket", daemon.socket)
+    assert "is running" in human.stdout and "records_saved: 1" in human.stdout
+
+
+def test_status_when_the_daemon_is_down(daemon_factory):
+    daemon = daemon_factory()
+    daemon.stop()
+    result = cli("status", "--socket", daemon.socket, "--db", daemon.db)
+    assert result.returncode == 1
+    assert "not running" in result.stdout and "schema_version" in result.stdout
+    assert "retention" in result.stdout                            # what the database knows
+    offline = json.loads(cli("status", "--socket", daemon.socket, "--db", daemon.db,
+                             "--json").stdout)
+    assert offline["running"] is False and offline["jobs"]["retention"]["at"]
+
+
+def test_init_creates_checks_and_upgrades(tmp):
+    db = str(tmp / "i.db")
+    missing = cli("init", "--check", "--db", db)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    assert not os.path.exists(db)
+    assert cli("init", "--db", db).returncode == 0
+    assert cli("init", "--check", "--db", db).returncode == 0
+    old = str(tmp / "old.db")
+    import sqlite3
+    from pathlib import Path
+    legacy = sqlite3.connect(old)
+    legacy.executescript((Path(__file__).parent / "fixtures" / "schema_v1.sql").read_text())
+    legacy.close()
+    stale = cli("init", "--check", "--db", old)
+    assert stale.returncode == 1 and "schema version 1" in stale.stderr
+    upgraded = cli("init", "--db", old)
+    assert upgraded.returncode == 0 and "upgraded from 1" in upgraded.stdout
+    garbage = tmp / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    broken = cli("init", "--check", "--db", str(garbage))
+    assert broken.returncode == 1 and "cannot be read" in broken.stderr
+    assert "Traceback" not in broken.stderr
+
+
+def test_doctor_passes_on_a_healthy_deployment_and_names_what_to_fix(daemon, tmp):
+    healthy = cli("doctor", "--db", daemon.db, "--socket", daemon.socket)
+    assert healthy.returncode == 0, healthy.stdout
+    assert all(line.startswith("ok") for line in healthy.stdout.splitlines())
+    assert "daemon answers" in healthy.stdout and "GB free" in healthy.stdout
+    down = cli("doctor", "--db", daemon.db, "--socket", str(tmp / "elsewhere.sock"))
+    assert down.returncode == 1 and "FAIL cannot reach tedstore" in down.stdout
+    nowhere = cli("doctor", "--db", str(tmp / "no" / "t.db"), "--socket", daemon.socket)
+    assert nowhere.returncode == 1 and "is missing" in nowhere.stdout
+
+
+# -- disk full and I/O errors --------------------------------------------------------------------
+
+def test_disk_full_acks_nothing_uncommitted_and_recovers_by_itself(inprocess, caplog):
+    daemon = inprocess()
+    writer = daemon.daemon.writer
+    writer.run_task(lambda db: db.pragma("max_page_count", db.pragma("page_count") + 30))
+    conn = Conn(daemon.socket)
+    lines = [prediction("full", i, i + 3) for i in range(20_000)]
+    sender = threading.Thread(target=lambda: [conn.send(*lines[i:i + 1000])
+                                              for i in range(0, len(lines), 1000)])
+    sender.start()
+    wait_for(lambda: writer.failing, what="the disk to fill up")
+    conn.poll(0.5)
+    time.sleep(0.5)
+    conn.poll(0)
+    acked = conn.acked
+    stored = {row[0] for row in query(daemon.db, "SELECT predicted_at_tick FROM predictions")}
+    assert set(range(acked)) <= stored and len(stored) == acked   # acked exactly what committed
+    status = tedstore.request(daemon.socket, "status")["status"]
+    assert status["writer"]["state"] == "failing" and "full" in status["writer"]["error"]
+    assert status["repository"]["errors"] > 0
+    assert "cannot commit" in caplog.text
+    writer.run_task(lambda db: db.pragma("max_page_count", 1 << 30))  # space comes back
+    sender.join()
+    assert conn.wait_ack(len(lines)) == []
+    assert query(daemon.db, "SELECT count(*) FROM predictions") == [(len(lines),)]
+    assert query(daemon.db, "PRAGMA integrity_check") == [("ok",)]
+    assert "commits work again" in caplog.text
+    assert tedstore.request(daemon.socket, "status")["status"]["writer"]["state"] == "ok"
+
+
+FAULT_VFS = "tedstore-fault"
+
+
+class FaultVFS(apsw.VFS):
+    """The default VFS, but the N-th write or sync of the database or its WAL fails."""
+
+    def __init__(self) -> None:
+        super().__init__(FAULT_VFS, "")
+        self.operations = 0
+        self.fail_at: int | None = None
+        self.persistent = False
+        self.kind = "write"
+        self.failures = 0
+
+    def xOpen(self, name, flags):
+        return FaultFile(self, name, flags)
+
+    def strike(self, kind: str) -> None:
+        if kind != self.kind or self.fail_at is None:
+            return
+        self.operations += 1
+        if self.operations == self.fail_at or (self.persistent and self.operations > self.fail_at):
+            self.failures += 1
+            code = apsw.SQLITE_IOERR_WRITE if kind == "write" else apsw.SQLITE_IOERR_FSYNC
+            raise apsw.exception_for(code)
+
+    def arm(self, kind: str, n: int, persistent: bool) -> None:
+        self.kind, self.operations, self.fail_at = kind, 0, n
+        self.persistent, self.failures = persistent, 0
+
+    def disarm(self) -> None:
+        self.fail_at = None
+
+
+class FaultFile(apsw.VFSFile):
+    def __init__(self, vfs: FaultVFS, name, flags):
+        self.fault = vfs
+        self.watched = bool(flags[0] & (apsw.SQLITE_OPEN_MAIN_DB | apsw.SQLITE_OPEN_WAL))
+        super().__init__("", name, flags)
+
+    def xWrite(self, data, offset):
+        if self.watched:
+            self.fault.strike("write")
+        return super().xWrite(data, offset)
+
+    def xSync(self, flags):
+        if self.watched:
+            self.fault.strike("sync")
+        return super().xSync(flags)
+
+
+@pytest.fixture(scope="module")
+def fault_vfs():
+    vfs = FaultVFS()
+    yield vfs
+    vfs.unregister()
+
+
+def run_with_fault(tmp, vfs: FaultVFS, kind: str, n: int, persistent: bool) -> bool:
+    """One run on a fresh database with the fault armed; True if the fault fired."""
+    for name in os.listdir(tmp):
+        os.unlink(tmp / name)
+    settings = tedstore.load_settings(db=str(tmp / "tedstore.db"), socket=str(tmp / "tedstore.sock"),
+                                      synchronous="FULL", batch_size=50)
+    daemon = tedstore.Daemon(settings, vfs=FAULT_VFS)
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        wait_for(daemon.ready.is_set, what="the daemon")
+        daemon.writer.run_task(lambda db: None)               # start-up writes are behind us
+        vfs.arm(kind, n, persistent)
+        conn = Conn(settings.socket)
+        conn.send(*[prediction("io", i, i + 1) for i in range(200)])
+        wait_for(lambda: conn.poll(0.05) is not None and (vfs.failures or conn.acked == 200),
+                 what="the fault or the last ack")
+        if persistent and vfs.failures:
+            wait_for(lambda: daemon.writer.failing, what="the writer to notice")
+            conn.poll(0.1)
+            stored = {row[0] for row in query(settings.db, "SELECT predicted_at_tick FROM predictions")}
+            assert set(range(conn.acked)) <= stored, "acknowledged a batch whose COMMIT failed"
+            assert conn.acked < 200
+        vfs.disarm()
+        assert conn.wait_ack(200) == []
+        assert query(settings.db, "SELECT count(*) FROM predictions") == [(200,)]
+        assert query(settings.db, "PRAGMA integrity_check") == [("ok",)]
+        assert daemon.writer.failing is None                  # resumed without a restart
+        conn.close()
+        return vfs.failures > 0
+    finally:
+        vfs.disarm()
+        daemon.request_stop()
+        runner.join(30)
+
+
+@pytest.mark.parametrize("kind", ["write", "sync"])
+@pytest.mark.parametrize("persistent", [False, True], ids=["one-shot", "persistent"])
+def test_io_faults_at_every_write_and_sync(tmp, fault_vfs, kind, persistent):
+    """Fail the N-th write (or sync), N = 1, 2, 3, ... until a run completes untouched."""
+    n = 1
+    while run_with_fault(tmp, fault_vfs, kind, n, persistent):
+        n += 1
+        assert n < 400, "the fault never stopped firing"
+    assert n > 3, f"only {n - 1} {kind}s were tested"
