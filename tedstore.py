@@ -1157,14 +1157,13 @@ class Writer(threading.Thread):
         """Queue a chunk; True means the queue is full and readers should pause."""
         return self.queue.put(chunk)
 
-    def run_task(self, fn: Callable[[apsw.Connection], Any], timeout: Optional[float] = None) -> Any:
+    def run_task(self, fn: Callable[[apsw.Connection], Any]) -> Any:
         """Run fn(connection) on the writer thread, between batches, and return its result."""
-        if not self.is_alive():
-            raise StoreError("the writer has stopped")
         task = _Task(fn)
         self.queue.put(task)
-        if not task.done.wait(timeout):
-            raise StoreError("the writer did not run the task in time")
+        while not task.done.wait(WRITER_POLL_SECONDS):
+            if not self.is_alive():
+                raise StoreError("tedstore's writer has stopped; the task did not run")
         if task.error is not None:
             raise task.error
         return task.result
@@ -1202,6 +1201,9 @@ class Writer(threading.Thread):
             if room:
                 self.on_room()
             if item is _STOP:
+                for task in self.queue.take_tasks():   # fail what is left, never drop it
+                    task.error = StoreError("tedstore is stopping; the task did not run")
+                    task.done.set()
                 return
             if type(item) is _Task:
                 self._run_task(item)
@@ -1858,6 +1860,9 @@ class Scheduler(threading.Thread):
                 try:
                     pause = self.run_due(time.time())
                 except (TedstoreError, apsw.Error) as exc:
+                    if self.stopped.is_set():
+                        log.info("a scheduled job was interrupted by the shutdown: %s", exc)
+                        return
                     log.error("a scheduled job failed: %s; trying again in a minute", exc)
                     pause = 60.0
                 self.stopped.wait(min(pause, SCHEDULER_MAX_SLEEP))
@@ -1869,12 +1874,18 @@ class Scheduler(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
 
+    def _write(self, fn: Callable[[apsw.Connection], Any]) -> Any:
+        """Each write step of a job goes through the writer; a shutdown ends the job there."""
+        if self.stopped.is_set():
+            raise StoreError("tedstore is stopping")
+        return self.writer.run_task(fn)
+
     def run_due(self, now: float) -> float:
         """Run every job that is due at `now`; return the seconds until the next one."""
         if self._conn is None:
             self._conn = connect(self.settings.db, readonly=True)
             self.last.update(last_jobs(self._conn))
-        conn, write = self._conn, self.writer.run_task
+        conn, write = self._conn, self._write
         latency_for = self.writer.latency_by_hour.get
         if self.rolled_through is None or newest_complete_hour(now) > self.rolled_through:
             hours = hours_to_roll(conn, now, self.settings)
@@ -2702,9 +2713,9 @@ def cli() -> None:
 @db_option
 @socket_option
 def serve(config: Optional[str], db: Optional[str], socket: Optional[str]) -> None:
-    """Run the daemon in the foreground until SIGTERM or Ctrl-C.
+    """Run the daemon in the foreground.
 
-    It creates or upgrades the database, listens on the socket (or on the one systemd
+    It runs until SIGTERM or Ctrl-C. It creates or upgrades the database, listens on the socket (or on the one systemd
     passes), and on SIGTERM commits and acknowledges what it accepted before exiting.
 
     Example: tedstore serve --db /var/lib/tedstore/tedstore.db
@@ -2719,7 +2730,9 @@ def serve(config: Optional[str], db: Optional[str], socket: Optional[str]) -> No
 @db_option
 @click.option("--check", is_flag=True, help="Only check the database; exit 1 if it is not ready.")
 def init(config: Optional[str], db: Optional[str], check: bool) -> None:
-    """Create or upgrade the database, or check it with --check.
+    """Create, upgrade or check the database.
+
+    With --check it changes nothing and exits 1 if the database is not ready.
 
     Example: tedstore init --check --db /var/lib/tedstore/tedstore.db
     """
@@ -2769,7 +2782,9 @@ def check_database(path: str) -> list[str]:
 @socket_option
 @json_option
 def status(config: Optional[str], db: Optional[str], socket: Optional[str], as_json: bool) -> None:
-    """Show what the daemon is doing; exit 1 if it is not running.
+    """Show what the daemon is doing.
+
+    If the daemon is not running, it says so, shows what the database knows and exits 1.
 
     Example: tedstore status --json
     """
@@ -2810,7 +2825,10 @@ def _print_tree(value: Any, indent: int = 0) -> None:
 @db_option
 @socket_option
 def doctor(config: Optional[str], db: Optional[str], socket: Optional[str]) -> None:
-    """Check a deployment end to end and say what to fix; exit 1 if anything is wrong.
+    """Check a deployment and say what to fix.
+
+    Paths and permissions, database integrity and schema, the socket, the WAL, free
+    disk and the clock; exits 1 if anything is wrong.
 
     Example: sudo -u tedstore tedstore doctor --config /etc/tedstore.toml
     """
@@ -2872,9 +2890,9 @@ def diagnose(settings: Settings, now: float) -> Iterator[tuple[bool, str]]:
 @socket_option
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 def send(config: Optional[str], socket: Optional[str], files: tuple[str, ...]) -> None:
-    """Send NDJSON events from FILES (or stdin) and wait for every acknowledgement.
+    """Send NDJSON events and wait for the acks.
 
-    Rejected lines are listed as FILE:LINE: code: reason; the exit status is 1 if any
+    Reads FILES, or stdin without them. Rejected lines are listed as FILE:LINE: code: reason; the exit status is 1 if any
     line was rejected.
 
     Example: tedstore send events-2026-11-21.ndjson
@@ -2913,9 +2931,9 @@ def _report_rejections(rejections: list, starts: list[tuple[int, str, int]]) -> 
                 type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 def import_(config: Optional[str], db: Optional[str], socket: Optional[str],
             files: tuple[str, ...]) -> None:
-    """Replay NDJSON logs into the database: through the daemon if it runs, else directly.
+    """Replay NDJSON logs into the database.
 
-    Replaying is idempotent; afterwards run `tedstore rollup --since DATE` for the
+    Through the daemon if it runs, else straight into the database. Replaying is idempotent; afterwards run `tedstore rollup --since DATE` for the
     hours the logs cover.
 
     Example: tedstore import tracker-2026-11-*.ndjson
@@ -2964,7 +2982,10 @@ def simulate(config: Optional[str], socket: Optional[str], games: Optional[int],
              events: Optional[int],
              rate: Optional[float], mix: str, seed: int, start: Optional[str],
              to_stdout: bool) -> None:
-    """Play a synthetic tracker: games with crash-style prices, predictions, side bets.
+    """Play a synthetic tracker.
+
+    Games with crash-style price paths, ticks with features, predictions and side bets,
+    sent to the daemon (or printed with --stdout).
 
     Example: tedstore simulate --games 100 --rate 1000
     """
@@ -2996,9 +3017,9 @@ def simulate(config: Optional[str], socket: Optional[str], games: Optional[int],
 @db_option
 @click.argument("dest", type=click.Path(dir_okay=False))
 def backup(config: Optional[str], db: Optional[str], dest: str) -> None:
-    """Copy the live database to DEST consistently and verify the copy.
+    """Copy the live database to DEST.
 
-    Safe while the daemon runs; never overwrites DEST.
+    The copy is one consistent snapshot, checked with PRAGMA integrity_check. Safe while the daemon runs; never overwrites DEST.
 
     Example: tedstore backup /srv/backups/tedstore-2026-11-22.db
     """
@@ -3014,9 +3035,9 @@ def backup(config: Optional[str], db: Optional[str], dest: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
 @json_option
 def retention(config: Optional[str], db: Optional[str], dry_run: bool, as_json: bool) -> None:
-    """Delete rows older than each table's retention (rolling up first what is not).
+    """Delete rows past their retention.
 
-    Runs in small transactions, so a running daemon keeps ingesting meanwhile.
+    Hours not rolled up yet are rolled up first. Runs in small transactions, so a running daemon keeps ingesting meanwhile.
 
     Example: tedstore retention --dry-run
     """
@@ -3040,7 +3061,9 @@ def retention(config: Optional[str], db: Optional[str], dry_run: bool, as_json: 
                               "from the last rollup.")
 @json_option
 def rollup(config: Optional[str], db: Optional[str], since: Optional[str], as_json: bool) -> None:
-    """Compute the hourly metrics of every completed hour not yet rolled up.
+    """Compute the hourly metrics.
+
+    Every completed hour since the last rollup, or since --since.
 
     Example: tedstore rollup --since 2026-11-20   (after importing old logs)
     """
