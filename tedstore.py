@@ -1147,6 +1147,7 @@ class Writer(threading.Thread):
         self.latency = LatencyHistogram()
         self.latency_by_hour: dict[int, LatencyHistogram] = {}
         self.conn: Optional[apsw.Connection] = None
+        self._failing_since: Optional[float] = None    # the start of a run of failed commits
         self._stopping = False
         self._last_commit_mono = 0.0
         self._checkpointed = True
@@ -1237,9 +1238,11 @@ class Writer(threading.Thread):
         """Commit the batch, retrying disk and lock errors until it works; False if given up.
 
         Between attempts the writer still runs queued tasks: a retention run can free the
-        pages a full disk needs, and status and the scheduler keep working.
+        pages a full disk needs, and status and the scheduler keep working. At shutdown it
+        gives up once commits have failed for STOP_GRACE_SECONDS.
         """
-        delay, first_failure = 0.05, None
+        delay = 0.05
+        lines = sum(chunk.count for chunk in batch.chunks)
         while True:
             try:
                 with transaction(self.conn):
@@ -1248,15 +1251,15 @@ class Writer(threading.Thread):
                 self.commit_errors += 1
                 now = time.monotonic()
                 self.failing = describe_error(exc)
-                if first_failure is None:
-                    first_failure = now
+                if self._failing_since is None:
+                    self._failing_since = now
                     log.error("cannot commit %d lines: %s; retrying, nothing is acknowledged "
-                              "until it works", sum(c.count for c in batch.chunks), self.failing)
-                if self._stopping and now - first_failure > STOP_GRACE_SECONDS:
-                    self.unsaved += sum(c.count for c in batch.chunks)
+                              "until it works", lines, self.failing)
+                if self._stopping and now - self._failing_since > STOP_GRACE_SECONDS:
+                    self.unsaved += lines
+                    self._abandon(batch.chunks)
                     log.error("giving up on %d lines at shutdown: %s; they were not "
-                              "acknowledged, so clients will send them again",
-                              sum(c.count for c in batch.chunks), exc)
+                              "acknowledged, so clients will send them again", lines, exc)
                     return False
                 time.sleep(delay)
                 self.heartbeat = time.monotonic()
@@ -1264,10 +1267,10 @@ class Writer(threading.Thread):
                 for task in self.queue.take_tasks():
                     self._run_task(task)
                 continue
-            if self.failing is not None:
+            if self._failing_since is not None:
                 log.warning("commits work again after %.1f s (%s)",
-                            time.monotonic() - first_failure, self.failing)
-                self.failing = None
+                            time.monotonic() - self._failing_since, self.failing)
+                self._failing_since = self.failing = None
             return True
 
     def _bisect(self, chunks: list[Chunk], exc: Exception) -> None:
@@ -1277,6 +1280,7 @@ class Writer(threading.Thread):
             chunk = chunks[0]
             if chunk.rejection is not None:
                 self.unsaved += 1
+                self._abandon(chunks)
                 log.error("cannot record the rejection of line %d (%s): %s",
                           chunk.first_line, chunk.rejection[0], exc)
                 return
@@ -1290,6 +1294,13 @@ class Writer(threading.Thread):
             halves = [chunks[:len(chunks) // 2], chunks[len(chunks) // 2:]]
         for half in halves:
             self._commit(half)
+
+    @staticmethod
+    def _abandon(chunks: list[Chunk]) -> None:
+        """Lines given up on: acks are cumulative, so their connection may get no more acks."""
+        for chunk in chunks:
+            if chunk.session is not None:
+                chunk.session.abandoned = True
 
     def _committed(self, batch: IngestBatch) -> None:
         now = time.time()
@@ -1317,7 +1328,8 @@ class Writer(threading.Thread):
         self._last_commit_mono = time.monotonic()
         self._checkpointed = False
         self.on_commit([(session, sorted(rejected), last)
-                        for session, (rejected, last) in by_session.items()])
+                        for session, (rejected, last) in by_session.items()
+                        if not session.abandoned])
 
     def _checkpoint(self) -> None:
         """Truncate the WAL while idle; readers holding old snapshots only postpone it."""
@@ -1363,6 +1375,7 @@ class Session(asyncio.Protocol):
         self.discarding = False   # inside a line that was too long
         self.eof = False
         self.closed = False
+        self.abandoned = False    # the writer gave up on some of its lines: no more acks
         self.write_paused = False
         self.reading = True
         self.last_active = time.monotonic()
@@ -1475,6 +1488,10 @@ class Session(asyncio.Protocol):
 
     def acknowledge(self, rejected: list[tuple[int, str, str]], last_line: int) -> None:
         if self.closed:
+            return
+        if self.abandoned:
+            self.refuse({"error": f"tedstore could not store lines after {self.acked}; "
+                                  f"reconnect and send them again"})
             return
         encode = msgspec.json.encode
         replies = [encode({"rejected": line, "code": code, "error": error}) + b"\n"

@@ -424,6 +424,8 @@ def test_status_reports_every_field(daemon):
 
 def test_status_when_the_daemon_is_down(daemon_factory):
     daemon = daemon_factory()
+    wait_for(lambda: tedstore.request(daemon.socket, "status")["status"]["last_retention"],
+             what="the start-up retention run")
     daemon.stop()
     result = cli("status", "--socket", daemon.socket, "--db", daemon.db)
     assert result.returncode == 1
