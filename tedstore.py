@@ -772,7 +772,9 @@ class IngestBatch:
         self.chunks = chunks
         self.sample_every = sample_every
         self.payout_multiplier = payout_multiplier
-        self.ticks: list[PriceUpdate] = []
+        self.ticks = 0
+        self.peaks: dict[str, list] = {}        # game id -> [peak price, its tick, earliest ts]
+        self.samples: list[tuple] = []          # rows of SQL_SAVE_TICKS
         self.predictions: list[tuple] = []      # rows of SQL_SAVE_PREDICTIONS
         self.side_bets: list[tuple] = []        # rows of SQL_SAVE_SIDE_BETS
         self.states: list[StateWrite] = []
@@ -806,9 +808,12 @@ class IngestBatch:
     def _route(self, events: Iterable[Event], chunk: Chunk, line_no: int, received: str) -> None:
         """Sort events by table, turning each `ts` into UTC text (receipt time when absent).
 
-        Predictions and side bets become their table rows here, in the one pass over them.
+        Everything per event happens in this one pass: predictions, side bets and tick
+        samples become table rows, and each game's ticks fold into one peak per game (the
+        peak is a maximum and created_at a minimum, so folding per batch first is exact).
         """
-        ticks, predictions, side_bets = self.ticks, self.predictions, self.side_bets
+        predictions, side_bets, peaks = self.predictions, self.side_bets, self.peaks
+        every = self.sample_every
         for event in events:
             ts = event.ts
             if ts is None:
@@ -826,7 +831,24 @@ class IngestBatch:
                     continue
             kind = type(event)
             if kind is PriceUpdate:
-                ticks.append(event)
+                self.ticks += 1
+                price, tick, ts = event.price, event.tick, event.ts
+                peak = peaks.get(event.gameId)
+                if peak is None:
+                    peaks[event.gameId] = [price, tick, ts]
+                else:
+                    if price > peak[0] or (price == peak[0] and tick < peak[1]):
+                        peak[0], peak[1] = price, tick
+                    if ts < peak[2]:
+                        peak[2] = ts
+                if tick % every == 0:
+                    features = event.features
+                    self.samples.append(
+                        (event.gameId, tick, price, None, None, None, None, None, ts)
+                        if features is None else
+                        (event.gameId, tick, price, features.volatility_10,
+                         features.volatility_40, features.momentum, features.rsi,
+                         features.volume_ratio, ts))
             elif kind is Prediction:
                 bounds, used = event.uncertainty_bounds, event.features_used
                 predictions.append((
@@ -857,9 +879,10 @@ class IngestBatch:
         """Apply the batch inside the caller's transaction; safe to call again after a rollback."""
         self.rejects = list(self.decode_rejects)
         self.counts = collections.Counter({
-            "priceUpdate": len(self.ticks), "prediction": len(self.predictions),
+            "priceUpdate": self.ticks, "prediction": len(self.predictions),
             "sideBet": len(self.side_bets), "state": len(self.states)})
-        games = self._load_games(conn)
+        bet_on = {row[0] for row in self.predictions}.union(row[0] for row in self.side_bets)
+        games = self._load_games(conn, bet_on)
         ended: set[str] = set()
         for event, chunk, line_no in self.lifecycle:
             try:
@@ -872,33 +895,29 @@ class IngestBatch:
                                      chunk.lines()[line_no - chunk.first_line]))
                 continue
             self.counts[type(event).__struct_config__.tag] += 1
-        samples = []
-        every = self.sample_every
-        for event in self.ticks:
-            game = games.get(event.gameId)
+        for game_id, (price, tick, ts) in self.peaks.items():
+            game = games.get(game_id)
             if game is None:
-                game = games[event.gameId] = GameRow(event.gameId, event.ts)
-            game.see(event.price, event.tick, event.ts)
-            if event.tick % every == 0:
-                samples.append(event)
+                game = games[game_id] = GameRow(game_id, ts)
+            game.see(price, tick, ts)
         encode = msgspec.json.encode
         changed = [game.row() for game in games.values() if game.dirty]
         if changed:
             conn.execute(SQL_SAVE_GAMES, (encode(changed), utc_text(now)))
-        if samples:
-            conn.executemany(SQL_SAVE_TICKS, _tick_rows(samples))
+        if self.samples:
+            conn.executemany(SQL_SAVE_TICKS, self.samples)
         if self.predictions:
             conn.executemany(SQL_SAVE_PREDICTIONS, self.predictions)
         if self.side_bets:
             conn.executemany(SQL_SAVE_SIDE_BETS, self.side_bets)
-        touched = ended.union([row[0] for row in self.predictions],
-                              [row[0] for row in self.side_bets])
-        if touched:
-            ids = [(game_id,) for game_id in touched]
-            conn.executemany(SQL_RESOLVE_PREDICTIONS, ids)
+        # Resolve games that ended now, and ended games that got late predictions or bets.
+        resolve = [(game_id,) for game_id in ended.union(bet_on)
+                   if games.get(game_id) is not None and games[game_id].end_tick is not None]
+        if resolve:
+            conn.executemany(SQL_RESOLVE_PREDICTIONS, resolve)
             conn.executemany(SQL_RESOLVE_SIDE_BETS,
-                             [(game_id, self.payout_multiplier) for game_id in touched])
-            conn.executemany(SQL_GAME_AGGREGATES, ids)
+                             [(game_id, self.payout_multiplier) for (game_id,) in resolve])
+            conn.executemany(SQL_GAME_AGGREGATES, resolve)
         if self.states:
             conn.execute(SQL_SAVE_STATE, (encode(self.states),))
         if self.rejects:
@@ -908,8 +927,9 @@ class IngestBatch:
                  _raw_for_rejects(raw))
                 for chunk, line_no, code, message, raw in self.rejects])
 
-    def _load_games(self, conn: apsw.Connection) -> dict[str, GameRow]:
-        ids = {event.gameId for event in self.ticks}
+    def _load_games(self, conn: apsw.Connection, bet_on: set[str]) -> dict[str, GameRow]:
+        """The stored rows of every game this batch touches, or bets on."""
+        ids = set(self.peaks).union(bet_on)
         ids.update(event.gameId for event, _, _ in self.lifecycle)
         games = {}
         if ids:
@@ -960,17 +980,6 @@ class IngestBatch:
             game.see(event.peakPrice, event.peakTick, event.ts)
         game.touch(event.ts)
         game.dirty = True
-
-
-def _tick_rows(samples: list[PriceUpdate]) -> Iterator[tuple]:
-    for tick in samples:
-        features = tick.features
-        if features is None:
-            yield (tick.gameId, tick.tick, tick.price, None, None, None, None, None, tick.ts)
-        else:
-            yield (tick.gameId, tick.tick, tick.price, features.volatility_10,
-                   features.volatility_40, features.momentum, features.rsi,
-                   features.volume_ratio, tick.ts)
 
 
 def _raw_for_rejects(raw: bytes) -> Union[str, bytes]:

@@ -355,7 +355,7 @@ def test_socket_mode_is_0660_by_default(daemon):
 
 def test_an_event_the_database_refuses_is_rejected_alone(daemon):
     """An operator's trigger that aborts one insert costs only that line."""
-    subprocess.run(["sqlite3", daemon.db, "CREATE TRIGGER no_poison BEFORE INSERT ON predictions "
+    subprocess.run(["sqlite3", "-cmd", ".timeout 5000", daemon.db, "CREATE TRIGGER no_poison BEFORE INSERT ON predictions "
                     "WHEN NEW.game_id = 'poison' BEGIN SELECT RAISE(ABORT, 'no poison'); END;"],
                    check=True)
     conn = daemon.connect()
