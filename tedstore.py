@@ -5,7 +5,7 @@ SQLite (WAL) in batched transactions and acknowledges each line only after the
 COMMIT that covers it has returned. Game ends resolve predictions and side bets;
 a scheduler keeps hourly metrics, nightly retention and backups.
 
-Reading order follows the data: configuration, errors, records, store, ingest,
+Reading order follows the data: configuration, errors, time, records, store, ingest,
 writer, server, scheduler, systemd, daemon, client and reader, simulator, CLI.
 """
 
@@ -17,21 +17,21 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
-import errno
 import fcntl
+import itertools
 import json
 import logging
 import math
 import os
 import random
-import itertools
 import re
+import select
 import selectors
 import shutil
-import select
 import signal
-import statistics
 import socket
+import stat
+import statistics
 import struct
 import sys
 import threading
@@ -503,7 +503,7 @@ def connect(path: str, *, readonly: bool = False, vfs: Optional[str] = None,
                                  f"put it on a local filesystem")
             conn.pragma("synchronous", synchronous)
             conn.pragma("journal_size_limit", JOURNAL_SIZE_LIMIT)
-        conn.execute("SELECT count(*) FROM sqlite_schema").get
+        conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()   # fails on a non-database
     except apsw.Error as exc:
         conn.close()
         raise StoreError(f"cannot use database {path}: {exc}", exc) from exc
@@ -592,8 +592,8 @@ SQL_RECORD_JOB = "INSERT OR REPLACE INTO jobs (name, last_run_at, detail) VALUES
 # event loop thread does no more than cut lines and send replies. The few game rows a
 # batch touches travel as one JSON array through json_each(?).
 
-# CROSS JOIN keeps json_each the outer loop: with statistics from a small games table the
-# planner would otherwise rather scan games than probe its index once per id.
+# The CROSS JOIN keeps json_each the outer loop: with statistics from a small games
+# table, the planner would otherwise rather scan games than probe its index per id.
 SQL_LOAD_GAMES = """
 SELECT g.game_id, g.start_tick, g.end_tick, g.peak_price, g.peak_tick, g.final_price,
        g.treasury_remainder, g.patterns_detected, g.started_at, g.ended_at, g.created_at
@@ -1051,33 +1051,38 @@ _STOP = object()
 
 
 class IngestQueue:
-    """FIFO between the socket readers and the writer, bounded by events and bytes.
+    """FIFO between the socket readers and the writer, bounded by events, bytes and time.
 
     put() never blocks (the event loop must not); it reports when the queue is full and
-    the readers should stop reading. take() reports when there is room again (below half).
+    the readers should stop reading: too many events or bytes, or its oldest line has
+    waited longer than max_wait (PERSISTENCE_INTERVAL_SECONDS), so that what was read
+    starts its commit about that soon. take() reports when there is room again.
     """
 
-    def __init__(self, max_events: int, max_bytes: int):
+    def __init__(self, max_events: int, max_bytes: int, max_wait: float):
         self.max_events = max_events
         self.max_bytes = max_bytes
+        self.max_wait = max_wait
         self.events = 0
         self.bytes = 0
         self.blocked = False
         self._items: collections.deque = collections.deque()
         self._ready = threading.Condition(threading.Lock())
 
-    def put(self, item: Any) -> bool:
+    def put(self, item: Any, now: Optional[float] = None) -> bool:
         with self._ready:
             self._items.append(item)
             if type(item) is Chunk:
                 self.events += item.count
                 self.bytes += len(item.data)
-                if self.events >= self.max_events or self.bytes >= self.max_bytes:
+                if (self.events >= self.max_events or self.bytes >= self.max_bytes
+                        or (now or time.time()) - self._oldest().received > self.max_wait):
                     self.blocked = True
             self._ready.notify()
             return self.blocked
 
-    def take(self, max_events: int, timeout: float) -> tuple[Any, bool]:
+    def take(self, max_events: int, timeout: float,
+             now: Optional[float] = None) -> tuple[Any, bool]:
         """(list of chunks up to max_events | a task | _STOP | [], room_again)."""
         with self._ready:
             if not self._items:
@@ -1086,7 +1091,7 @@ class IngestQueue:
             if not items:
                 return [], False
             if type(items[0]) is not Chunk:
-                return items.popleft(), self._room()
+                return items.popleft(), self._room(now)
             batch, events = [], 0
             while items and type(items[0]) is Chunk:
                 chunk = items[0]
@@ -1100,7 +1105,7 @@ class IngestQueue:
                 events += chunk.count
                 self.events -= chunk.count
                 self.bytes -= len(chunk.data)
-            return batch, self._room()
+            return batch, self._room(now)
 
     def take_tasks(self) -> list[_Task]:
         """Remove and return the queued tasks only, leaving the chunks in their order."""
@@ -1111,11 +1116,20 @@ class IngestQueue:
                                                 if type(item) is not _Task)
             return tasks
 
-    def _room(self) -> bool:
-        if self.blocked and self.events < self.max_events // 2 and self.bytes < self.max_bytes // 2:
-            self.blocked = False
-            return True
-        return False
+    def _room(self, now: Optional[float]) -> bool:
+        """Room again: below half of each bound (what is left is fresh, or nothing is)."""
+        if not self.blocked or self.events >= self.max_events // 2 \
+                or self.bytes >= self.max_bytes // 2:
+            return False
+        head = self._oldest()
+        if head is not None and (now or time.time()) - head.received > self.max_wait / 2:
+            return False
+        self.blocked = False
+        return True
+
+    def _oldest(self) -> Optional[Chunk]:
+        """The chunk that has waited longest (tasks may stand before it)."""
+        return next((item for item in self._items if type(item) is Chunk), None)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -1141,7 +1155,8 @@ class Writer(threading.Thread):
         self.vfs = vfs
         self.on_commit = on_commit
         self.on_room = on_room
-        self.queue = IngestQueue(settings.queue_events, settings.queue_bytes)
+        self.queue = IngestQueue(settings.queue_events, settings.queue_bytes,
+                                 settings.batch_interval)
         self.started = threading.Event()
         self.start_error: Optional[BaseException] = None
         self.heartbeat = time.monotonic()
@@ -1385,7 +1400,8 @@ class Session(asyncio.Protocol):
         self.eof = False
         self.closed = False
         self.abandoned = False    # the writer gave up on some of its lines: no more acks
-        self.write_paused = False
+        self.write_paused = False # the client does not read its replies
+        self.queue_paused = False # it queued lines while the queue was full
         self.reading = True
         self.last_active = time.monotonic()
 
@@ -1515,7 +1531,7 @@ class Session(asyncio.Protocol):
         self.transport.close()
 
     def update_reading(self) -> None:
-        want = not (self.write_paused or self.server.queue_blocked or self.server.draining)
+        want = not (self.write_paused or self.queue_paused or self.server.draining)
         if want != self.reading and not self.closed:
             self.reading = want
             if want:
@@ -1529,14 +1545,19 @@ class Session(asyncio.Protocol):
 
 
 class Server:
-    """The sessions, and the flow of lines to the writer and of acks back to them."""
+    """The sessions, and the flow of lines to the writer and of acks back to them.
+
+    While the queue is full, each session that queues a line stops being read until the
+    writer makes room. Sessions that queue nothing keep being read, so a status request
+    on a fresh connection is still answered; each session overshoots by one read at most.
+    """
 
     def __init__(self, settings: Settings, writer: Writer, status: Callable[[], dict]):
         self.settings = settings
         self.writer = writer
         self.status = status
         self.sessions: set[Session] = set()
-        self.queue_blocked = False
+        self.held: set[Session] = set()         # paused until the queue has room
         self.draining = False
         self.connections_total = 0
         self.refused: collections.Counter = collections.Counter()
@@ -1556,7 +1577,6 @@ class Server:
             return
         self.sessions.add(session)
         self.connections_total += 1
-        session.update_reading()
 
     def _forbid(self, session: Session) -> None:
         message = (f"uid {session.peer_uid} is not allowed to send to tedstore "
@@ -1571,20 +1591,23 @@ class Server:
 
     def forget(self, session: Session) -> None:
         self.sessions.discard(session)
+        self.held.discard(session)
 
     def submit(self, chunk: Chunk) -> None:
-        if self.writer.submit(chunk) and not self.queue_blocked:
-            self.queue_blocked = True
-            for session in self.sessions:
-                session.update_reading()
+        session = chunk.session
+        if self.writer.submit(chunk) and not session.closed:
+            session.queue_paused = True
+            session.update_reading()
+            self.held.add(session)
 
     def room(self) -> None:
-        """The writer drained a full queue: readers may read again."""
+        """The writer drained a full queue: the sessions it held back may read again."""
         if self.writer.queue.blocked:
             return                       # filled up again since; the writer will call again
-        self.queue_blocked = False
-        for session in list(self.sessions):
+        for session in self.held:
+            session.queue_paused = False
             session.update_reading()
+        self.held.clear()
 
     def deliver(self, results: list) -> None:
         for session, rejected, last_line in results:
@@ -1736,7 +1759,8 @@ def run_rollups(conn: apsw.Connection, write: Write, hours: list[int], now: floa
                 progress: Callable[[int], None] = lambda n: None) -> dict:
     """Compute the hours on `conn`, write them through `write`, 200 hours a transaction."""
     for first in range(0, len(hours), 200):
-        rows = [rollup_hour(conn, hour, latency_for(hour), now) for hour in hours[first:first + 200]]
+        rows = [rollup_hour(conn, hour, latency_for(hour), now)
+                for hour in hours[first:first + 200]]
 
         def save(db: apsw.Connection, rows: list = rows) -> None:
             with transaction(db):
@@ -1800,7 +1824,8 @@ def run_retention(conn: apsw.Connection, write: Write, settings: Settings, now: 
             continue
         removed[table], limit = 0, 1000
         while True:
-            deleted, seconds = write(lambda db, t=table, n=limit: delete_expired(db, t, cutoffs[t], n))
+            deleted, seconds = write(
+                lambda db, t=table, n=limit: delete_expired(db, t, cutoffs[t], n))
             removed[table] += deleted
             progress(table, deleted)
             if deleted < limit:
@@ -2152,7 +2177,8 @@ class Daemon:
             "uptime_s": round(time.time() - self.started_at, 1),
             "enabled": True,
             "repository": {"enabled": True,
-                           "last_save": utc_text(writer.last_commit) if writer.last_commit else None,
+                           "last_save": (utc_text(writer.last_commit)
+                                         if writer.last_commit else None),
                            "records_saved": writer.records_saved,
                            "errors": writer.commit_errors},
             "manager": {"enabled": True, "running": writer.is_alive() and not self.stopping,
@@ -2177,7 +2203,6 @@ class Daemon:
 
 
 def stat_is_socket(path: str) -> bool:
-    import stat
     return stat.S_ISSOCK(os.lstat(path).st_mode)
 
 
@@ -2741,8 +2766,9 @@ def cli() -> None:
 def serve(config: Optional[str], db: Optional[str], socket: Optional[str]) -> None:
     """Run the daemon in the foreground.
 
-    It runs until SIGTERM or Ctrl-C. It creates or upgrades the database, listens on the socket (or on the one systemd
-    passes), and on SIGTERM commits and acknowledges what it accepted before exiting.
+    It creates or upgrades the database and listens on the socket (or on the one systemd
+    passes). On SIGTERM or Ctrl-C it stops reading, commits and acknowledges what it
+    accepted, and exits.
 
     Example: tedstore serve --db /var/lib/tedstore/tedstore.db
     """
@@ -2769,8 +2795,8 @@ def init(config: Optional[str], db: Optional[str], check: bool) -> None:
             with contextlib.closing(connect(settings.db, readonly=True)) as conn:
                 before = conn.pragma("user_version")
         open_store(settings.db).close()
-        click.echo(f"database {settings.db} is ready (schema version {schema_version()}"
-                   + (f", upgraded from {before})" if before and before < schema_version() else ")"))
+        upgraded = f", upgraded from {before}" if before and before < schema_version() else ""
+        click.echo(f"database {settings.db} is ready (schema version {schema_version()}{upgraded})")
         return
     problems = check_database(settings.db)
     for problem in problems:
@@ -2918,8 +2944,8 @@ def diagnose(settings: Settings, now: float) -> Iterator[tuple[bool, str]]:
 def send(config: Optional[str], socket: Optional[str], files: tuple[str, ...]) -> None:
     """Send NDJSON events and wait for the acks.
 
-    Reads FILES, or stdin without them. Rejected lines are listed as FILE:LINE: code: reason; the exit status is 1 if any
-    line was rejected.
+    Reads FILES, or stdin without them. Rejected lines are listed as FILE:LINE: code:
+    reason, and the exit status is 1 if any line was rejected.
 
     Example: tedstore send events-2026-11-21.ndjson
     """
@@ -2959,8 +2985,8 @@ def import_(config: Optional[str], db: Optional[str], socket: Optional[str],
             files: tuple[str, ...]) -> None:
     """Replay NDJSON logs into the database.
 
-    Through the daemon if it runs, else straight into the database. Replaying is idempotent; afterwards run `tedstore rollup --since DATE` for the
-    hours the logs cover.
+    Through the daemon if it runs, else straight into the database. Replaying is
+    idempotent; afterwards run `tedstore rollup --since DATE` for the hours the logs cover.
 
     Example: tedstore import tracker-2026-11-*.ndjson
     """
@@ -3045,7 +3071,8 @@ def simulate(config: Optional[str], socket: Optional[str], games: Optional[int],
 def backup(config: Optional[str], db: Optional[str], dest: str) -> None:
     """Copy the live database to DEST.
 
-    The copy is one consistent snapshot, checked with PRAGMA integrity_check. Safe while the daemon runs; never overwrites DEST.
+    The copy is one consistent snapshot, checked with PRAGMA integrity_check. Safe while the
+    daemon runs; never overwrites DEST.
 
     Example: tedstore backup /srv/backups/tedstore-2026-11-22.db
     """
@@ -3063,7 +3090,8 @@ def backup(config: Optional[str], db: Optional[str], dest: str) -> None:
 def retention(config: Optional[str], db: Optional[str], dry_run: bool, as_json: bool) -> None:
     """Delete rows past their retention.
 
-    Hours not rolled up yet are rolled up first. Runs in small transactions, so a running daemon keeps ingesting meanwhile.
+    Hours not rolled up yet are rolled up first. Runs in small transactions, so a running
+    daemon keeps ingesting meanwhile.
 
     Example: tedstore retention --dry-run
     """

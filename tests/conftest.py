@@ -107,6 +107,8 @@ def daemon_factory(tmp):
     for daemon in started:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.kill()
+    for daemon in started:      # whatever a test checked, the daemon itself must not have failed
+        assert "Traceback" not in daemon.log(), daemon.log()
 
 
 @pytest.fixture

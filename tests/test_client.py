@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 
-import pytest
 
 import tedstore
 from conftest import prediction, query, wait_for

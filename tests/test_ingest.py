@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 
-import pytest
 
 import tedstore
 from conftest import Conn, prediction, query, wait_for
@@ -374,3 +373,31 @@ def test_serve_reports_a_missing_folder_in_one_line(tmp):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "TEDSTORE_DB" in result.stderr and "Traceback" not in result.stderr
+
+
+def _chunk(lines: int, received: float, width: int = 10) -> tedstore.Chunk:
+    return tedstore.Chunk(None, 1, lines, (b"x" * (width - 1) + b"\n") * lines, received)
+
+
+def test_the_queue_is_bounded_by_waiting_time():
+    queue = tedstore.IngestQueue(max_events=100, max_bytes=5000, max_wait=0.05)
+    queue.put(tedstore._Task(lambda db: None))                    # a task ahead of the lines
+    assert queue.put(_chunk(10, 100.0), now=100.0) is False
+    assert queue.put(_chunk(10, 100.01), now=100.04) is False
+    assert queue.put(_chunk(10, 100.06), now=100.06) is True     # the oldest waited 60 ms
+    assert type(queue.take(100, 0, now=100.07)[0]) is tedstore._Task
+    batch, room = queue.take(15, 0, now=100.07)
+    assert [c.count for c in batch] == [10] and room is False     # what is left is not fresh
+    batch, room = queue.take(100, 0, now=100.08)
+    assert [c.count for c in batch] == [10, 10] and room is True  # drained: read again
+
+
+def test_the_queue_is_bounded_by_events_and_bytes():
+    queue = tedstore.IngestQueue(max_events=100, max_bytes=5000, max_wait=60)
+    assert queue.put(_chunk(100, 200.0), now=200.0) is True       # 100 events
+    batch, room = queue.take(50, 0, now=200.0)
+    assert [c.count for c in batch] == [50] and room is False     # a lone chunk is cut; 50 left
+    batch, room = queue.take(1, 0, now=200.0)
+    assert room is True                                           # 49: below half
+    queue.take(100, 0, now=200.0)
+    assert queue.put(_chunk(10, 300.0, width=600), now=300.0) is True   # 6,000 bytes

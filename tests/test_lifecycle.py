@@ -8,7 +8,6 @@ import sqlite3
 from pathlib import Path
 
 import apsw
-import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 

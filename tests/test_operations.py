@@ -403,7 +403,8 @@ def test_status_reports_every_field(daemon):
     conn = daemon.connect()
     conn.send(prediction("s", 1, 2), b"nope")
     conn.wait_ack(2)
-    status = tedstore.request(daemon.socket, "status")["status"]
+    status = wait_for(lambda: (answer := tedstore.request(daemon.socket, "status")["status"])
+                      ["last_retention"] and answer, what="the start-up retention run")
     assert status["enabled"] is True and status["version"] == tedstore.__version__
     assert set(status["repository"]) == {"enabled", "last_save", "records_saved", "errors"}
     assert status["repository"]["records_saved"] == 1

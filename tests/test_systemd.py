@@ -275,8 +275,9 @@ SYSTEM_PYTHON = "/usr/bin/python3"     # a Python any user may run, for a probe 
 def test_a_real_other_user_is_refused_while_root_is_served(daemon_factory, tmp):
     os.chmod(tmp, 0o755)
     daemon = daemon_factory(env={"TEDSTORE_ALLOW_UIDS": "0", "TEDSTORE_SOCKET_MODE": "0666"})
-    probe = ("import json, socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);"
-             "s.sendall(b'{\"op\":\"ping\"}\\n'); print(s.makefile().readline(), end='')")
+    # A refused peer is told at once, unasked, and hung up on: read, do not write.
+    probe = ("import socket, sys; s = socket.socket(socket.AF_UNIX); s.settimeout(10);"
+             "s.connect(sys.argv[1]); print(s.makefile().readline(), end='')")
     other = subprocess.run([SYSTEM_PYTHON, "-c", probe, daemon.socket], user=65534, cwd="/",
                            capture_output=True, text=True, timeout=30)
     assert json.loads(other.stdout)["code"] == "forbidden", other.stderr
