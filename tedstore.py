@@ -2961,7 +2961,8 @@ def send(config: Optional[str], socket: Optional[str], files: tuple[str, ...]) -
             counted += block.count(b"\n")
             yield block
 
-    result = stream_lines(settings.socket, blocks())
+    with _progress(_count_lines(files), "sending") as bar:
+        result = stream_lines(settings.socket, blocks(), progress=bar.advance_to)
     _report_rejections(result.rejections, starts)
     click.echo(f"sent {result.lines} lines: {result.lines - len(result.rejections)} stored, "
                f"{len(result.rejections)} rejected", err=True)
@@ -3002,13 +3003,15 @@ def import_(config: Optional[str], db: Optional[str], socket: Optional[str],
             counted += block.count(b"\n")
             yield block
 
-    if socket_answers(settings.socket):
-        result = stream_lines(settings.socket, blocks())
-        lines, rejections, via = result.lines, result.rejections, "the daemon"
-    else:
-        with contextlib.closing(open_store(settings.db, synchronous=settings.synchronous)) as conn:
-            lines, rejections = ingest_offline(conn, blocks(), settings)
-        via = settings.db
+    with _progress(_count_lines(files), "importing") as bar:
+        if socket_answers(settings.socket):
+            result = stream_lines(settings.socket, blocks(), progress=bar.advance_to)
+            lines, rejections, via = result.lines, result.rejections, "the daemon"
+        else:
+            with contextlib.closing(open_store(settings.db,
+                                               synchronous=settings.synchronous)) as conn:
+                lines, rejections = ingest_offline(conn, blocks(), settings, bar.advance)
+            via = settings.db
     _report_rejections(rejections, starts)
     click.echo(f"imported {lines} lines into {via}: {lines - len(rejections)} stored, "
                f"{len(rejections)} rejected", err=True)
@@ -3128,7 +3131,7 @@ def rollup(config: Optional[str], db: Optional[str], since: Optional[str], as_js
                                        synchronous=settings.synchronous)) as conn:
         hours = hours_to_roll(conn, now, settings, since=start)
         with _progress(len(hours), "rolling up") as bar:
-            detail = run_rollups(conn, lambda fn: fn(conn), hours, now, progress=bar.update)
+            detail = run_rollups(conn, lambda fn: fn(conn), hours, now, progress=bar.advance)
     if as_json:
         _echo_json(detail)
     elif hours:
@@ -3138,19 +3141,36 @@ def rollup(config: Optional[str], db: Optional[str], since: Optional[str], as_js
         click.echo("nothing to roll up")
 
 
+class _Progress:
+    """A progress bar on stderr when it is a terminal and the work is long, else nothing."""
+
+    def __init__(self, bar: Any = None):
+        self.bar = bar
+        self.done = 0
+
+    def advance(self, steps: int) -> None:
+        self.advance_to(self.done + steps)
+
+    def advance_to(self, done: int) -> None:
+        if self.bar is not None and done > self.done:
+            self.bar.update(done - self.done)
+        self.done = max(self.done, done)
+
+
 @contextlib.contextmanager
-def _progress(length: int, label: str) -> Iterator[Any]:
-    """A progress bar on a terminal, silence elsewhere."""
+def _progress(length: int, label: str) -> Iterator[_Progress]:
     if sys.stderr.isatty() and length > 1:
         with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
-            yield bar
+            yield _Progress(bar)
     else:
-        yield _NoProgress()
+        yield _Progress()
 
 
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
+def _count_lines(paths: Iterable[str]) -> int:
+    """Lines in the named files, for a progress bar; 0 for stdin or off a terminal."""
+    if not sys.stderr.isatty() or not paths or "-" in paths:
+        return 0
+    return sum(block.count(b"\n") for _, block in _read_blocks(paths))
 
 
 def main() -> None:

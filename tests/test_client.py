@@ -144,3 +144,26 @@ def test_client_is_a_no_op_when_persistence_is_disabled(tmp, monkeypatch):
     assert client.flush(0) is True and client.sent == 0
     assert not client._thread.is_alive()
     client.close()
+
+
+def test_send_shows_a_progress_bar_on_a_terminal(daemon, tmp):
+    import pty
+    events = tmp / "many.ndjson"
+    events.write_text("".join(json.dumps(prediction("p", i, i + 9)) + "\n" for i in range(5000)))
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEDSTORE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "tedstore", "send", "--socket", daemon.socket,
+                             str(events)], stderr=follower, stdout=subprocess.DEVNULL, env=env)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:                    # the terminal closes when the command exits
+            break
+        if not data:
+            break
+        output += data
+    assert proc.wait(60) == 0
+    text = output.decode(errors="replace")
+    assert "sending" in text and "100%" in text and "5000 stored" in text
