@@ -2715,27 +2715,43 @@ def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
 
-def _read_blocks(paths: Iterable[str], block_size: int = 1 << 20) -> Iterator[tuple[str, bytes]]:
-    """(name, block of complete lines) from files or '-' (stdin)."""
-    for path in paths:
-        stream = sys.stdin.buffer if path == "-" else open(path, "rb")
-        name = "<stdin>" if path == "-" else path
-        try:
-            rest = b""
-            while True:
-                data = stream.read(block_size)
-                if not data:
-                    break
-                data = rest + data
-                end = data.rfind(b"\n") + 1
-                if end:
-                    yield name, data[:end]
-                rest = data[end:]
-            if rest:
-                yield name, rest + b"\n"
-        finally:
-            if stream is not sys.stdin.buffer:
-                stream.close()
+class InputFiles:
+    """NDJSON from files or '-' (stdin) in blocks of whole lines, numbered as one stream,
+    so that a rejected line can be named FILE:LINE."""
+
+    def __init__(self, paths: Iterable[str]):
+        self.paths = list(paths) or ["-"]
+        self.starts: list[tuple[int, str]] = []     # (number of a file's first line, name)
+        self.lines = 0
+
+    def blocks(self, block_size: int = 1 << 20) -> Iterator[bytes]:
+        for path in self.paths:
+            self.starts.append((self.lines + 1, "<stdin>" if path == "-" else path))
+            stream = sys.stdin.buffer if path == "-" else open(path, "rb")
+            try:
+                rest = b""
+                while data := stream.read(block_size):
+                    data = rest + data
+                    end = data.rfind(b"\n") + 1
+                    if end:
+                        self.lines += data.count(b"\n", 0, end)
+                        yield data[:end]
+                    rest = data[end:]
+                if rest:                                 # a last line without its newline
+                    self.lines += 1
+                    yield rest + b"\n"
+            finally:
+                if stream is not sys.stdin.buffer:
+                    stream.close()
+
+    def where(self, line: int) -> str:
+        first, name = max((start for start in self.starts if start[0] <= line),
+                          default=(1, "<input>"))
+        return f"{name}:{line - first + 1}"
+
+    def report(self, rejections: list) -> None:
+        for line, code, error in rejections:
+            click.echo(f"{self.where(line)}: {code}: {error}", err=True)
 
 
 def _setup_logging() -> None:
@@ -2950,30 +2966,14 @@ def send(config: Optional[str], socket: Optional[str], files: tuple[str, ...]) -
     Example: tedstore send events-2026-11-21.ndjson
     """
     settings = load_settings(config, socket=socket)
-    starts: list[tuple[int, str, int]] = []     # (first connection line, file, its line 1)
-    counted = 0
-
-    def blocks() -> Iterator[bytes]:
-        nonlocal counted
-        for name, block in _read_blocks(files or ("-",)):
-            if not starts or starts[-1][1] != name:
-                starts.append((counted + 1, name, counted + 1))
-            counted += block.count(b"\n")
-            yield block
-
-    with _progress(_count_lines(files), "sending") as bar:
-        result = stream_lines(settings.socket, blocks(), progress=bar.advance_to)
-    _report_rejections(result.rejections, starts)
+    source = InputFiles(files)
+    with _progress(_count_lines(source.paths), "sending") as bar:
+        result = stream_lines(settings.socket, source.blocks(), progress=bar.advance_to)
+    source.report(result.rejections)
     click.echo(f"sent {result.lines} lines: {result.lines - len(result.rejections)} stored, "
                f"{len(result.rejections)} rejected", err=True)
     if result.rejections:
         sys.exit(1)
-
-
-def _report_rejections(rejections: list, starts: list[tuple[int, str, int]]) -> None:
-    for line, code, error in rejections:
-        first, name, base = max((s for s in starts if s[0] <= line), default=(1, "<input>", 1))
-        click.echo(f"{name}:{line - base + 1}: {code}: {error}", err=True)
 
 
 @cli.command(name="import")
@@ -2992,27 +2992,17 @@ def import_(config: Optional[str], db: Optional[str], socket: Optional[str],
     Example: tedstore import tracker-2026-11-*.ndjson
     """
     settings = load_settings(config, db=db, socket=socket)
-    starts: list[tuple[int, str, int]] = []
-    counted = 0
-
-    def blocks() -> Iterator[bytes]:
-        nonlocal counted
-        for name, block in _read_blocks(files):
-            if not starts or starts[-1][1] != name:
-                starts.append((counted + 1, name, counted + 1))
-            counted += block.count(b"\n")
-            yield block
-
-    with _progress(_count_lines(files), "importing") as bar:
+    source = InputFiles(files)
+    with _progress(_count_lines(source.paths), "importing") as bar:
         if socket_answers(settings.socket):
-            result = stream_lines(settings.socket, blocks(), progress=bar.advance_to)
+            result = stream_lines(settings.socket, source.blocks(), progress=bar.advance_to)
             lines, rejections, via = result.lines, result.rejections, "the daemon"
         else:
             with contextlib.closing(open_store(settings.db,
                                                synchronous=settings.synchronous)) as conn:
-                lines, rejections = ingest_offline(conn, blocks(), settings, bar.advance)
+                lines, rejections = ingest_offline(conn, source.blocks(), settings, bar.advance)
             via = settings.db
-    _report_rejections(rejections, starts)
+    source.report(rejections)
     click.echo(f"imported {lines} lines into {via}: {lines - len(rejections)} stored, "
                f"{len(rejections)} rejected", err=True)
     if rejections:
@@ -3166,11 +3156,11 @@ def _progress(length: int, label: str) -> Iterator[_Progress]:
         yield _Progress()
 
 
-def _count_lines(paths: Iterable[str]) -> int:
+def _count_lines(paths: list[str]) -> int:
     """Lines in the named files, for a progress bar; 0 for stdin or off a terminal."""
-    if not sys.stderr.isatty() or not paths or "-" in paths:
+    if not sys.stderr.isatty() or "-" in paths:
         return 0
-    return sum(block.count(b"\n") for _, block in _read_blocks(paths))
+    return sum(block.count(b"\n") for block in InputFiles(paths).blocks())
 
 
 def main() -> None:

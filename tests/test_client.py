@@ -167,3 +167,11 @@ def test_send_shows_a_progress_bar_on_a_terminal(daemon, tmp):
     assert proc.wait(60) == 0
     text = output.decode(errors="replace")
     assert "sending" in text and "100%" in text and "5000 stored" in text
+
+
+def test_rejections_are_named_by_file_and_line_even_for_a_file_given_twice(daemon, tmp):
+    events = tmp / "twice.ndjson"
+    events.write_text(json.dumps(prediction("t", 1, 9)) + "\n{oops\n")
+    result = run_cli("send", "--socket", daemon.socket, str(events), str(events))
+    assert result.returncode == 1
+    assert result.stderr.decode().count(f"{events}:2: bad_json") == 2
