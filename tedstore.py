@@ -2581,19 +2581,36 @@ ORDER BY created_at, id"""
 PATTERN_NAMES = ("double_top", "slow_bleed", "moonshot", "flatline", "whipsaw")
 
 
-def simulate_events(games: int, *, seed: int = 1, start: Optional[float] = None,
-                    mix: str = "game", prefix: str = "sim") -> Iterator[dict]:
+def simulate_events(games: Optional[int] = None, *, events: Optional[int] = None, seed: int = 1,
+                    start: Optional[float] = None, mix: str = "game",
+                    prefix: str = "sim") -> Iterator[dict]:
     """Crash-style games: a random-walk price that crashes at a random tick.
 
-    mix="game" gives the tracker's full feed (ticks with features, a prediction every 20
-    ticks, a side bet every 40, start and end); mix="predictions" gives one prediction
-    per tick and nothing else.
+    Plays `games` games, or as many as `events` events need (stopping there). mix="game"
+    gives the tracker's full feed (ticks with features, a prediction every 20 ticks, a
+    side bet every 40, start and end); mix="predictions" gives one prediction per tick
+    and nothing else. Ticks are 250 ms apart; without `start`, the games are placed so
+    that the last one ends now.
     """
-    rng = random.Random(seed)
-    clock_ms = int((time.time() if start is None else start) * 1000)
-    for number in range(games):
+    if games is None and events is None:
+        raise ValueError("simulate_events needs games or events")
+    lengths = random.Random(seed)
+    end_ticks, planned = [], 0
+    while (games is None or len(end_ticks) < games) and (events is None or planned < events):
+        end_ticks.append(20 + int(lengths.expovariate(1 / 280)))
+        ticks = end_ticks[-1] - 1
+        planned += ticks if mix == "predictions" else ticks + ticks // 20 + ticks // 40 + 2
+    if start is None:
+        start = time.time() - sum(end * 0.25 + 5 for end in end_ticks)
+    played = _play(end_ticks, seed, start, mix, prefix)
+    yield from played if events is None else itertools.islice(played, events)
+
+
+def _play(end_ticks: list[int], seed: int, start: float, mix: str, prefix: str) -> Iterator[dict]:
+    rng = random.Random(seed + 1)
+    clock_ms = int(start * 1000)
+    for number, end_tick in enumerate(end_ticks):
         game_id = f"{prefix}-{seed}-{number}"
-        end_tick = 20 + int(rng.expovariate(1 / 280))
         price, peak, peak_tick = 1.0, 1.0, 0
         if mix == "game":
             yield {"event": "gameStart", "gameId": game_id, "tick": 0, "price": 1.0, "ts": clock_ms}
@@ -3036,11 +3053,10 @@ def simulate(config: Optional[str], socket: Optional[str], games: Optional[int],
     """
     settings = load_settings(config, socket=socket)
     first = parse_when(start, time.time()) if start else None
-    if games is None:
-        games = 10 if events is None else events       # a game has at least 20 events
-    stream = simulate_events(games, seed=seed, mix=mix, start=first)
+    if games is None and events is None:
+        games = 10
     lines = (msgspec.json.encode(event) + b"\n"
-             for event in itertools.islice(stream, events))
+             for event in simulate_events(games, events=events, seed=seed, mix=mix, start=first))
     if to_stdout:
         out = sys.stdout.buffer
         for line in lines:

@@ -11,7 +11,6 @@ and the daemon's peak RSS. Every figure comes from this run on this machine.
 from __future__ import annotations
 
 import argparse
-import itertools
 import multiprocessing
 import os
 import statistics
@@ -34,7 +33,7 @@ PREDICTION_COLUMNS = ("game_id, predicted_at_tick, predicted_end_tick, confidenc
 
 
 def prediction_events(n: int, seed: int) -> list[dict]:
-    return list(itertools.islice(tedstore.simulate_events(10 ** 6, seed=seed, mix="predictions"), n))
+    return list(tedstore.simulate_events(events=n, seed=seed, mix="predictions"))
 
 
 def fresh_db(folder: str, name: str) -> str:
@@ -156,7 +155,7 @@ def end_to_end(folder: str, name: str, events: list[dict], clients: int,
 
 def paced(folder: str, rate: float, seconds: float) -> tuple[float, float, float]:
     """p50 and p99 of send-to-ack latency at a steady rate, one line at a time."""
-    events = list(itertools.islice(tedstore.simulate_events(10 ** 6, seed=9), int(rate * seconds)))
+    events = list(tedstore.simulate_events(events=int(rate * seconds), seed=9))
     lines = [msgspec.json.encode(e) + b"\n" for e in events]
     daemon = Daemon(folder, "paced")
     try:
@@ -177,7 +176,7 @@ def main() -> None:
     parser.add_argument("--paced-seconds", type=float, default=10)
     args = parser.parse_args()
     predictions = prediction_events(args.events, seed=1)
-    game_mix = list(itertools.islice(tedstore.simulate_events(10 ** 6, seed=2), args.events))
+    game_mix = list(tedstore.simulate_events(events=args.events, seed=2))
     runs: dict[str, list[float]] = {}
     rss: list[float] = []
 

@@ -12,7 +12,6 @@ cost (target: at most a third of the plain throughput).
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import statistics
 import subprocess
@@ -113,7 +112,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     lines = [msgspec.json.encode(e) + b"\n"
-             for e in itertools.islice(tedstore.simulate_events(10 ** 6, seed=2), args.events)]
+             for e in tedstore.simulate_events(events=args.events, seed=2)]
     runs: dict[str, list[float]] = {"plain": [], "full": []}
     with tempfile.TemporaryDirectory(prefix="tedstore-lifecycle-") as folder:
         for _ in range(args.rounds):

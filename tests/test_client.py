@@ -175,3 +175,16 @@ def test_rejections_are_named_by_file_and_line_even_for_a_file_given_twice(daemo
     result = run_cli("send", "--socket", daemon.socket, str(events), str(events))
     assert result.returncode == 1
     assert result.stderr.decode().count(f"{events}:2: bad_json") == 2
+
+
+def test_simulated_games_end_now_rather_than_in_the_future():
+    events = list(tedstore.simulate_events(5, seed=3))
+    newest = max(e["ts"] for e in events) / 1000
+    assert time.time() - 10 < newest <= time.time()
+
+
+def test_simulate_plays_just_enough_games_for_an_event_budget():
+    events = list(tedstore.simulate_events(events=1000, seed=5))
+    assert len(events) == 1000
+    assert time.time() - 3600 < events[0]["ts"] / 1000         # not hours in the past
+    assert len(list(tedstore.simulate_events(events=50, seed=5, mix="predictions"))) == 50

@@ -327,9 +327,8 @@ def test_the_wal_stays_bounded_under_constant_ingest(daemon):
     watcher = threading.Thread(target=watch)
     watcher.start()
     lines = (json.dumps(e).encode() + b"\n"
-             for e in tedstore.simulate_events(2000, seed=4, mix="predictions"))
-    import itertools
-    result = tedstore.stream_lines(daemon.socket, itertools.islice(lines, 360_000))
+             for e in tedstore.simulate_events(events=360_000, seed=4, mix="predictions"))
+    result = tedstore.stream_lines(daemon.socket, lines)
     done.set()
     watcher.join()
     assert result.acked == 360_000 and not result.rejections
