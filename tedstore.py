@@ -2245,6 +2245,17 @@ def connect_socket(path: str, timeout: float = 5.0) -> socket.socket:
     return sock
 
 
+def decode_reply(line: bytes) -> dict:
+    """One reply line from the daemon; anything else means a stranger holds the socket."""
+    try:
+        reply = msgspec.json.decode(line)
+    except msgspec.DecodeError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise ProtocolError(f"unexpected reply {line[:80]!r}: is tedstore what listens there?")
+    return reply
+
+
 def request(path: str, op: str, timeout: float = 5.0) -> dict:
     """Send one control line (ping, status) and return the answer."""
     with connect_socket(path, timeout) as sock:
@@ -2259,7 +2270,7 @@ def request(path: str, op: str, timeout: float = 5.0) -> dict:
                 raise ProtocolError(f"tedstore at {path} closed the connection instead of "
                                     f"answering {op}")
             reply += data
-    answer = msgspec.json.decode(reply.split(b"\n")[0])
+    answer = decode_reply(reply.split(b"\n")[0])
     if "error" in answer:
         raise ProtocolError(f"tedstore at {path} refused: {answer['error']}")
     return answer
@@ -2335,7 +2346,7 @@ def stream_lines(path: str, blocks: Iterable[bytes], *, rate: Optional[float] = 
                     replies += data
                     *complete, replies = replies.split(b"\n")
                     for reply in complete:
-                        _take_reply(msgspec.json.decode(reply), result, sent_at, now)
+                        _take_reply(decode_reply(reply), result, sent_at, now)
                     progress(result.acked)
             if result.acked < result.lines and not outgoing and now - last_heard > idle_timeout:
                 raise ProtocolError(f"tedstore acknowledged nothing for {idle_timeout:g} s "
@@ -2442,7 +2453,7 @@ class Client:
             self._wake_w.send(b"\0")
 
     def _run(self) -> None:
-        backoff, sock = 0.05, None
+        backoff, sock, last_problem = 0.05, None, ""
         while True:
             with self._settled:
                 if self._closing:
@@ -2462,7 +2473,9 @@ class Client:
                 self._exchange(sock)
                 backoff = 0.05
             except (OSError, ProtocolError) as exc:
-                log.debug("tedstore connection lost: %s", exc)
+                if str(exc) != last_problem:       # say it once, not at every retry
+                    log.warning("tedstore connection lost: %s; reconnecting", exc)
+                    last_problem = str(exc)
                 sock.close()
                 sock = None
                 self._sleep(backoff)
@@ -2496,7 +2509,7 @@ class Client:
                 replies += data
                 *complete, replies = replies.split(b"\n")
                 for reply in complete:
-                    self._take(msgspec.json.decode(reply))
+                    self._take(decode_reply(reply))
 
     def _take(self, reply: dict) -> None:
         with self._settled:

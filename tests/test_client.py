@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -188,3 +189,33 @@ def test_simulate_plays_just_enough_games_for_an_event_budget():
     assert len(events) == 1000
     assert time.time() - 3600 < events[0]["ts"] / 1000         # not hours in the past
     assert len(list(tedstore.simulate_events(events=50, seed=5, mix="predictions"))) == 50
+
+
+def test_a_stranger_on_the_socket_is_one_clear_line(tmp):
+    """Something that is not tedstore answers: the CLI says so instead of a traceback."""
+    path = str(tmp / "stranger.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conn.recv(1024)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    result = run_cli("send", "--socket", path, input=b'{"op":"ping"}\n')
+    err = result.stderr.decode()
+    assert result.returncode == 1 and "is tedstore what listens there?" in err
+    assert "Traceback" not in err
+    server.close()
+
+
+def test_a_refused_client_says_why_in_the_log(daemon_factory, caplog):
+    daemon = daemon_factory(env={"TEDSTORE_ALLOW_UIDS": "12345"})
+    client = tedstore.Client(daemon.socket)
+    client.send(prediction("x", 1, 2))
+    assert client.flush(1.0) is False
+    client.close(timeout=0.1)
+    assert "TEDSTORE_ALLOW_UIDS" in caplog.text and caplog.text.count("connection lost") == 1
