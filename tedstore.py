@@ -748,8 +748,7 @@ class GameRow:
         peak = self.peak_price
         if peak is None or price > peak or (price == peak and tick < self.peak_tick):
             self.peak_price, self.peak_tick, self.dirty = price, tick, True
-        if ts < self.created_at:
-            self.created_at, self.dirty = ts, True
+        self.touch(ts)
 
     def touch(self, ts: str) -> None:
         """A game was created when its earliest event happened, whatever order they arrive in."""
@@ -833,7 +832,7 @@ class IngestBatch:
             if kind is PriceUpdate:
                 self.ticks += 1
                 price, tick, ts = event.price, event.tick, event.ts
-                peak = peaks.get(event.gameId)
+                peak = peaks.get(event.gameId)     # GameRow.see's rule, inlined: hot loop
                 if peak is None:
                     peaks[event.gameId] = [price, tick, ts]
                 else:

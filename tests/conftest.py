@@ -268,3 +268,37 @@ def store(tmp):
     store = Store(tmp / "t.db")
     yield store
     store.conn.close()
+
+
+class WatchedVFS(apsw.VFS):
+    """The default VFS, calling on_write/on_sync before each write or sync of a database
+    or WAL file: the hook may raise an I/O error, or block, as a test needs."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, "")
+
+    def xOpen(self, name, flags):
+        return WatchedFile(self, name, flags)
+
+    def on_write(self) -> None:
+        pass
+
+    def on_sync(self) -> None:
+        pass
+
+
+class WatchedFile(apsw.VFSFile):
+    def __init__(self, vfs: WatchedVFS, name, flags):
+        self.watcher = vfs
+        self.watched = bool(flags[0] & (apsw.SQLITE_OPEN_MAIN_DB | apsw.SQLITE_OPEN_WAL))
+        super().__init__("", name, flags)
+
+    def xWrite(self, data, offset):
+        if self.watched:
+            self.watcher.on_write()
+        return super().xWrite(data, offset)
+
+    def xSync(self, flags):
+        if self.watched:
+            self.watcher.on_sync()
+        return super().xSync(flags)

@@ -15,7 +15,7 @@ import apsw
 import pytest
 
 import tedstore
-from conftest import Conn, Store, prediction, query, side_bet, wait_for
+from conftest import Conn, Store, WatchedVFS, prediction, query, side_bet, wait_for
 
 HOUR = tedstore.text_epoch("2026-11-20 10:00:00.000")
 
@@ -505,19 +505,22 @@ def test_disk_full_acks_nothing_uncommitted_and_recovers_by_itself(inprocess, ca
 FAULT_VFS = "tedstore-fault"
 
 
-class FaultVFS(apsw.VFS):
-    """The default VFS, but the N-th write or sync of the database or its WAL fails."""
+class FaultVFS(WatchedVFS):
+    """The N-th write (or sync) of the database or its WAL fails, once or from then on."""
 
     def __init__(self) -> None:
-        super().__init__(FAULT_VFS, "")
+        super().__init__(FAULT_VFS)
         self.operations = 0
         self.fail_at: int | None = None
         self.persistent = False
         self.kind = "write"
         self.failures = 0
 
-    def xOpen(self, name, flags):
-        return FaultFile(self, name, flags)
+    def on_write(self) -> None:
+        self.strike("write")
+
+    def on_sync(self) -> None:
+        self.strike("sync")
 
     def strike(self, kind: str) -> None:
         if kind != self.kind or self.fail_at is None:
@@ -534,23 +537,6 @@ class FaultVFS(apsw.VFS):
 
     def disarm(self) -> None:
         self.fail_at = None
-
-
-class FaultFile(apsw.VFSFile):
-    def __init__(self, vfs: FaultVFS, name, flags):
-        self.fault = vfs
-        self.watched = bool(flags[0] & (apsw.SQLITE_OPEN_MAIN_DB | apsw.SQLITE_OPEN_WAL))
-        super().__init__("", name, flags)
-
-    def xWrite(self, data, offset):
-        if self.watched:
-            self.fault.strike("write")
-        return super().xWrite(data, offset)
-
-    def xSync(self, flags):
-        if self.watched:
-            self.fault.strike("sync")
-        return super().xSync(flags)
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,10 @@ import threading
 import time
 from pathlib import Path
 
-import apsw
 import pytest
 
 import tedstore
-from conftest import Conn, prediction, query, wait_for
+from conftest import Conn, WatchedVFS, prediction, query, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -109,30 +108,19 @@ def test_no_watchdog_pings_unless_systemd_asks(daemon_factory, notify):
     assert daemon.stop() == 0
 
 
-class HangVFS(apsw.VFS):
-    """The default VFS, but writes of the database or WAL block while `hang` is set."""
+class HangVFS(WatchedVFS):
+    """Writes of the database or WAL block while `hang` is set, until `release`."""
 
     def __init__(self) -> None:
-        super().__init__("tedstore-hang", "")
+        super().__init__("tedstore-hang")
         self.hang = threading.Event()
         self.release = threading.Event()
         self.stuck = threading.Event()
 
-    def xOpen(self, name, flags):
-        return HangFile(self, name, flags)
-
-
-class HangFile(apsw.VFSFile):
-    def __init__(self, vfs: HangVFS, name, flags):
-        self.vfs = vfs
-        self.watched = bool(flags[0] & (apsw.SQLITE_OPEN_MAIN_DB | apsw.SQLITE_OPEN_WAL))
-        super().__init__("", name, flags)
-
-    def xWrite(self, data, offset):
-        if self.watched and self.vfs.hang.is_set():
-            self.vfs.stuck.set()
-            self.vfs.release.wait(60)
-        return super().xWrite(data, offset)
+    def on_write(self) -> None:
+        if self.hang.is_set():
+            self.stuck.set()
+            self.release.wait(60)
 
 
 def test_a_stuck_writer_lets_the_watchdog_fire(inprocess, notify, monkeypatch):
