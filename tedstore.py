@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import itertools
 import json
@@ -37,8 +38,10 @@ import sys
 import threading
 import time
 import tomllib
+import weakref
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Optional, Union
+from typing import (Annotated, Any, Callable, Iterable, Iterator, Literal, NamedTuple,
+                    Optional, Union)
 
 import apsw
 import click
@@ -64,9 +67,12 @@ STOP_GRACE_SECONDS = 20.0            # how long a draining daemon retries a fail
 ROLLUP_DELAY_SECONDS = 60            # an hour is rolled up this long after it ends ...
 ROLLUP_REVISIT_HOURS = 2             # ... and again while late game ends can still change it
 RETENTION_STEP_SECONDS = 0.01        # target length of one retention delete transaction
+YIELD_MIN_SECONDS = 0.002            # a CLI write command's shortest pause between writes
 SCHEDULER_MAX_SLEEP = 30.0
 IDLE_SWEEP_SECONDS = 5.0
 STATUS_NOTIFY_SECONDS = 5.0
+LOCK_WAIT_SECONDS = 1.0              # how long a starting daemon tries for the database lock
+TROUBLE_LOG_SECONDS = 60.0           # a client logs a lasting trouble at most this often
 BACKUP_PREFIX = "tedstore-"
 
 
@@ -102,6 +108,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     queue_events: Annotated[int, Meta(ge=1)] = 50_000
     queue_bytes: Annotated[int, Meta(ge=65536)] = 64 * 1024 ** 2
     socket_mode: Annotated[str, Meta(pattern="^0?[0-7]{3}$")] = "0660"
+    max_clock_skew: Annotated[float, Meta(ge=0)] = 300.0
 
 
 SETTING_ENV = {
@@ -128,12 +135,18 @@ SETTING_ENV = {
     "queue_events": "TEDSTORE_QUEUE_EVENTS",
     "queue_bytes": "TEDSTORE_QUEUE_BYTES",
     "socket_mode": "TEDSTORE_SOCKET_MODE",
+    "max_clock_skew": "TEDSTORE_MAX_CLOCK_SKEW",
 }
 
 
 def load_settings(config: Optional[str] = None, **flags: Any) -> Settings:
-    """Merge settings: CLI flags > environment > TOML file > defaults."""
+    """Merge settings: CLI flags > environment > TOML file > defaults.
+
+    A bad value is one line naming where it came from and what is accepted.
+    """
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    shown: dict[str, Any] = {}                  # each value as the user wrote it
     path = config or (DEFAULT_CONFIG_FILE if os.path.exists(DEFAULT_CONFIG_FILE) else None)
     if path:
         try:
@@ -147,30 +160,75 @@ def load_settings(config: Optional[str] = None, **flags: Any) -> Settings:
         if unknown:
             raise ConfigError(f"unknown setting {unknown[0]!r} in {path}; "
                               f"known: {', '.join(SETTING_ENV)}")
+        sources.update((name, f"key {name} in {path}") for name in values)
     for name, env in SETTING_ENV.items():
         raw = os.environ.get(env)
         if raw is not None and raw.strip() != "":
             values[name] = _split_list(raw) if name == "allow_uids" else raw
-    values.update({k: v for k, v in flags.items() if v is not None})
+            sources[name], shown[name] = f"environment variable {env}", raw
+    for name, value in flags.items():
+        if value is not None:
+            values[name] = value
+            sources[name] = f"--{name.replace('_', '-')}"
     values.setdefault("db", _systemd_dir("STATE_DIRECTORY", "tedstore.db"))
     values.setdefault("socket", _systemd_dir("RUNTIME_DIRECTORY", "tedstore.sock"))
+    for name in values.keys() & _SETTING_SPELLINGS.keys():
+        if isinstance(values[name], str):
+            values[name] = _SETTING_SPELLINGS[name].get(values[name].strip().lower(), values[name])
     try:
         return msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_explain_setting_error(str(exc))) from exc
+        match = re.search(r"\$\.(\w+)", str(exc))
+        if not match or match.group(1) not in SETTING_ENV:
+            raise ConfigError(f"invalid configuration: {exc}") from None
+        name = match.group(1)
+        raise ConfigError(f"invalid value {shown.get(name, values[name])!r} for {name} "
+                          f"({sources.get(name, 'default')}): expected "
+                          f"{_accepted(name)}") from None
 
 
 def _split_list(raw: str) -> list[str]:
     return [part for part in re.split(r"[,\s]+", raw.strip()) if part]
 
 
-def _explain_setting_error(message: str) -> str:
-    match = re.search(r"\$\.(\w+)", message)
-    if not match:
-        return f"invalid configuration: {message}"
-    name = match.group(1)
-    return (f"invalid setting {name} (environment {SETTING_ENV.get(name, '?')}): "
-            f"{message.split(' - at ')[0]}")
+def _spellings() -> dict[str, dict[str, Any]]:
+    """Per boolean or enumerated setting, its accepted spellings (lower case) -> value."""
+    table: dict[str, dict[str, Any]] = {}
+    for field in msgspec.inspect.type_info(Settings).fields:
+        kind = field.type
+        if isinstance(kind, msgspec.inspect.BoolType):
+            table[field.name] = {**dict.fromkeys(("true", "yes", "on", "1"), True),
+                                 **dict.fromkeys(("false", "no", "off", "0"), False)}
+        elif isinstance(kind, msgspec.inspect.LiteralType):
+            table[field.name] = {str(value).lower(): value for value in kind.values}
+    return table
+
+
+def _accepted(name: str) -> str:
+    """What a setting accepts, in words, from its type in Settings."""
+    kind = next(f.type for f in msgspec.inspect.type_info(Settings).fields if f.name == name)
+    if isinstance(kind, msgspec.inspect.UnionType):       # Optional[...]
+        kind = next(t for t in kind.types if not isinstance(t, msgspec.inspect.NoneType))
+    if isinstance(kind, msgspec.inspect.BoolType):
+        return "true or false (also yes/no, on/off, 1/0)"
+    if isinstance(kind, msgspec.inspect.LiteralType):
+        return "one of " + ", ".join(str(v) for v in kind.values) + " (any case)"
+    if isinstance(kind, msgspec.inspect.ListType):
+        return "a list of uids (non-negative integers), such as 1000,1001"
+    if isinstance(kind, msgspec.inspect.StrType) and kind.pattern:
+        return "an octal file mode such as 0660"
+    if isinstance(kind, (msgspec.inspect.IntType, msgspec.inspect.FloatType)):
+        noun = "an integer" if isinstance(kind, msgspec.inspect.IntType) else "a number"
+        if kind.ge is not None and kind.le is not None:
+            return f"{noun} from {kind.ge:g} to {kind.le:g}"
+        bounds = [f"above {kind.gt:g}" if kind.gt is not None else "",
+                  f"at least {kind.ge:g}" if kind.ge is not None else "",
+                  f"at most {kind.le:g}" if kind.le is not None else ""]
+        return " ".join([noun, " and ".join(b for b in bounds if b)]).strip()
+    return "a text value"
+
+
+_SETTING_SPELLINGS = _spellings()
 
 
 # ---------------------------------------------------------------------------
@@ -239,8 +297,8 @@ def text_epoch(text: str) -> float:
     return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc).timestamp()
 
 
-def wire_ts(value: Union[float, str]) -> str:
-    """A `ts` from the wire (seconds, milliseconds > 1e11, or ISO-8601) as UTC text."""
+def wire_epoch(value: Union[float, str]) -> float:
+    """A `ts` from the wire (seconds, milliseconds > 1e11, or ISO-8601) as Unix seconds."""
     if isinstance(value, str):
         try:
             moment = dt.datetime.fromisoformat(value)
@@ -248,12 +306,20 @@ def wire_ts(value: Union[float, str]) -> str:
             raise ValueError(f"ts {value!r} is not an ISO-8601 time") from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=dt.timezone.utc)
-        epoch = moment.timestamp()
+        try:
+            epoch = moment.timestamp()
+        except (OverflowError, ValueError, OSError):     # year 1 or 9999 shifted by its offset
+            epoch = -1.0
     else:
         epoch = value / 1000.0 if value > 1e11 else value
     if not 0.0 <= epoch <= MAX_EPOCH:
         raise ValueError(f"ts {value!r} is outside 1970..9999")
-    return utc_text(epoch)
+    return epoch
+
+
+def wire_ts(value: Union[float, str]) -> str:
+    """A `ts` from the wire as UTC text."""
+    return utc_text(wire_epoch(value))
 
 
 def hour_floor(epoch: float) -> int:
@@ -388,39 +454,61 @@ EVENT_TYPES = (GameStart, PriceUpdate, GameEnd, Prediction, SideBet, StateWrite)
 EVENT_NAMES = tuple(cls.__struct_config__.tag for cls in EVENT_TYPES)
 CONTROL_OPS = ("ping", "status")
 _DECODER = msgspec.json.Decoder(Union[EVENT_TYPES])  # type: ignore[valid-type]
-_CHUNK_DECODER = msgspec.json.Decoder(list[Union[EVENT_TYPES]])  # type: ignore[valid-type]
 
 
 def decode_chunk(data: bytes) -> Optional[list]:
-    """Decode newline-terminated lines in one call, or None if any line needs a closer look.
+    """Decode newline-terminated lines, each on its own, in one call; None if any line
+    needs the closer look of decode_line.
 
-    A JSON string cannot hold a raw newline, so every newline ends a line. Joined with
-    commas into one JSON array, the lines parse only if each holds exactly one value:
-    a blank line or two values on one line make the array malformed.
+    Every line is decoded alone (the decoder refuses a line holding two values), so a
+    line's fate never depends on its neighbours. A JSON string cannot hold a raw
+    newline, and a newline never falls inside a UTF-8 character, so checking the whole
+    chunk's UTF-8 once checks every line.
     """
-    if not data.isascii():
-        try:
-            data.decode("utf-8")    # msgspec does not look inside the fields it skips
-        except UnicodeDecodeError:
-            return None
-    array = bytearray(b"[") + data.replace(b"\n", b",")
-    array[-1] = 0x5D                # the last line's comma becomes the closing ']'
     try:
-        return _CHUNK_DECODER.decode(array)
+        if not data.isascii():
+            data.decode("utf-8")    # msgspec does not look inside the fields it skips
+        lines = data.split(b"\n")
+        lines.pop()
+        return list(map(_DECODER.decode, lines))
     except (msgspec.MsgspecError, RecursionError, ValueError):
         return None
 
 
 def decode_line(line: bytes) -> Union[Event, str]:
-    """One line as an Event, or the op name of a control line; raises LineRejected."""
+    """One line as an Event, or the op name of a control line; raises LineRejected only."""
     try:
         event = _DECODER.decode(line)
-        if line.isascii():
-            return event
-        line.decode("utf-8")        # msgspec does not look inside the fields it skips
+        if not line.isascii():
+            line.decode("utf-8")    # msgspec does not look inside the fields it skips
         return event
     except (msgspec.MsgspecError, RecursionError, ValueError) as exc:
         problem = str(exc) or type(exc).__name__
+    try:
+        return _control_op(line, problem)
+    except LineRejected:
+        raise
+    except Exception as exc:        # whatever this line is, it must not reach the writer
+        raise LineRejected("bad_json", f"cannot read this line: {type(exc).__name__}: "
+                                       f"{exc}") from None
+
+
+_ABSENT = msgspec.Raw(b"")
+
+
+class _LineKind(msgspec.Struct):
+    """The two names that say what a line is, read without converting anything else."""
+    event: msgspec.Raw = _ABSENT
+    op: msgspec.Raw = _ABSENT
+
+
+_RAW_DECODER = msgspec.json.Decoder(msgspec.Raw)
+_KIND_DECODER = msgspec.json.Decoder(_LineKind)
+_NAME_DECODER = msgspec.json.Decoder(str)
+
+
+def _control_op(line: bytes, problem: str) -> str:
+    """A control line's op, or the LineRejected that says why the event decoder refused it."""
     try:
         line.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -428,29 +516,39 @@ def decode_line(line: bytes) -> Union[Event, str]:
     if not line.strip():
         raise LineRejected("bad_json", "empty line")
     try:
-        obj = msgspec.json.decode(line)
+        _RAW_DECODER.decode(line)    # well-formed JSON? (numbers are not converted here)
+        kind = _KIND_DECODER.decode(line)
     except RecursionError:
         raise LineRejected("bad_json", "JSON is nested too deeply") from None
-    except msgspec.ValidationError:   # well-formed JSON, but a number is out of range
-        obj = json.loads(line, parse_float=str, parse_int=str)
+    except msgspec.ValidationError:          # well-formed, but not an object
+        first = line.lstrip()[:1]
+        what = {b"[": "an array", b'"': "a string"}.get(first, "a scalar")
+        raise LineRejected("bad_event", f"line is {what}, not a JSON object") from None
     except msgspec.DecodeError as exc:
         raise LineRejected("bad_json", f"not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        kind = {list: "an array", str: "a string"}.get(type(obj), "a scalar")
-        raise LineRejected("bad_event", f"line is {kind}, not a JSON object")
-    if "event" not in obj:
-        op = obj.get("op")
+    if kind.event is _ABSENT:
+        op = _name(kind.op)
         if op in CONTROL_OPS:
             return op
-        if op is not None:
+        if kind.op is not _ABSENT:
             raise LineRejected("unknown_event",
                                f"unknown op {op!r}; known ops: {', '.join(CONTROL_OPS)}")
         raise LineRejected("bad_event", "missing field 'event'")
-    name = obj["event"]
+    name = _name(kind.event)
     if name not in EVENT_NAMES:
         raise LineRejected("unknown_event",
                            f"unknown event {name!r}; known events: {', '.join(EVENT_NAMES)}")
     raise LineRejected("bad_event", f"{name}: {problem}")
+
+
+def _name(raw: msgspec.Raw) -> Any:
+    """An event or op name as its string, or its JSON text when it is not a string."""
+    if raw is _ABSENT:
+        return None
+    try:
+        return _NAME_DECODER.decode(raw)
+    except msgspec.ValidationError:
+        return bytes(raw).decode()
 
 
 # ---------------------------------------------------------------------------
@@ -480,20 +578,39 @@ def schema_version() -> int:
     return schema_steps()[-1][0]
 
 
-def connect(path: str, *, readonly: bool = False, vfs: Optional[str] = None,
+def busy_handler(timeout: float) -> Callable[[int], bool]:
+    """Wait for a lock by trying again every millisecond, up to `timeout` seconds.
+
+    SQLite's own busy timeout backs off to 100 ms sleeps, so a writer that waits behind
+    a CLI's retention run would stall ingest for that long after the lock is free.
+    """
+    since = [0.0]
+
+    def retry(attempts: int) -> bool:
+        now = time.monotonic()
+        if attempts == 0:
+            since[0] = now
+        elif now - since[0] > timeout:
+            return False
+        time.sleep(0.001)
+        return True
+    return retry
+
+
+def connect(path: str, *, readonly: bool = False, create: bool = True, vfs: Optional[str] = None,
             synchronous: str = "NORMAL") -> apsw.Connection:
     """Open a connection set up the one way tedstore uses SQLite."""
-    if readonly and not os.path.exists(path):
+    if (readonly or not create) and not os.path.exists(path):
         raise StoreError(f"database {path} does not exist: start the daemon "
                          f"(tedstore serve) or create it (tedstore init)")
-    flags = (apsw.SQLITE_OPEN_READONLY if readonly
-             else apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
+    flags = (apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
+             | (apsw.SQLITE_OPEN_CREATE if create else 0))
     try:
         conn = apsw.Connection(path, flags=flags, vfs=vfs)
     except apsw.Error as exc:
         raise StoreError(f"cannot open database {path}: {exc}", exc) from exc
     try:
-        conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+        conn.set_busy_handler(busy_handler(BUSY_TIMEOUT_MS / 1000))
         conn.config(apsw.SQLITE_DBCONFIG_DQS_DML, 0)
         conn.config(apsw.SQLITE_DBCONFIG_DQS_DDL, 0)
         if not readonly:
@@ -552,14 +669,11 @@ def migrate(conn: apsw.Connection, path: str) -> tuple[int, int]:
 def open_store(path: str, *, vfs: Optional[str] = None, synchronous: str = "NORMAL",
                create: bool = True) -> apsw.Connection:
     """A read-write connection to a database at the newest schema version."""
-    if not create and not os.path.exists(path):
-        raise StoreError(f"database {path} does not exist: start the daemon "
-                         f"(tedstore serve) or create it (tedstore init)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise StoreError(f"the folder of database {path} does not exist: create {folder} "
                          f"or set TEDSTORE_DB")
-    conn = connect(path, vfs=vfs, synchronous=synchronous)
+    conn = connect(path, create=create, vfs=vfs, synchronous=synchronous)
     try:
         migrate(conn, path)
     except BaseException:
@@ -592,12 +706,14 @@ SQL_RECORD_JOB = "INSERT OR REPLACE INTO jobs (name, last_run_at, detail) VALUES
 # event loop thread does no more than cut lines and send replies. The few game rows a
 # batch touches travel as one JSON array through json_each(?).
 
-# The CROSS JOIN keeps json_each the outer loop: with statistics from a small games
-# table, the planner would otherwise rather scan games than probe its index per id.
+# Every statement names the index it must use (INDEXED BY; sqlite_autoindex_T_1 is the
+# index of T's natural key): statistics gathered while a table was tiny would otherwise
+# make the planner scan it. The CROSS JOIN keeps json_each the outer loop.
 SQL_LOAD_GAMES = """
 SELECT g.game_id, g.start_tick, g.end_tick, g.peak_price, g.peak_tick, g.final_price,
        g.treasury_remainder, g.patterns_detected, g.started_at, g.ended_at, g.created_at
-FROM json_each(?1) AS ids CROSS JOIN games AS g ON g.game_id = ids.value"""
+FROM json_each(?1) AS ids CROSS JOIN games AS g INDEXED BY sqlite_autoindex_games_1
+     ON g.game_id = ids.value"""
 
 SQL_SAVE_GAMES = """
 INSERT INTO games (game_id, start_tick, end_tick, duration_ticks, peak_price, peak_tick,
@@ -642,19 +758,19 @@ WHERE excluded.updated_at >= state.updated_at"""
 # a prediction or side bet in it: a late arrival is resolved on arrival, with the game's
 # own ended_at. The equality constraints pin every lookup to an index.
 SQL_RESOLVE_PREDICTIONS = """
-UPDATE predictions
+UPDATE predictions INDEXED BY sqlite_autoindex_predictions_1
 SET actual_end_tick = g.end_tick,
     raw_error = predictions.predicted_end_tick - g.end_tick,
     signed_error = predictions.predicted_end_tick - g.end_tick,
     e40 = (predictions.predicted_end_tick - g.end_tick) / 40.0,
     within_windows = abs(predictions.predicted_end_tick - g.end_tick) / 40,
     resolved_at = g.ended_at
-FROM games AS g
+FROM games AS g INDEXED BY sqlite_autoindex_games_1
 WHERE g.game_id = ?1 AND g.end_tick IS NOT NULL
   AND predictions.game_id = ?1 AND predictions.actual_end_tick IS NULL"""
 
 SQL_RESOLVE_SIDE_BETS = """
-UPDATE side_bets
+UPDATE side_bets INDEXED BY sqlite_autoindex_side_bets_1
 SET actual_outcome = CASE WHEN g.end_tick BETWEEN side_bets.placed_at_tick
                                               AND side_bets.window_end_tick
                           THEN 'WON' ELSE 'LOST' END,
@@ -662,16 +778,17 @@ SET actual_outcome = CASE WHEN g.end_tick BETWEEN side_bets.placed_at_tick
                                       AND side_bets.window_end_tick
                   THEN ?2 ELSE -1 END,
     resolved_at = g.ended_at
-FROM games AS g
+FROM games AS g INDEXED BY sqlite_autoindex_games_1
 WHERE g.game_id = ?1 AND g.end_tick IS NOT NULL
   AND side_bets.game_id = ?1 AND side_bets.actual_outcome = 'PENDING'"""
 
 SQL_GAME_AGGREGATES = """
-UPDATE games
+UPDATE games INDEXED BY sqlite_autoindex_games_1
 SET had_predictions = EXISTS (SELECT 1 FROM predictions p WHERE p.game_id = ?1),
-    prediction_accuracy = (SELECT avg(abs(p.raw_error) <= 40) FROM predictions p
+    prediction_accuracy = (SELECT avg(abs(p.raw_error) <= 40)
+                           FROM predictions p INDEXED BY sqlite_autoindex_predictions_1
                            WHERE p.game_id = ?1),
-    side_bets_placed = (SELECT count(*) FROM side_bets s
+    side_bets_placed = (SELECT count(*) FROM side_bets s INDEXED BY sqlite_autoindex_side_bets_1
                         WHERE s.game_id = ?1 AND s.recommendation = 'BET')
 WHERE game_id = ?1 AND end_tick IS NOT NULL"""
 
@@ -687,7 +804,7 @@ class Chunk:
     (too long, forbidden peer): the writer only records it.
     """
 
-    __slots__ = ("session", "first_line", "count", "data", "received", "rejection")
+    __slots__ = ("session", "first_line", "count", "data", "received", "rejection", "_lines")
 
     def __init__(self, session: Any, first_line: int, count: int, data: bytes,
                  received: float, rejection: Optional[tuple[str, str]] = None):
@@ -697,13 +814,20 @@ class Chunk:
         self.data = data
         self.received = received
         self.rejection = rejection
+        self._lines: Optional[list[bytes]] = None
 
     @property
     def last_line(self) -> int:
         return self.first_line + self.count - 1
 
     def lines(self) -> list[bytes]:
-        return self.data.split(b"\n")[:-1] if self.rejection is None else [self.data]
+        if self._lines is None:
+            self._lines = self.data.split(b"\n")[:-1] if self.rejection is None else [self.data]
+        return self._lines
+
+    def line(self, line_no: int) -> bytes:
+        """The raw text of one of its lines, by its number on the connection."""
+        return self.lines()[line_no - self.first_line]
 
     def split(self, head_lines: int) -> tuple["Chunk", "Chunk"]:
         """Cut after `head_lines` lines, so that no batch exceeds the batch size."""
@@ -764,13 +888,37 @@ class GameRow:
                 self.created_at]
 
 
-class IngestBatch:
-    """The lines of one transaction, decoded and grouped by the table they feed."""
+class Reject(NamedTuple):
+    """One refused line, on its way to the rejects table and back to its client."""
 
-    def __init__(self, chunks: list[Chunk], sample_every: int, payout_multiplier: float):
+    chunk: Chunk
+    line_no: int
+    code: str
+    error: str
+    raw: bytes
+
+
+# The table, and the retention setting, that bound how old each event's `ts` may be.
+EVENT_RETENTION = {
+    GameStart: ("games", "game_retention_days"),
+    PriceUpdate: ("games", "game_retention_days"),
+    GameEnd: ("games", "game_retention_days"),
+    Prediction: ("predictions", "prediction_retention_days"),
+    SideBet: ("side_bets", "sidebet_retention_days"),
+}
+MAX_EPOCH_MS = MAX_EPOCH * 1000.0
+
+
+class IngestBatch:
+    """The lines of one transaction, decoded and grouped by the table they feed.
+
+    Each line is judged on its own: what happens to it never depends on the lines
+    around it, and whatever goes wrong with one line is that line's reject.
+    """
+
+    def __init__(self, chunks: list[Chunk], settings: Settings):
         self.chunks = chunks
-        self.sample_every = sample_every
-        self.payout_multiplier = payout_multiplier
+        self.settings = settings
         self.ticks = 0
         self.peaks: dict[str, list] = {}        # game id -> [peak price, its tick, earliest ts]
         self.samples: list[tuple] = []          # rows of SQL_SAVE_TICKS
@@ -778,57 +926,73 @@ class IngestBatch:
         self.side_bets: list[tuple] = []        # rows of SQL_SAVE_SIDE_BETS
         self.states: list[StateWrite] = []
         self.lifecycle: list[tuple[Event, Chunk, int]] = []
-        self.decode_rejects: list[tuple[Chunk, int, str, str, bytes]] = []
-        self.rejects: list[tuple[Chunk, int, str, str, bytes]] = []
-        self.counts: collections.Counter = collections.Counter()
+        self.decode_rejects: list[Reject] = []
+        self.rejects: list[Reject] = []
+        self.stored: collections.Counter = collections.Counter()      # lines that changed rows
+        self.duplicates: collections.Counter = collections.Counter()  # lines that changed none
+        self.rows_changed = 0
         for chunk in chunks:
             self._read(chunk)
 
     def _read(self, chunk: Chunk) -> None:
         if chunk.rejection is not None:
             code, message = chunk.rejection
-            self.decode_rejects.append((chunk, chunk.first_line, code, message, chunk.data))
+            self.decode_rejects.append(Reject(chunk, chunk.first_line, code, message, chunk.data))
             return
-        received = utc_text(chunk.received)
+        limits = self._limits(chunk.received)
         events = decode_chunk(chunk.data)
         if events is not None:
-            self._route(events, chunk, chunk.first_line, received)
+            self._route(events, chunk, chunk.first_line, limits)
             return
         for offset, line in enumerate(chunk.lines()):
             try:
                 event = decode_line(line)
             except LineRejected as exc:
-                self.decode_rejects.append((chunk, chunk.first_line + offset, exc.code,
-                                            str(exc), line))
+                self.decode_rejects.append(Reject(chunk, chunk.first_line + offset, exc.code,
+                                                  str(exc), line))
                 continue
             if not isinstance(event, str):           # a control line was answered already
-                self._route((event,), chunk, chunk.first_line + offset, received)
+                self._route((event,), chunk, chunk.first_line + offset, limits)
 
-    def _route(self, events: Iterable[Event], chunk: Chunk, line_no: int, received: str) -> None:
+    def _limits(self, received: float) -> tuple[str, float, dict, float]:
+        """For lines read at `received`: its text, the latest `ts` allowed, the oldest per
+        event type, and the oldest whose tick is still sampled (section 2, ts bounds)."""
+        settings = self.settings
+        oldest = {kind: received - getattr(settings, setting) * 86400
+                  for kind, (_, setting) in EVENT_RETENTION.items()}
+        oldest[StateWrite] = -math.inf
+        return (utc_text(received), received + settings.max_clock_skew, oldest,
+                received - settings.tick_retention_days * 86400)
+
+    def _route(self, events: Iterable[Event], chunk: Chunk, line_no: int,
+               limits: tuple[str, float, dict, float]) -> None:
         """Sort events by table, turning each `ts` into UTC text (receipt time when absent).
 
         Everything per event happens in this one pass: predictions, side bets and tick
         samples become table rows, and each game's ticks fold into one peak per game (the
         peak is a maximum and created_at a minimum, so folding per batch first is exact).
         """
+        received, latest, oldest, oldest_sample = limits
         predictions, side_bets, peaks = self.predictions, self.side_bets, self.peaks
-        every = self.sample_every
+        every = self.settings.tick_sample_every
         for event in events:
-            ts = event.ts
+            ts, kind = event.ts, type(event)
             if ts is None:
-                event.ts = received
-            elif type(ts) is float and 0.0 <= ts <= MAX_EPOCH * 1000.0:   # the common case
-                event.ts = utc_text(ts / 1000.0 if ts > 1e11 else ts)
+                event.ts, sampled = received, True
             else:
                 try:
-                    event.ts = wire_ts(ts)
-                except ValueError as exc:
-                    self.decode_rejects.append((chunk, line_no, "bad_event",
-                                                f"{event.__struct_config__.tag}: {exc}",
-                                                chunk.lines()[line_no - chunk.first_line]))
+                    if type(ts) is float and 0.0 <= ts <= MAX_EPOCH_MS:   # the common case
+                        epoch = ts / 1000.0 if ts > 1e11 else ts
+                    else:
+                        epoch = wire_epoch(ts)
+                    if epoch > latest or epoch < oldest[kind]:
+                        raise self._out_of_bounds(kind, epoch, latest)
+                    event.ts = utc_text(epoch)
+                except Exception as exc:                  # this line's fault, and only its
+                    self._refuse(chunk, line_no, kind, exc)
                     line_no += 1
                     continue
-            kind = type(event)
+                sampled = epoch >= oldest_sample
             if kind is PriceUpdate:
                 self.ticks += 1
                 price, tick, ts = event.price, event.tick, event.ts
@@ -840,7 +1004,7 @@ class IngestBatch:
                         peak[0], peak[1] = price, tick
                     if ts < peak[2]:
                         peak[2] = ts
-                if tick % every == 0:
+                if tick % every == 0 and sampled:
                     features = event.features
                     self.samples.append(
                         (event.gameId, tick, price, None, None, None, None, None, ts)
@@ -870,61 +1034,90 @@ class IngestBatch:
                 self.lifecycle.append((event, chunk, line_no))
             line_no += 1
 
-    @property
-    def accepted(self) -> int:
-        return sum(self.counts.values())
+    def _out_of_bounds(self, kind: type, epoch: float, latest: float) -> LineRejected:
+        tag = kind.__struct_config__.tag
+        if epoch > latest:
+            skew = self.settings.max_clock_skew
+            return LineRejected("bad_event", (
+                f"{tag}: ts {utc_text(epoch)} is {epoch - latest + skew:,.0f} s ahead of "
+                f"tedstore's clock, more than TEDSTORE_MAX_CLOCK_SKEW ({skew:g} s) allows: "
+                f"fix the sender's clock"))
+        table, setting = EVENT_RETENTION[kind]
+        return LineRejected("bad_event", (
+            f"{tag}: ts {utc_text(epoch)} is older than the "
+            f"{getattr(self.settings, setting):g}-day retention of {table} "
+            f"({SETTING_ENV[setting]}): it would be deleted at once"))
+
+    def _refuse(self, chunk: Chunk, line_no: int, kind: type, exc: Exception) -> None:
+        if isinstance(exc, LineRejected):
+            code, message = exc.code, str(exc)
+        elif isinstance(exc, ValueError):
+            code, message = "bad_event", f"{kind.__struct_config__.tag}: {exc}"
+        else:
+            code = "bad_event"
+            message = f"tedstore cannot read this event: {type(exc).__name__}: {exc}"
+        self.decode_rejects.append(Reject(chunk, line_no, code, message[:MAX_ERROR_CHARS],
+                                          chunk.line(line_no)))
 
     def write(self, conn: apsw.Connection, now: float) -> None:
         """Apply the batch inside the caller's transaction; safe to call again after a rollback."""
         self.rejects = list(self.decode_rejects)
-        self.counts = collections.Counter({
+        stored = collections.Counter({
             "priceUpdate": self.ticks, "prediction": len(self.predictions),
             "sideBet": len(self.side_bets), "state": len(self.states)})
+        duplicates: collections.Counter = collections.Counter()
         bet_on = {row[0] for row in self.predictions}.union(row[0] for row in self.side_bets)
         games = self._load_games(conn, bet_on)
         ended: set[str] = set()
         for event, chunk, line_no in self.lifecycle:
             try:
                 if type(event) is GameStart:
-                    self._start(games, event)
+                    changed = self._start(games, event)
                 else:
-                    self._end(games, event, ended)
+                    changed = self._end(games, event, ended)
             except LineRejected as exc:
-                self.rejects.append((chunk, line_no, exc.code, str(exc),
-                                     chunk.lines()[line_no - chunk.first_line]))
+                self.rejects.append(Reject(chunk, line_no, exc.code, str(exc),
+                                           chunk.line(line_no)))
                 continue
-            self.counts[type(event).__struct_config__.tag] += 1
+            (stored if changed else duplicates)[type(event).__struct_config__.tag] += 1
         for game_id, (price, tick, ts) in self.peaks.items():
             game = games.get(game_id)
             if game is None:
                 game = games[game_id] = GameRow(game_id, ts)
             game.see(price, tick, ts)
-        encode = msgspec.json.encode
+        encode, changes = msgspec.json.encode, conn.total_changes
+        first = changes()
         changed = [game.row() for game in games.values() if game.dirty]
         if changed:
             conn.execute(SQL_SAVE_GAMES, (encode(changed), utc_text(now)))
-        if self.samples:
-            conn.executemany(SQL_SAVE_TICKS, self.samples)
-        if self.predictions:
-            conn.executemany(SQL_SAVE_PREDICTIONS, self.predictions)
-        if self.side_bets:
-            conn.executemany(SQL_SAVE_SIDE_BETS, self.side_bets)
+        for sql, rows, kind in ((SQL_SAVE_TICKS, self.samples, "priceUpdate"),
+                                (SQL_SAVE_PREDICTIONS, self.predictions, "prediction"),
+                                (SQL_SAVE_SIDE_BETS, self.side_bets, "sideBet")):
+            if rows:
+                before = changes()
+                conn.executemany(sql, rows)
+                duplicates[kind] += len(rows) - (changes() - before)
+        if self.states:
+            before = changes()
+            conn.execute(SQL_SAVE_STATE, (encode(self.states),))
+            duplicates["state"] += len(self.states) - (changes() - before)
+        self.rows_changed = changes() - first
         # Resolve games that ended now, and ended games that got late predictions or bets.
         resolve = [(game_id,) for game_id in ended.union(bet_on)
                    if games.get(game_id) is not None and games[game_id].end_tick is not None]
         if resolve:
             conn.executemany(SQL_RESOLVE_PREDICTIONS, resolve)
             conn.executemany(SQL_RESOLVE_SIDE_BETS,
-                             [(game_id, self.payout_multiplier) for (game_id,) in resolve])
+                             [(game_id, self.settings.payout_multiplier) for (game_id,) in resolve])
             conn.executemany(SQL_GAME_AGGREGATES, resolve)
-        if self.states:
-            conn.execute(SQL_SAVE_STATE, (encode(self.states),))
         if self.rejects:
             conn.executemany(SQL_SAVE_REJECT, [
-                (utc_text(chunk.received), getattr(chunk.session, "peer_pid", None),
-                 getattr(chunk.session, "peer_uid", None), line_no, code, message,
-                 _raw_for_rejects(raw))
-                for chunk, line_no, code, message, raw in self.rejects])
+                (utc_text(r.chunk.received), getattr(r.chunk.session, "peer_pid", None),
+                 getattr(r.chunk.session, "peer_uid", None), r.line_no, r.code, r.error,
+                 _raw_for_rejects(r.raw))
+                for r in self.rejects])
+        stored.subtract(duplicates)
+        self.stored, self.duplicates = +stored, +duplicates
 
     def _load_games(self, conn: apsw.Connection, bet_on: set[str]) -> dict[str, GameRow]:
         """The stored rows of every game this batch touches, or bets on."""
@@ -941,11 +1134,12 @@ class IngestBatch:
         return games
 
     @staticmethod
-    def _start(games: dict[str, GameRow], event: GameStart) -> None:
+    def _start(games: dict[str, GameRow], event: GameStart) -> bool:
+        """Fold in a gameStart; False when it changes nothing (a resend)."""
         game = games.get(event.gameId)
         if game is not None:
             if game.started_at is not None:
-                return                               # a resent gameStart changes nothing
+                return False                         # a resent gameStart changes nothing
             if game.end_tick is not None and event.tick > game.end_tick:
                 raise LineRejected("bad_event", f"gameStart tick {event.tick} is after the "
                                    f"end tick {game.end_tick} of game {event.gameId!r}")
@@ -953,10 +1147,13 @@ class IngestBatch:
             game = games[event.gameId] = GameRow(event.gameId, event.ts)
         game.start_tick, game.started_at, game.dirty = event.tick, event.ts, True
         game.see(event.price, event.tick, event.ts)
+        return True
 
     @staticmethod
-    def _end(games: dict[str, GameRow], event: GameEnd, ended: set[str]) -> None:
+    def _end(games: dict[str, GameRow], event: GameEnd, ended: set[str]) -> bool:
+        """Fold in a gameEnd; False when it changes nothing (a resend)."""
         game = games.get(event.gameId)
+        before = game.row() if game is not None else None
         if game is not None and game.end_tick is not None:
             if game.end_tick != event.tick:
                 raise LineRejected("conflict", f"game {event.gameId!r} already ended at tick "
@@ -979,11 +1176,14 @@ class IngestBatch:
             game.see(event.peakPrice, event.peakTick, event.ts)
         game.touch(event.ts)
         game.dirty = True
+        return before is None or game.row() != before
 
 
 def _raw_for_rejects(raw: bytes) -> Union[str, bytes]:
     """Text when the kept bytes are UTF-8 (readable in sqlite3), else a BLOB."""
     raw = raw[:MAX_RAW_BYTES]
+    if raw.endswith(b"\r"):                      # a CRLF line's raw text is the line itself
+        raw = raw[:-1]
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -1139,15 +1339,58 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" + (f" ({name})" if name else "")
 
 
+class WriterStats:
+    """What the writer has done, read by status, the hourly rollup and systemd's STATUS=."""
+
+    def __init__(self) -> None:
+        self.records_saved = 0                 # rows inserted or updated by events
+        self.commit_errors = 0
+        self.batches = 0
+        self.last_commit: Optional[float] = None
+        self.failing: Optional[str] = None     # the error of a commit being retried
+        self.unsaved = 0                       # lines given up on (at shutdown only)
+        self.events_by_type: collections.Counter = collections.Counter()
+        self.duplicates_by_type: collections.Counter = collections.Counter()
+        self.rejects_by_code: collections.Counter = collections.Counter()
+        self.latency = LatencyHistogram()
+        self.latency_by_hour: dict[int, LatencyHistogram] = {}
+
+    def committed(self, batch: IngestBatch, now: float) -> None:
+        self.batches += 1
+        self.last_commit = now
+        self.records_saved += batch.rows_changed
+        self.events_by_type.update(batch.stored)
+        self.duplicates_by_type.update(batch.duplicates)
+        self.rejects_by_code.update(reject.code for reject in batch.rejects)
+        hour = self.latency_by_hour.get(hour_floor(now))
+        if hour is None:
+            hour = self.latency_by_hour[hour_floor(now)] = LatencyHistogram()
+            for old in [h for h in self.latency_by_hour if h < hour_floor(now) - 86400]:
+                del self.latency_by_hour[old]
+        for chunk in batch.chunks:
+            ms = max(0.0, (now - chunk.received) * 1000)
+            self.latency.record(ms, chunk.count)
+            hour.record(ms, chunk.count)
+
+
+class Ack(NamedTuple):
+    """What one session gets after a COMMIT: its rejects, then an ack through last_line.
+    last_line None means the writer gave up on some of its lines: no more acks."""
+
+    session: Any
+    rejected: list[tuple[int, str, str]]
+    last_line: Optional[int]
+
+
 class Writer(threading.Thread):
     """Owns the only write connection: commits batches, then hands their acks back.
 
-    on_commit(results) receives [(session, [(line, code, error)], last_line)] after each
-    COMMIT has returned, never before; on_room() is called when a full queue drains.
+    on_commit([Ack]) is called after each COMMIT has returned, never before;
+    on_room() is called when a full queue drains.
     """
 
     def __init__(self, settings: Settings, *, vfs: Optional[str] = None,
-                 on_commit: Callable[[list], None] = lambda results: None,
+                 on_commit: Callable[[list[Ack]], None] = lambda acks: None,
                  on_room: Callable[[], None] = lambda: None):
         super().__init__(name="tedstore-writer", daemon=True)
         self.settings = settings
@@ -1156,20 +1399,13 @@ class Writer(threading.Thread):
         self.on_room = on_room
         self.queue = IngestQueue(settings.queue_events, settings.queue_bytes,
                                  settings.batch_interval)
+        self.stats = WriterStats()
         self.started = threading.Event()
         self.start_error: Optional[BaseException] = None
+        self.crashed: Optional[BaseException] = None   # why the thread died, if it did
         self.heartbeat = time.monotonic()
-        self.records_saved = 0
-        self.commit_errors = 0
-        self.batches = 0
-        self.last_commit: Optional[float] = None
-        self.failing: Optional[str] = None
-        self.unsaved = 0
-        self.events_by_type: collections.Counter = collections.Counter()
-        self.rejects_by_code: collections.Counter = collections.Counter()
-        self.latency = LatencyHistogram()
-        self.latency_by_hour: dict[int, LatencyHistogram] = {}
         self.conn: Optional[apsw.Connection] = None
+        self._abandoned: weakref.WeakSet = weakref.WeakSet()   # sessions given up on
         self._failing_since: Optional[float] = None    # the start of a run of failed commits
         self._stopping = False
         self._last_commit_mono = 0.0
@@ -1215,6 +1451,10 @@ class Writer(threading.Thread):
         self.started.set()
         try:
             self._loop()
+        except BaseException as exc:         # not the data's fault: data is bisected below
+            self.crashed = exc
+            log.critical("the writer thread stopped: %s; nothing more is acknowledged",
+                         describe_error(exc), exc_info=True)
         finally:
             self._close()
 
@@ -1247,11 +1487,10 @@ class Writer(threading.Thread):
             task.done.set()
 
     def _commit(self, chunks: list[Chunk]) -> None:
-        batch = IngestBatch(chunks, self.settings.tick_sample_every,
-                            self.settings.payout_multiplier)
         try:
+            batch = IngestBatch(chunks, self.settings)
             committed = self._write(batch)
-        except Exception as exc:
+        except Exception as exc:           # the data's fault: find the line and reject it
             self._bisect(chunks, exc)
             return
         if committed:
@@ -1266,20 +1505,21 @@ class Writer(threading.Thread):
         """
         delay = 0.05
         lines = sum(chunk.count for chunk in batch.chunks)
+        stats = self.stats
         while True:
             try:
                 with transaction(self.conn):
                     batch.write(self.conn, time.time())
             except TRANSIENT_ERRORS as exc:
-                self.commit_errors += 1
+                stats.commit_errors += 1
                 now = time.monotonic()
-                self.failing = describe_error(exc)
+                stats.failing = describe_error(exc)
                 if self._failing_since is None:
                     self._failing_since = now
                     log.error("cannot commit %d lines: %s; retrying, nothing is acknowledged "
-                              "until it works", lines, self.failing)
+                              "until it works", lines, stats.failing)
                 if self._stopping and now - self._failing_since > STOP_GRACE_SECONDS:
-                    self.unsaved += lines
+                    stats.unsaved += lines
                     self._abandon(batch.chunks)
                     log.error("giving up on %d lines at shutdown: %s; they were not "
                               "acknowledged, so clients will send them again", lines, exc)
@@ -1292,23 +1532,24 @@ class Writer(threading.Thread):
                 continue
             if self._failing_since is not None:
                 log.warning("commits work again after %.1f s (%s)",
-                            time.monotonic() - self._failing_since, self.failing)
-                self._failing_since = self.failing = None
+                            time.monotonic() - self._failing_since, stats.failing)
+                self._failing_since = stats.failing = None
             return True
 
     def _bisect(self, chunks: list[Chunk], exc: Exception) -> None:
-        """A batch the database refuses: commit its halves, down to the one line to reject."""
+        """A batch that fails for its content: commit its halves, down to the line to reject."""
         lines = sum(chunk.count for chunk in chunks)
         if lines == 1:
             chunk = chunks[0]
             if chunk.rejection is not None:
-                self.unsaved += 1
+                self.stats.unsaved += 1
                 self._abandon(chunks)
                 log.error("cannot record the rejection of line %d (%s): %s",
-                          chunk.first_line, chunk.rejection[0], exc)
+                          chunk.first_line, chunk.rejection[0], describe_error(exc))
                 return
-            log.warning("line %d refused by the database: %s", chunk.first_line, exc)
-            self._commit([chunk.refused("bad_event", f"the database refused this event: {exc}")])
+            log.warning("line %d cannot be stored: %s", chunk.first_line, describe_error(exc))
+            self._commit([chunk.refused("bad_event", f"tedstore cannot store this event: "
+                                                     f"{describe_error(exc)}")])
             return
         if len(chunks) == 1:
             head, tail = chunks[0].split(chunks[0].count // 2)
@@ -1318,45 +1559,38 @@ class Writer(threading.Thread):
         for half in halves:
             self._commit(half)
 
-    @staticmethod
-    def _abandon(chunks: list[Chunk]) -> None:
-        """Lines given up on: acks are cumulative, so their connection may get no more acks."""
-        for chunk in chunks:
-            if chunk.session is not None:
-                chunk.session.abandoned = True
+    def _abandon(self, chunks: list[Chunk]) -> None:
+        """Lines given up on: acks are cumulative, so their sessions may get no more acks."""
+        sessions = {chunk.session for chunk in chunks if chunk.session is not None}
+        fresh = [session for session in sessions if session not in self._abandoned]
+        self._abandoned.update(fresh)
+        if fresh:
+            self.on_commit([Ack(session, [], None) for session in fresh])
 
     def _committed(self, batch: IngestBatch) -> None:
         now = time.time()
-        self.batches += 1
-        self.records_saved += batch.accepted
-        self.events_by_type.update(batch.counts)
-        hour = self.latency_by_hour.get(hour_floor(now))
-        if hour is None:
-            hour = self.latency_by_hour[hour_floor(now)] = LatencyHistogram()
-            for old in [h for h in self.latency_by_hour if h < hour_floor(now) - 86400]:
-                del self.latency_by_hour[old]
-        by_session: dict[Any, list] = {}
+        self.stats.committed(batch, now)
+        by_session: dict[Any, Ack] = {}
         for chunk in batch.chunks:
-            ms = max(0.0, (now - chunk.received) * 1000)
-            self.latency.record(ms, chunk.count)
-            hour.record(ms, chunk.count)
-            if chunk.session is not None:
-                entry = by_session.setdefault(chunk.session, [[], 0])
-                entry[1] = max(entry[1], chunk.last_line)
-        for chunk, line_no, code, message, _ in batch.rejects:
-            self.rejects_by_code[code] += 1
-            if chunk.session is not None:
-                by_session[chunk.session][0].append((line_no, code, message))
-        self.last_commit = now
+            session = chunk.session
+            if session is not None and session not in self._abandoned:
+                ack = by_session.get(session)
+                if ack is None or ack.last_line < chunk.last_line:
+                    by_session[session] = Ack(session, ack.rejected if ack else [],
+                                              chunk.last_line)
+        for reject in batch.rejects:
+            ack = by_session.get(reject.chunk.session)
+            if ack is not None:
+                ack.rejected.append((reject.line_no, reject.code, reject.error))
+        for ack in by_session.values():
+            ack.rejected.sort()
         self._last_commit_mono = time.monotonic()
         self._checkpointed = False
-        self.on_commit([(session, sorted(rejected), last)
-                        for session, (rejected, last) in by_session.items()
-                        if not session.abandoned])
+        self.on_commit(list(by_session.values()))
 
     def _checkpoint(self) -> None:
         """Truncate the WAL while idle; readers holding old snapshots only postpone it."""
-        self.conn.set_busy_timeout(0)
+        self.conn.set_busy_handler(None)
         try:
             self.conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
             self._checkpointed = True
@@ -1366,9 +1600,11 @@ class Writer(threading.Thread):
             log.warning("WAL checkpoint failed: %s", exc)
             self._last_commit_mono = time.monotonic()
         finally:
-            self.conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+            self.conn.set_busy_handler(busy_handler(BUSY_TIMEOUT_MS / 1000))
 
     def _close(self) -> None:
+        if self.conn is None:
+            return
         self._checkpoint()
         self.conn.close()
         self.conn = None
@@ -1380,6 +1616,7 @@ class Writer(threading.Thread):
 
 _ACK = b'{"ack":%d}\n'
 _PONG = b'{"pong":true}\n'
+_BOM = b"\xef\xbb\xbf"
 _PEERCRED = struct.Struct("3i")
 FORBIDDEN_LOG_SECONDS = 10.0       # one log line and rejects row per refused uid this often
 
@@ -1398,6 +1635,7 @@ class Session(asyncio.Protocol):
         self.discarding = False   # inside a line that was too long
         self.eof = False
         self.closed = False
+        self.fresh = True         # nothing read yet: a byte order mark may come first
         self.abandoned = False    # the writer gave up on some of its lines: no more acks
         self.write_paused = False # the client does not read its replies
         self.queue_paused = False # it queued lines while the queue was full
@@ -1438,6 +1676,13 @@ class Session(asyncio.Protocol):
         if self.partial:
             data = self.partial + data
             self.partial = b""
+        if self.fresh:
+            if len(data) < len(_BOM) and _BOM.startswith(data):
+                self.partial = data          # wait for the rest of a byte order mark
+                return
+            self.fresh = False
+            if data.startswith(_BOM):
+                data = data[len(_BOM):]
         end = data.rfind(b"\n") + 1
         if end:
             self._lines(data if end == len(data) else data[:end])
@@ -1511,11 +1756,7 @@ class Session(asyncio.Protocol):
     # -- replies and flow control --------------------------------------------------
 
     def acknowledge(self, rejected: list[tuple[int, str, str]], last_line: int) -> None:
-        if self.closed:
-            return
-        if self.abandoned:
-            self.refuse({"error": f"tedstore could not store lines after {self.acked}; "
-                                  f"reconnect and send them again"})
+        if self.closed or self.abandoned:
             return
         encode = msgspec.json.encode
         replies = [encode({"rejected": line, "code": code, "error": error}) + b"\n"
@@ -1524,6 +1765,13 @@ class Session(asyncio.Protocol):
         self.transport.write(b"".join(replies))
         self.acked = last_line
         self._close_when_done()
+
+    def give_up(self) -> None:
+        """The writer could not store some of its lines; acks are cumulative, so none follow."""
+        self.abandoned = True
+        if not self.closed:
+            self.refuse({"error": f"tedstore could not store lines after {self.acked}; "
+                                  f"reconnect and send them again"})
 
     def refuse(self, reply: dict) -> None:
         self.transport.write(msgspec.json.encode(reply) + b"\n")
@@ -1608,9 +1856,12 @@ class Server:
             session.update_reading()
         self.held.clear()
 
-    def deliver(self, results: list) -> None:
-        for session, rejected, last_line in results:
-            session.acknowledge(rejected, last_line)
+    def deliver(self, acks: list[Ack]) -> None:
+        for ack in acks:
+            if ack.last_line is None:
+                ack.session.give_up()
+            else:
+                ack.session.acknowledge(ack.rejected, ack.last_line)
 
     def sweep_idle(self) -> None:
         deadline = time.monotonic() - self.settings.idle_timeout
@@ -1641,15 +1892,22 @@ class Server:
 
 Write = Callable[[Callable[[apsw.Connection], Any]], Any]
 
-SQL_OLDEST_DATA = """
-SELECT min(t) FROM (SELECT min(created_at) AS t FROM predictions
-                    UNION ALL SELECT min(created_at) FROM side_bets
-                    UNION ALL SELECT min(ended_at) FROM games
-                    UNION ALL SELECT min(received_at) FROM rejects)"""
+# The rollup reads hour by hour through the time indexes, named (INDEXED BY) so that no
+# planner statistics, however stale, turn an hour into a table scan.
+SQL_NEXT_DATA = """
+SELECT min(t) FROM (
+    SELECT min(created_at) AS t FROM predictions INDEXED BY predictions_created_at
+     WHERE created_at >= ?1
+    UNION ALL SELECT min(created_at) FROM side_bets INDEXED BY side_bets_created_at
+     WHERE created_at >= ?1
+    UNION ALL SELECT min(ended_at) FROM games INDEXED BY games_ended_at WHERE ended_at >= ?1
+    UNION ALL SELECT min(received_at) FROM rejects INDEXED BY rejects_received_at
+     WHERE received_at >= ?1)"""
 SQL_ROLLUP_PREDICTIONS = """
-SELECT count(*) FROM predictions WHERE created_at >= ?1 AND created_at < ?2"""
+SELECT count(*) FROM predictions INDEXED BY predictions_created_at
+WHERE created_at >= ?1 AND created_at < ?2"""
 SQL_ROLLUP_ERRORS = """
-SELECT raw_error FROM predictions
+SELECT raw_error FROM predictions INDEXED BY predictions_created_at
 WHERE created_at >= ?1 AND created_at < ?2 AND raw_error IS NOT NULL"""
 SQL_ROLLUP_SIDE_BETS = """
 SELECT coalesce(sum(recommendation = 'BET'), 0),
@@ -1658,9 +1916,13 @@ SELECT coalesce(sum(recommendation = 'BET'), 0),
        coalesce(sum(recommendation = 'BET' AND actual_outcome = 'LOST'), 0),
        total(CASE WHEN recommendation = 'BET' THEN expected_value END),
        sum(CASE WHEN recommendation = 'BET' THEN payout END)
-FROM side_bets WHERE created_at >= ?1 AND created_at < ?2 AND actual_outcome <> 'PENDING'"""
-SQL_ROLLUP_GAMES = "SELECT count(*) FROM games WHERE ended_at >= ?1 AND ended_at < ?2"
-SQL_ROLLUP_REJECTS = "SELECT count(*) FROM rejects WHERE received_at >= ?1 AND received_at < ?2"
+FROM side_bets INDEXED BY side_bets_created_at
+WHERE created_at >= ?1 AND created_at < ?2 AND actual_outcome <> 'PENDING'"""
+SQL_ROLLUP_GAMES = """
+SELECT count(*) FROM games INDEXED BY games_ended_at WHERE ended_at >= ?1 AND ended_at < ?2"""
+SQL_ROLLUP_REJECTS = """
+SELECT count(*) FROM rejects INDEXED BY rejects_received_at
+WHERE received_at >= ?1 AND received_at < ?2"""
 SQL_SAVE_ROLLUP = """
 INSERT INTO metrics_hourly (hour_start, hour_end, games_analyzed, predictions_made,
                             median_e40, mean_absolute_error, within_1_window,
@@ -1686,20 +1948,48 @@ ON CONFLICT (hour_start) DO UPDATE SET
 SQL_LAST_ROLLUP = "SELECT max(hour_start) FROM metrics_hourly"
 SQL_ROLLED_HOURS = "SELECT hour_start FROM metrics_hourly WHERE hour_start BETWEEN ?1 AND ?2"
 
-# Retention per table: (table, condition on the cutoff ?1, setting, feeds the rollup).
+# Retention per table: (table, its time column and that column's index, what else makes
+# a row expired, setting, feeds the rollup). A game stays while its predictions or side
+# bets stay (:keep_*). A delete takes the expired rows up to the :limit-th oldest, as
+# one range of the time index.
 RETENTION = (
-    ("tick_samples", "created_at < ?1", "tick_retention_days", False),
-    ("predictions", "created_at < ?1", "prediction_retention_days", True),
-    ("side_bets", "created_at < ?1", "sidebet_retention_days", True),
-    ("games", "created_at < ?1 AND coalesce(ended_at, '') < ?1", "game_retention_days", True),
-    ("rejects", "received_at < ?1", "prediction_retention_days", True),
-    ("metrics_hourly", "hour_start < ?1", "metrics_retention_days", False),
+    ("tick_samples", "created_at", "tick_samples_created_at", "", "tick_retention_days", False),
+    ("predictions", "created_at", "predictions_created_at", "", "prediction_retention_days",
+     True),
+    ("side_bets", "created_at", "side_bets_created_at", "", "sidebet_retention_days", True),
+    ("games", "created_at", "games_created_at",
+     " AND coalesce(ended_at, '') < :cutoff"
+     " AND NOT EXISTS (SELECT 1 FROM predictions AS p INDEXED BY sqlite_autoindex_predictions_1"
+     " WHERE p.game_id = games.game_id AND p.created_at >= :keep_predictions)"
+     " AND NOT EXISTS (SELECT 1 FROM side_bets AS s INDEXED BY sqlite_autoindex_side_bets_1"
+     " WHERE s.game_id = games.game_id AND s.created_at >= :keep_side_bets)",
+     "game_retention_days", True),
+    ("rejects", "received_at", "rejects_received_at", "", "prediction_retention_days", True),
+    ("metrics_hourly", "hour_start", "sqlite_autoindex_metrics_hourly_1", "",
+     "metrics_retention_days", False),
 )
-SQL_COUNT_EXPIRED = {table: f"SELECT count(*) FROM {table} WHERE {cond}"
-                     for table, cond, _, _ in RETENTION}
-SQL_DELETE_EXPIRED = {table: f"DELETE FROM {table} WHERE rowid IN "
-                             f"(SELECT rowid FROM {table} WHERE {cond} LIMIT ?2)"
-                      for table, cond, _, _ in RETENTION}
+SQL_COUNT_EXPIRED = {
+    table: f"SELECT count(*) FROM {table} INDEXED BY {index} WHERE {column} < :cutoff{more}"
+    for table, column, index, more, _, _ in RETENTION}
+SQL_DELETE_EXPIRED = {
+    table: f"""DELETE FROM {table} INDEXED BY {index} WHERE {column} < :cutoff{more}
+  AND {column} <= coalesce((SELECT {column} FROM {table} INDEXED BY {index}
+                            WHERE {column} < :cutoff{more}
+                            ORDER BY {column} LIMIT 1 OFFSET :limit - 1), :cutoff)"""
+    for table, column, index, more, _, _ in RETENTION}
+ROLLUP_HOURS_PER_WRITE = 24          # rollup rows saved per write transaction
+
+
+def yielding_write(conn: apsw.Connection) -> Write:
+    """Writes for a command run beside the daemon: after each write transaction it pauses
+    as long as the transaction took, so the daemon's writer gets the lock as often."""
+    def write(fn: Callable[[apsw.Connection], Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn(conn)
+        finally:
+            time.sleep(max(YIELD_MIN_SECONDS, time.perf_counter() - started))
+    return write
 
 
 def newest_complete_hour(now: float) -> int:
@@ -1707,10 +1997,16 @@ def newest_complete_hour(now: float) -> int:
     return hour_floor(now - ROLLUP_DELAY_SECONDS) - 3600
 
 
+def rollup_floor(now: float, settings: Settings) -> int:
+    """The oldest hour that can still hold rows: the longest retention of a rolled-up table."""
+    days = max(getattr(settings, setting) for *_, setting, rolled in RETENTION if rolled)
+    return hour_floor(now - days * 86400)
+
+
 def hours_to_roll(conn: apsw.Connection, now: float, settings: Settings,
                   since: Optional[float] = None) -> list[int]:
-    """Hours after the last rollup (revisiting the latest few), or from `since`."""
-    floor = hour_floor(now - settings.metrics_retention_days * 86400)
+    """Hours after the last rollup (revisiting the latest few), or from `since`, back to the
+    retention horizon at most."""
     if since is not None:
         start = hour_floor(since)
     else:
@@ -1718,11 +2014,12 @@ def hours_to_roll(conn: apsw.Connection, now: float, settings: Settings,
         if done is not None:
             start = int(text_epoch(done)) + 3600 - ROLLUP_REVISIT_HOURS * 3600
         else:
-            oldest = conn.execute(SQL_OLDEST_DATA).get
+            oldest = conn.execute(SQL_NEXT_DATA, ("",)).get
             if oldest is None:
                 return []
             start = hour_floor(text_epoch(oldest))
-    return list(range(max(start, floor), newest_complete_hour(now) + 1, 3600))
+    return list(range(max(start, rollup_floor(now, settings)), newest_complete_hour(now) + 1,
+                      3600))
 
 
 def rollup_hour(conn: apsw.Connection, hour: int, latency: Optional[LatencyHistogram],
@@ -1756,50 +2053,73 @@ def rollup_hour(conn: apsw.Connection, hour: int, latency: Optional[LatencyHisto
 def run_rollups(conn: apsw.Connection, write: Write, hours: list[int], now: float,
                 latency_for: Callable[[int], Optional[LatencyHistogram]] = lambda hour: None,
                 progress: Callable[[int], None] = lambda n: None) -> dict:
-    """Compute the hours on `conn`, write them through `write`, 200 hours a transaction."""
-    for first in range(0, len(hours), 200):
-        rows = [rollup_hour(conn, hour, latency_for(hour), now)
-                for hour in hours[first:first + 200]]
+    """Compute the hours on `conn` and save them through `write`, a day's worth at a time,
+    so that a long catch-up never holds the write lock for long."""
+    try:
+        for first in range(0, len(hours), ROLLUP_HOURS_PER_WRITE):
+            rows = [rollup_hour(conn, hour, latency_for(hour), now)
+                    for hour in hours[first:first + ROLLUP_HOURS_PER_WRITE]]
 
-        def save(db: apsw.Connection, rows: list = rows) -> None:
-            with transaction(db):
-                db.executemany(SQL_SAVE_ROLLUP, rows)
-        write(save)
-        progress(len(rows))
-    detail = {"hours": len(hours), "through": utc_text(hours[-1] + 3600) if hours else None}
-    if hours:
-        write(lambda db: record_job(db, "rollup", detail, now))
+            def save(db: apsw.Connection, rows: list = rows) -> None:
+                with transaction(db):
+                    db.executemany(SQL_SAVE_ROLLUP, rows)
+            write(save)
+            progress(len(rows))
+        detail = {"hours": len(hours), "through": utc_text(hours[-1] + 3600) if hours else None}
+        if hours:
+            write(lambda db: record_job(db, "rollup", detail, now))
+    except apsw.Error as exc:
+        raise StoreError(f"cannot roll up the hourly metrics: {describe_error(exc)}", exc) from exc
     return detail
 
 
-def unrolled_hours(conn: apsw.Connection, before: str, now: float, settings: Settings) -> list[int]:
-    """Complete hours that hold data older than `before` but have no rollup yet."""
-    oldest = conn.execute(SQL_OLDEST_DATA).get
-    if oldest is None or oldest >= before:
+def unrolled_hours(conn: apsw.Connection, before: str, now: float) -> list[int]:
+    """Complete hours that hold data older than `before` and have no rollup yet.
+
+    It steps from one hour with data to the next through the time indexes, so old,
+    sparse data costs a few lookups, not one rollup per empty hour since 1970.
+    """
+    hours, cursor = [], ""
+    last = newest_complete_hour(now)
+    while True:
+        found = conn.execute(SQL_NEXT_DATA, (cursor,)).get
+        if found is None or found >= before:
+            break
+        hour = hour_floor(text_epoch(found))
+        if hour > last:
+            break
+        hours.append(hour)
+        cursor = utc_text(hour + 3600)
+    if not hours:
         return []
-    start = max(hour_floor(text_epoch(oldest)),
-                hour_floor(now - settings.metrics_retention_days * 86400))
-    end = min(hour_floor(text_epoch(before)), newest_complete_hour(now))
-    done = {row[0] for row in conn.execute(SQL_ROLLED_HOURS, (utc_text(start), utc_text(end)))}
-    return [hour for hour in range(start, end + 1, 3600) if utc_text(hour) not in done]
+    done = {row[0] for row in conn.execute(SQL_ROLLED_HOURS, (utc_text(hours[0]),
+                                                              utc_text(hours[-1])))}
+    return [hour for hour in hours if utc_text(hour) not in done]
 
 
-def retention_cutoffs(conn: apsw.Connection, settings: Settings, now: float) -> dict[str, str]:
-    """Per table, the time before which rows go; never past the last rolled-up hour."""
-    last = conn.execute(SQL_LAST_ROLLUP).get
-    rolled_through = utc_text(text_epoch(last) + 3600) if last else ""
+def retention_cutoffs(settings: Settings, now: float) -> dict[str, str]:
+    """Per table, the time before which rows go. For the tables the rollup reads, never
+    past the newest complete hour: retention rolls up everything before it first."""
+    rolled_through = utc_text(newest_complete_hour(now) + 3600)
     cutoffs = {}
-    for table, _, setting, rolled in RETENTION:
+    for table, *_, setting, rolled in RETENTION:
         cutoff = utc_text(now - getattr(settings, setting) * 86400)
         cutoffs[table] = min(cutoff, rolled_through) if rolled else cutoff
     return cutoffs
 
 
-def delete_expired(conn: apsw.Connection, table: str, cutoff: str, limit: int) -> tuple[int, float]:
+def _expired(table: str, cutoffs: dict[str, str], limit: int = 0) -> dict:
+    """The parameters of SQL_COUNT_EXPIRED and SQL_DELETE_EXPIRED for one table."""
+    return {"cutoff": cutoffs[table], "limit": limit,
+            "keep_predictions": cutoffs["predictions"], "keep_side_bets": cutoffs["side_bets"]}
+
+
+def delete_expired(conn: apsw.Connection, table: str, cutoffs: dict[str, str],
+                   limit: int) -> tuple[int, float]:
     """Delete up to `limit` expired rows in one short transaction: (rows, seconds)."""
     started = time.perf_counter()
     with transaction(conn):
-        conn.execute(SQL_DELETE_EXPIRED[table], (cutoff, limit))
+        conn.execute(SQL_DELETE_EXPIRED[table], _expired(table, cutoffs, limit))
         deleted = conn.changes()
     return deleted, time.perf_counter() - started
 
@@ -1808,44 +2128,66 @@ def run_retention(conn: apsw.Connection, write: Write, settings: Settings, now: 
                   dry_run: bool = False,
                   latency_for: Callable[[int], Optional[LatencyHistogram]] = lambda hour: None,
                   progress: Callable[[str, int], None] = lambda table, n: None) -> dict[str, int]:
-    """Roll up what is not rolled up yet, then delete expired rows in small transactions."""
-    if not dry_run:
-        oldest_cutoff = max(utc_text(now - getattr(settings, setting) * 86400)
-                            for _, _, setting, rolled in RETENTION if rolled)
-        missing = unrolled_hours(conn, oldest_cutoff, now, settings)
+    """Roll up what is not rolled up yet, then delete expired rows in small transactions.
+
+    A dry run counts exactly what a real run at the same `now` deletes: the cutoffs do
+    not depend on what is rolled up, since a real run rolls up everything they cover.
+    """
+    cutoffs = retention_cutoffs(settings, now)
+    try:
+        if dry_run:
+            return {table: conn.execute(SQL_COUNT_EXPIRED[table], _expired(table, cutoffs)).get
+                    for table, *_ in RETENTION}
+        missing = unrolled_hours(conn, max(cutoffs[table] for table, *_, rolled in RETENTION
+                                           if rolled), now)
         if missing:
             run_rollups(conn, write, missing, now, latency_for)
-    cutoffs = retention_cutoffs(conn, settings, now)
-    removed = {}
-    for table, _, _, _ in RETENTION:
-        if dry_run:
-            removed[table] = conn.execute(SQL_COUNT_EXPIRED[table], (cutoffs[table],)).get
-            continue
-        removed[table], limit = 0, 1000
-        while True:
-            deleted, seconds = write(
-                lambda db, t=table, n=limit: delete_expired(db, t, cutoffs[t], n))
-            removed[table] += deleted
-            progress(table, deleted)
-            if deleted < limit:
-                break
-            if seconds < RETENTION_STEP_SECONDS / 2:
-                limit = min(limit * 2, 50_000)
-            elif seconds > RETENTION_STEP_SECONDS * 2:
-                limit = max(limit // 2, 100)
-    if not dry_run:
+        removed = {}
+        for table, *_ in RETENTION:
+            removed[table], limit = 0, 1000
+            while True:
+                deleted, seconds = write(
+                    lambda db, t=table, n=limit: delete_expired(db, t, cutoffs, n))
+                removed[table] += deleted
+                progress(table, deleted)
+                if deleted < limit:
+                    break
+                if seconds < RETENTION_STEP_SECONDS / 2:
+                    limit = min(limit * 2, 50_000)
+                elif seconds > RETENTION_STEP_SECONDS * 2:
+                    limit = max(limit // 2, 100)
         write(lambda db: record_job(db, "retention", {"deleted": removed}, now))
+    except apsw.Error as exc:
+        raise StoreError(f"retention failed: {describe_error(exc)}", exc) from exc
     return removed
 
 
-def backup_database(db_path: str, dest: str) -> dict:
-    """Copy the live database consistently, check the copy, and never overwrite."""
+_PARTIAL = re.compile(r"^\..+\.partial-(\d+)(?:-journal|-wal|-shm)?$")
+# link() errors that mean "this filesystem has no hard links", not "you may not"
+_NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.EOPNOTSUPP}
+
+
+def backup_name(now: float) -> str:
+    return f"{BACKUP_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}.db"
+
+
+def backup_database(db_path: str, dest: str, now: Optional[float] = None) -> dict:
+    """Copy the live database consistently, check the copy, and never overwrite.
+
+    DEST may be a folder (the copy gets a dated name in it). The copy is made under a
+    hidden name (.NAME.partial-PID) and appears under its own name only once checked, so
+    an interrupted backup leaves nothing that looks like a backup; the next backup into
+    the same folder removes such leftovers.
+    """
     target = Path(dest)
-    if target.exists():
-        raise StoreError(f"{dest} already exists; tedstore backup never overwrites: "
+    if target.is_dir():
+        target = target / backup_name(time.time() if now is None else now)
+    if os.path.lexists(target):
+        raise StoreError(f"{target} already exists; tedstore backup never overwrites: "
                          f"remove it or choose another name")
     if not target.parent.is_dir():
         raise StoreError(f"folder {target.parent} does not exist: create it first")
+    remove_partial_backups(target.parent)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     started = time.monotonic()
     source = connect(db_path, readonly=True)
@@ -1860,25 +2202,71 @@ def backup_database(db_path: str, dest: str) -> dict:
             copy.close()
         if verdict != "ok":
             raise StoreError(f"the copy of {db_path} failed its integrity check: {verdict}")
-        os.link(partial, target)               # fails rather than overwrite
+        _publish(partial, target)
+    except apsw.CantOpenError as exc:
+        raise StoreError(f"cannot write the backup in {target.parent}: check that uid "
+                         f"{os.getuid()} may write there", exc) from exc
     except apsw.Error as exc:
-        raise StoreError(f"cannot back up {db_path} to {dest}: {exc}", exc) from exc
-    except FileExistsError:
-        raise StoreError(f"{dest} appeared during the backup; it was left alone") from None
+        raise StoreError(f"cannot back up {db_path} to {target}: {describe_error(exc)}",
+                         exc) from exc
+    except OSError as exc:
+        raise StoreError(f"cannot write the backup {target}: {exc.strerror or exc}") from exc
     finally:
         source.close()
-        for leftover in (partial, Path(f"{partial}-wal"), Path(f"{partial}-shm")):
+        for leftover in (partial, Path(f"{partial}-journal")):
             leftover.unlink(missing_ok=True)
     return {"path": str(target), "bytes": target.stat().st_size,
             "seconds": round(time.monotonic() - started, 3)}
 
 
+def _publish(partial: Path, target: Path) -> None:
+    """Give the checked copy its name, atomically and without overwriting anything."""
+    try:
+        os.link(partial, target)               # fails rather than overwrite
+    except FileExistsError:
+        raise StoreError(f"{target} appeared during the backup; it was left alone") from None
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(target):            # no hard links here: check, then rename
+            raise StoreError(f"{target} appeared during the backup; it was left alone") from None
+        os.rename(partial, target)
+    folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)                       # the new name survives a power cut
+    finally:
+        os.close(folder)
+
+
+def remove_partial_backups(folder: Path) -> list[str]:
+    """Remove what interrupted backups left in `folder` (their processes are gone)."""
+    removed = []
+    for path in folder.iterdir():
+        match = _PARTIAL.match(path.name)
+        if match and not _process_exists(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:            # someone else's process
+        pass
+    return True
+
+
 def nightly_backup(settings: Settings, now: float) -> dict:
     """A dated backup in TEDSTORE_BACKUP_DIR, keeping the newest TEDSTORE_BACKUP_KEEP."""
     folder = Path(settings.backup_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{BACKUP_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}.db"
-    detail = backup_database(settings.db, str(folder / name))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the backup folder {folder}: {exc.strerror}") from exc
+    detail = backup_database(settings.db, str(folder), now)
     backups = sorted(folder.glob(f"{BACKUP_PREFIX}*.db"))
     for old in backups[:-settings.backup_keep]:
         old.unlink()
@@ -1936,7 +2324,7 @@ class Scheduler(threading.Thread):
             self._conn = connect(self.settings.db, readonly=True)
             self.last.update(last_jobs(self._conn))
         conn, write = self._conn, self._write
-        latency_for = self.writer.latency_by_hour.get
+        latency_for = self.writer.stats.latency_by_hour.get
         if self.rolled_through is None or newest_complete_hour(now) > self.rolled_through:
             hours = hours_to_roll(conn, now, self.settings)
             if hours:
@@ -2024,51 +2412,80 @@ class Daemon:
         self.stopping = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stop: Optional[asyncio.Event] = None
-        self._bound_path: Optional[str] = None
+        self._bound: Optional[tuple[str, int, int]] = None   # (path, device, inode)
+        self.socket_path = settings.socket              # where it listens
         self._lock_fd: Optional[int] = None
 
     def run(self) -> int:
+        """Serve until asked to stop; 0 after a clean drain, 1 if lines were given up on or
+        the writer died (so that systemd's Restart=on-failure applies)."""
+        created: list[str] = []                  # files this start made, gone if it fails
         try:
-            self._lock_database()
+            listener = self._bind()              # first, so that a taken socket creates nothing
+            self._lock_database(created)
+            created += [self.settings.db + suffix for suffix in ("", "-wal", "-shm")
+                        if not os.path.exists(self.settings.db + suffix)]
             conn = open_store(self.settings.db, vfs=self.vfs, synchronous=self.settings.synchronous)
             self.schema = conn.pragma("user_version")
             conn.close()
-            listener = self._listen()
+            listener.listen(1024)                # connections are refused until now
+        except BaseException:
+            self._unlink_socket()
+            for path in created:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            self._unlock()
+            raise
+        try:
             return asyncio.run(self._serve(listener))
         finally:
-            if self._bound_path:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._bound_path)
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
+            self._unlink_socket()
+            self._unlock()
 
     def request_stop(self) -> None:
         """Ask a running daemon to drain and exit; safe from any thread."""
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
 
-    def _lock_database(self) -> None:
+    def _lock_database(self, created: list[str]) -> None:
+        """One daemon per database: an exclusive flock on DB.lock, which holds our pid."""
         path = self.settings.db + ".lock"
+        existed = os.path.exists(path)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         except OSError as exc:
             raise DaemonError(f"cannot create {path}: {exc.strerror}; check that the folder "
                               f"exists and is writable, or set TEDSTORE_DB") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise DaemonError(f"another tedstore (pid {holder}) is already serving "
-                              f"{self.settings.db}: stop it first or set TEDSTORE_DB") from None
+        if not existed:
+            created.append(path)
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS   # `status` may hold it for a moment
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
+                holder = os.read(fd, 32).decode(errors="replace").partition("\n")[0] or "?"
+                os.close(fd)
+                raise DaemonError(f"another tedstore (pid {holder}) is already serving "
+                                  f"{self.settings.db}: stop it first or set TEDSTORE_DB") from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()}\n{self.socket_path}\n".encode())
         self._lock_fd = fd
 
-    def _listen(self) -> socket.socket:
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _bind(self) -> socket.socket:
+        """The socket systemd passed, or our own, bound at TEDSTORE_SOCKET but not listening."""
         inherited = inherited_socket()
         if inherited is not None:
-            log.info("serving the socket systemd passed")
+            self.socket_path = inherited.getsockname() or self.settings.socket
+            log.info("serving the socket systemd passed, %s", self.socket_path)
             return inherited
         path = self.settings.socket
         if os.path.lexists(path):
@@ -2082,14 +2499,31 @@ class Daemon:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
+            bound = os.lstat(path)
+            self._bound = (path, bound.st_dev, bound.st_ino)
             os.chmod(path, int(self.settings.socket_mode, 8))
-            sock.listen(1024)
         except OSError as exc:
             sock.close()
+            self._unlink_socket()
             raise DaemonError(f"cannot listen on {path}: {exc.strerror}; check that its "
                               f"folder exists and is writable, or set TEDSTORE_SOCKET") from exc
-        self._bound_path = path
         return sock
+
+    def _unlink_socket(self) -> None:
+        """Remove the socket file this daemon bound, and only that file: the same path may
+        belong to another daemon by now."""
+        if self._bound is None:
+            return
+        path, device, inode = self._bound
+        self._bound = None
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if (now.st_dev, now.st_ino) == (device, inode):
+            os.unlink(path)
+        else:
+            log.info("left %s alone: it is not the socket this daemon created", path)
 
     async def _serve(self, listener: socket.socket) -> int:
         loop = asyncio.get_running_loop()
@@ -2153,44 +2587,46 @@ class Daemon:
         await asyncio.sleep(0)                 # deliver the acks of the last commits
         await self.server.close_all(timeout=5.0)
         self.scheduler.join(timeout=5.0)
-        log.info("stopped after saving %d records", self.writer.records_saved)
-        return 1 if self.writer.unsaved else 0
+        stats = self.writer.stats
+        log.info("stopped after saving %d records", stats.records_saved)
+        return 1 if stats.unsaved or self.writer.crashed else 0
 
     def _stop_writer(self) -> None:
         self.writer.stop()
         self.writer.join()
 
     def _status_line(self) -> str:
-        writer = self.writer
-        age = f"{time.time() - writer.last_commit:.1f} s ago" if writer.last_commit else "none yet"
-        line = f"queue {writer.queue.events} events, last commit {age}"
-        return f"{line}, FAILING: {writer.failing}" if writer.failing else line
+        stats = self.writer.stats
+        age = f"{time.time() - stats.last_commit:.1f} s ago" if stats.last_commit else "none yet"
+        line = f"queue {self.writer.queue.events} events, last commit {age}"
+        return f"{line}, FAILING: {stats.failing}" if stats.failing else line
 
     def status(self) -> dict:
         """Everything `tedstore status` shows, as the daemon sees it now."""
         writer, server, settings = self.writer, self.server, self.settings
-        latency = writer.latency
+        stats, latency = writer.stats, writer.stats.latency
         return {
             "version": __version__,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "enabled": True,
             "repository": {"enabled": True,
-                           "last_save": (utc_text(writer.last_commit)
-                                         if writer.last_commit else None),
-                           "records_saved": writer.records_saved,
-                           "errors": writer.commit_errors},
+                           "last_save": (utc_text(stats.last_commit)
+                                         if stats.last_commit else None),
+                           "records_saved": stats.records_saved,
+                           "errors": stats.commit_errors},
             "manager": {"enabled": True, "running": writer.is_alive() and not self.stopping,
                         "persist_interval": settings.batch_interval},
-            "writer": {"state": "failing" if writer.failing else "ok", "error": writer.failing,
-                       "batches": writer.batches, "unsaved": writer.unsaved},
+            "writer": {"state": "failing" if stats.failing else "ok", "error": stats.failing,
+                       "batches": stats.batches, "unsaved": stats.unsaved},
             "queue": {"events": writer.queue.events, "bytes": writer.queue.bytes,
                       "max_events": settings.queue_events, "max_bytes": settings.queue_bytes,
                       "full": writer.queue.blocked},
             "connections": {"open": len(server.sessions), "total": server.connections_total,
                             "refused": dict(server.refused)},
-            "events": dict(writer.events_by_type),
-            "rejects": dict(writer.rejects_by_code),
+            "events": dict(stats.events_by_type),
+            "duplicates": dict(stats.duplicates_by_type),
+            "rejects": dict(stats.rejects_by_code),
             "commit_latency_ms": {"avg": latency.mean, "p50": latency.quantile(0.5),
                                   "p99": latency.quantile(0.99)},
             "last_rollup": self.scheduler.last.get("rollup"),
@@ -2199,6 +2635,40 @@ class Daemon:
             "database": database_facts(settings.db) | {"schema_version": self.schema},
             "socket": settings.socket,
         }
+
+
+def serving(db: str) -> Optional[tuple[str, str]]:
+    """(pid, socket path) of the daemon serving database `db`, or None if none runs: a
+    running daemon holds an exclusive lock on DB.lock, in which it wrote both."""
+    try:
+        fd = os.open(db + ".lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, _, path = os.read(fd, 4096).decode(errors="replace").partition("\n")
+            return pid.strip() or "?", path.strip()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def why_unreachable(settings: Settings, exc: ProtocolError) -> tuple[Optional[str], str]:
+    """When the socket does not answer: (the pid of a daemon running anyway, one line)."""
+    running = serving(settings.db)
+    if running is None:
+        return None, f"tedstore is not running: {exc}"
+    pid, path = running
+    if path and path != settings.socket:
+        return pid, (f"tedstore (pid {pid}) serves {settings.db} on {path}, not on "
+                     f"{settings.socket}: use --socket {path} or set TEDSTORE_SOCKET")
+    if not os.path.lexists(settings.socket):
+        return pid, (f"tedstore (pid {pid}) is running on {settings.db}, but its socket "
+                     f"{settings.socket} is gone: restart tedstore to listen again")
+    return pid, f"tedstore (pid {pid}) is running on {settings.db}, but does not answer: {exc}"
 
 
 def stat_is_socket(path: str) -> bool:
@@ -2258,21 +2728,33 @@ def decode_reply(line: bytes) -> dict:
 def request(path: str, op: str, timeout: float = 5.0) -> dict:
     """Send one control line (ping, status) and return the answer."""
     with connect_socket(path, timeout) as sock:
-        sock.sendall(msgspec.json.encode({"op": op}) + b"\n")
+        try:
+            sock.sendall(msgspec.json.encode({"op": op}) + b"\n")
+        except OSError:
+            pass                 # it hung up at once: what it said first tells why
         reply = b""
         while not reply.endswith(b"\n"):
             try:
                 data = sock.recv(65536)
             except OSError as exc:
-                raise ProtocolError(f"tedstore at {path} did not answer {op}: {exc}") from exc
+                raise ProtocolError(f"tedstore at {path} did not answer {op}: "
+                                    f"{exc.strerror or exc}") from exc
             if not data:
                 raise ProtocolError(f"tedstore at {path} closed the connection instead of "
                                     f"answering {op}")
             reply += data
     answer = decode_reply(reply.split(b"\n")[0])
-    if "error" in answer:
-        raise ProtocolError(f"tedstore at {path} refused: {answer['error']}")
+    refusal = refusal_of(answer)
+    if refusal:
+        raise ProtocolError(f"tedstore at {path} refused the connection: {refusal}")
     return answer
+
+
+def refusal_of(reply: dict) -> Optional[str]:
+    """Why the daemon refused a whole connection (not one line), if this reply says so."""
+    if reply.get("rejected", 0) == 0 and "error" in reply:   # line 0: the connection itself
+        return str(reply["error"])
+    return None
 
 
 class StreamResult(msgspec.Struct):
@@ -2295,6 +2777,7 @@ def stream_lines(path: str, blocks: Iterable[bytes], *, rate: Optional[float] = 
     result = StreamResult()
     source, exhausted = iter(blocks), False
     outgoing, replies = bytearray(), b""
+    hung_up: Optional[OSError] = None
     sent_at: collections.deque = collections.deque()       # (last line of block, time)
     started = last_heard = time.monotonic()
     selector = selectors.DefaultSelector()
@@ -2324,23 +2807,26 @@ def stream_lines(path: str, blocks: Iterable[bytes], *, rate: Optional[float] = 
             now = time.monotonic()
             for _, mask in events:
                 if mask & selectors.EVENT_WRITE:
-                    with contextlib.suppress(BlockingIOError):
+                    try:
                         del outgoing[:sock.send(outgoing)]
+                    except BlockingIOError:
+                        pass
+                    except OSError as exc:      # it hung up: read what it said before
+                        hung_up, exhausted = exc, True
+                        outgoing.clear()
                 if mask & selectors.EVENT_READ:
                     try:
                         data = sock.recv(262144)
                     except BlockingIOError:
                         continue
                     except OSError as exc:
-                        data, reason = b"", exc
-                    else:
-                        reason = None
+                        data, hung_up = b"", hung_up or exc
                     if not data:
+                        reason = f" ({hung_up.strerror or hung_up})" if hung_up else ""
                         raise ProtocolError(
                             f"tedstore closed the connection after acknowledging "
-                            f"{result.acked} of {result.lines} lines"
-                            + (f" ({reason})" if reason else "")
-                            + "; send the rest again, duplicates are harmless")
+                            f"{result.acked:,} of {result.lines:,} lines{reason}; send the "
+                            f"rest again, duplicates are harmless")
                     last_heard = now
                     replies += data
                     *complete, replies = replies.split(b"\n")
@@ -2357,6 +2843,10 @@ def stream_lines(path: str, blocks: Iterable[bytes], *, rate: Optional[float] = 
 
 
 def _take_reply(reply: dict, result: StreamResult, sent_at: collections.deque, now: float) -> None:
+    refusal = refusal_of(reply)
+    if refusal:
+        raise ProtocolError(f"tedstore refused the connection after acknowledging "
+                            f"{result.acked:,} of {result.lines:,} lines: {refusal}")
     if "ack" in reply:
         result.acked = reply["ack"]
         while sent_at and sent_at[0][0] <= result.acked:
@@ -2364,10 +2854,52 @@ def _take_reply(reply: dict, result: StreamResult, sent_at: collections.deque, n
             result.latencies_ms.append((now - at) * 1000)
     elif "rejected" in reply:
         result.rejections.append((reply["rejected"], reply.get("code"), reply.get("error")))
-        if reply["rejected"] == 0:
-            raise ProtocolError(f"tedstore refused the connection: {reply.get('error')}")
-    elif "error" in reply:
-        raise ProtocolError(f"tedstore refused the connection: {reply['error']}")
+
+
+class Trouble:
+    """One kind of trouble a client has: logged when it starts, then at most once every
+    TROUBLE_LOG_SECONDS with a count, and once when it ends. Never a line per event, so a
+    tracker that sends 100,000 bad events writes a handful of log lines."""
+
+    def __init__(self, noun: str):
+        self.noun = noun               # what is counted, in the plural: "rejected events"
+        self.active = False
+        self.total = 0                 # occurrences since it started
+        self.unlogged = 0              # occurrences since the last log line
+        self.latest = ""
+        self.since = self.logged_at = 0.0
+        self._lock = threading.Lock()
+
+    def happened(self, detail: str, now: Optional[float] = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self.total += 1
+            self.latest = detail
+            if self.active:
+                self.unlogged += 1
+            else:
+                self.active, self.since, self.logged_at = True, now, now
+                log.warning("tedstore client: %s", detail)
+        self.tick(now)
+
+    def tick(self, now: Optional[float] = None) -> None:
+        """Log the count so far, if the last line is TROUBLE_LOG_SECONDS old."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if not self.unlogged or now - self.logged_at < TROUBLE_LOG_SECONDS:
+                return
+            count, self.unlogged, self.logged_at = self.unlogged, 0, now
+        log.warning("tedstore client: %d more %s in the last %.0f s; the latest: %s",
+                    count, self.noun, TROUBLE_LOG_SECONDS, self.latest)
+
+    def ended(self, how: str, now: Optional[float] = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if not self.active:
+                return
+            self.active, total, self.total, self.unlogged = False, self.total, 0, 0
+        log.warning("tedstore client: %s, after %d %s over %.0f s",
+                    how, total, self.noun, now - self.since)
 
 
 class Client:
@@ -2376,7 +2908,8 @@ class Client:
     Lines wait in a bounded buffer until acknowledged; after a reconnect everything not
     yet acknowledged is sent again (the store is idempotent). When the buffer is full
     the oldest line is dropped and counted. Counters: sent (accepted by send), acked
-    (stored), rejected (refused by tedstore), dropped (never delivered).
+    (stored), rejected (refused by tedstore), dropped (never delivered); `connected`
+    says whether a connection is up.
     """
 
     def __init__(self, socket_path: Optional[str] = None, *, buffer_size: int = 100_000):
@@ -2385,6 +2918,7 @@ class Client:
         self.socket_path = settings.socket
         self.buffer_size = buffer_size
         self.sent = self.acked = self.rejected = self.dropped = 0
+        self.connected = False
         self._pending: collections.deque = collections.deque()   # unacknowledged lines
         self._in_flight = 0        # how many of them went out on the current connection
         self._first_line = 1       # that connection's number for _pending[0]
@@ -2393,6 +2927,9 @@ class Client:
         self._settled = threading.Condition(threading.Lock())
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
+        self._troubles = {"connection": Trouble("failed connections"),
+                          "rejected": Trouble("rejected events"),
+                          "dropped": Trouble("dropped events")}
         self._thread = threading.Thread(target=self._run, name="tedstore-client", daemon=True)
         if self.enabled:
             self._thread.start()
@@ -2406,13 +2943,15 @@ class Client:
         except (TypeError, ValueError, msgspec.EncodeError) as exc:
             with self._settled:
                 self.dropped += 1
-            log.warning("tedstore client dropped an event it cannot encode: %s", exc)
+            self._troubles["dropped"].happened(f"dropped an event that cannot be encoded as "
+                                               f"JSON ({exc})")
             return
         with self._settled:
             if self._closing:
                 self.dropped += 1
                 return
-            if len(self._pending) >= self.buffer_size:
+            full = len(self._pending) >= self.buffer_size
+            if full:
                 self._pending.popleft()
                 self.dropped += 1
                 if self._in_flight:
@@ -2420,6 +2959,10 @@ class Client:
                     self._first_line += 1
             self._pending.append(line)
             self.sent += 1
+        if full:
+            self._troubles["dropped"].happened(
+                f"dropped the oldest event: the buffer is full ({self.buffer_size:,} events "
+                f"not yet acknowledged)")
         self._wake()
 
     def flush(self, timeout: Optional[float] = None) -> bool:
@@ -2434,11 +2977,16 @@ class Client:
         flushed = self.flush(timeout)
         with self._settled:
             self._closing = True
+            left = len(self._pending)
         self._wake()
         if self._thread.is_alive():
             self._thread.join(timeout)
         self._wake_r.close()
         self._wake_w.close()
+        self._troubles["connection"].ended(
+            f"closed with {left:,} events not delivered" if left else "closed")
+        self._troubles["rejected"].ended("closed")
+        self._troubles["dropped"].ended("closed")
         return flushed
 
     def __enter__(self) -> "Client":
@@ -2452,67 +3000,87 @@ class Client:
             self._wake_w.send(b"\0")
 
     def _run(self) -> None:
-        backoff, sock, last_problem = 0.05, None, ""
+        backoff, sock = 0.05, None
+        trouble = self._troubles["connection"]
         while True:
             with self._settled:
                 if self._closing:
                     break
+            for kind in self._troubles.values():
+                kind.tick()
             if sock is None:
                 try:
                     sock = connect_socket(self.socket_path, timeout=2.0)
                 except ProtocolError as exc:
-                    log.debug("%s", exc)
+                    trouble.happened(f"{exc}; events wait in the client's buffer")
                     self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
                 sock.setblocking(False)
                 with self._settled:
                     self._in_flight, self._first_line, self._rejected_unacked = 0, 1, 0
+                self.connected = True
             try:
                 self._exchange(sock)
                 backoff = 0.05
             except (OSError, ProtocolError) as exc:
-                if str(exc) != last_problem:       # say it once, not at every retry
-                    log.warning("tedstore connection lost: %s; reconnecting", exc)
-                    last_problem = str(exc)
+                trouble.happened(str(exc) if isinstance(exc, ProtocolError) else
+                                 f"lost the connection to tedstore at {self.socket_path} "
+                                 f"({exc.strerror or exc}); reconnecting")
+                self.connected = False
                 sock.close()
                 sock = None
                 self._sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+        self.connected = False
         if sock is not None:
             sock.close()
 
     def _exchange(self, sock: socket.socket) -> None:
         """Run one connection until it breaks or the client closes."""
-        outgoing, replies = b"", b""
+        outgoing, replies, hung_up = b"", b"", None
         while True:
             with self._settled:
                 if self._closing:
                     return
-                if not outgoing and self._in_flight < len(self._pending):
+                if not outgoing and not hung_up and self._in_flight < len(self._pending):
                     lines = list(itertools.islice(self._pending, self._in_flight,
                                                   self._in_flight + 1000))
                     outgoing = b"".join(lines)
                     self._in_flight += len(lines)
             readable, writable, _ = select.select([sock, self._wake_r],
                                                   [sock] if outgoing else [], [], 1.0)
+            for kind in self._troubles.values():
+                kind.tick()
             if self._wake_r in readable:
                 self._wake_r.recv(4096)
             if writable:
-                with contextlib.suppress(BlockingIOError):
+                try:
                     outgoing = outgoing[sock.send(outgoing):]
+                except BlockingIOError:
+                    pass
+                except OSError as exc:      # it hung up: read what it said before
+                    hung_up, outgoing = exc, b""
             if sock in readable:
-                data = sock.recv(65536)
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    continue
                 if not data:
-                    raise ProtocolError("tedstore closed the connection")
+                    raise hung_up or ProtocolError(f"tedstore at {self.socket_path} closed "
+                                                   f"the connection; reconnecting")
                 replies += data
                 *complete, replies = replies.split(b"\n")
                 for reply in complete:
                     self._take(decode_reply(reply))
 
     def _take(self, reply: dict) -> None:
-        with self._settled:
-            if "ack" in reply:
+        refusal = refusal_of(reply)
+        if refusal:
+            raise ProtocolError(f"tedstore at {self.socket_path} refused the connection: "
+                                f"{refusal}")
+        if "ack" in reply:
+            with self._settled:
                 done = max(0, min(reply["ack"] - self._first_line + 1, self._in_flight))
                 for _ in range(done):
                     self._pending.popleft()
@@ -2521,13 +3089,13 @@ class Client:
                 self.acked += done - min(done, self._rejected_unacked)
                 self._rejected_unacked = 0
                 self._settled.notify_all()
-            elif "rejected" in reply and reply["rejected"] > 0:
+            self._troubles["connection"].ended("tedstore acknowledges events again")
+        elif "rejected" in reply:
+            with self._settled:
                 self.rejected += 1
                 self._rejected_unacked += 1
-                log.warning("tedstore rejected an event (%s): %s", reply.get("code"),
-                            reply.get("error"))
-            elif "error" in reply or "rejected" in reply:
-                raise ProtocolError(f"tedstore refused the connection: {reply.get('error')}")
+            self._troubles["rejected"].happened(f"tedstore rejected an event "
+                                                f"({reply.get('code')}): {reply.get('error')}")
 
     def _sleep(self, seconds: float) -> None:
         select.select([self._wake_r], [], [], seconds)
@@ -2680,11 +3248,10 @@ def ingest_offline(conn: apsw.Connection, blocks: Iterable[bytes], settings: Set
     lines, rejections, pending = 0, [], []
 
     def flush() -> None:
-        batch = IngestBatch(pending, settings.tick_sample_every, settings.payout_multiplier)
+        batch = IngestBatch(pending, settings)
         with transaction(conn):
             batch.write(conn, time.time())
-        rejections.extend(sorted((line, code, message)
-                                 for _, line, code, message, _ in batch.rejects))
+        rejections.extend(sorted((r.line_no, r.code, r.error) for r in batch.rejects))
         progress(sum(chunk.count for chunk in pending))
         pending.clear()
 
@@ -2714,7 +3281,10 @@ class TedstoreGroup(click.Group):
         except TedstoreError as exc:
             raise click.ClickException(str(exc)) from None
         except apsw.Error as exc:
-            raise click.ClickException(f"database error: {exc}") from None
+            raise click.ClickException(f"database error: {describe_error(exc)}") from None
+        except OSError as exc:           # a file or pipe the user named, not a bug of ours
+            where = f": {exc.filename}" if exc.filename else ""
+            raise click.ClickException(f"{exc.strerror or exc}{where}") from None
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -2889,7 +3459,9 @@ def status(config: Optional[str], db: Optional[str], socket: Optional[str], as_j
     try:
         answer = request(settings.socket, "status")["status"]
     except ProtocolError as exc:
-        offline = {"running": False, "error": str(exc), "database": database_facts(settings.db)}
+        pid, why = why_unreachable(settings, exc)
+        offline = {"running": pid is not None, "answering": False, "pid": pid, "error": why,
+                   "database": database_facts(settings.db)}
         if os.path.exists(settings.db):
             with contextlib.closing(connect(settings.db, readonly=True)) as conn:
                 offline["database"]["schema_version"] = conn.pragma("user_version")
@@ -2897,7 +3469,7 @@ def status(config: Optional[str], db: Optional[str], socket: Optional[str], as_j
         if as_json:
             _echo_json(offline)
         else:
-            click.echo(f"tedstore is not running: {exc}")
+            click.echo(why)
             _print_tree({"database": offline["database"], "jobs": offline.get("jobs")})
         sys.exit(1)
     if as_json:
@@ -2958,7 +3530,7 @@ def diagnose(settings: Settings, now: float) -> Iterator[tuple[bool, str]]:
         pong = request(settings.socket, "ping", timeout=3.0)
         yield pong.get("pong") is True, f"daemon answers on {settings.socket}"
     except ProtocolError as exc:
-        yield False, str(exc)
+        yield False, why_unreachable(settings, exc)[1]
     wal = database_facts(settings.db)["wal_bytes"] or 0
     yield (wal <= 4 * JOURNAL_SIZE_LIMIT,
            f"WAL is {wal / 1e6:.1f} MB" + ("" if wal <= 4 * JOURNAL_SIZE_LIMIT else
@@ -3027,7 +3599,12 @@ def import_(config: Optional[str], db: Optional[str], socket: Optional[str],
             result = stream_lines(settings.socket, source.blocks(), progress=bar.advance_to)
             lines, rejections, via = result.lines, result.rejections, "the daemon"
         else:
-            with contextlib.closing(open_store(settings.db,
+            if not os.path.exists(settings.db):
+                raise StoreError(f"no tedstore answers at {settings.socket}, and database "
+                                 f"{settings.db} does not exist: start the daemon (tedstore "
+                                 f"serve), create the database (tedstore init), or fix "
+                                 f"--socket/--db")
+            with contextlib.closing(open_store(settings.db, create=False,
                                                synchronous=settings.synchronous)) as conn:
                 lines, rejections = ingest_offline(conn, source.blocks(), settings, bar.advance)
             via = settings.db
@@ -3120,7 +3697,7 @@ def retention(config: Optional[str], db: Optional[str], dry_run: bool, as_json: 
     now = time.time()
     with contextlib.closing(open_store(settings.db, create=False,
                                        synchronous=settings.synchronous)) as conn:
-        removed = run_retention(conn, lambda fn: fn(conn), settings, now, dry_run=dry_run)
+        removed = run_retention(conn, yielding_write(conn), settings, now, dry_run=dry_run)
     if as_json:
         _echo_json({"dry_run": dry_run, "deleted" if not dry_run else "would_delete": removed})
         return
@@ -3149,7 +3726,7 @@ def rollup(config: Optional[str], db: Optional[str], since: Optional[str], as_js
                                        synchronous=settings.synchronous)) as conn:
         hours = hours_to_roll(conn, now, settings, since=start)
         with _progress(len(hours), "rolling up") as bar:
-            detail = run_rollups(conn, lambda fn: fn(conn), hours, now, progress=bar.advance)
+            detail = run_rollups(conn, yielding_write(conn), hours, now, progress=bar.advance)
     if as_json:
         _echo_json(detail)
     elif hours:

@@ -240,6 +240,12 @@ def side_bet(game: str, at: int, recommendation: str = "BET", **extra) -> dict:
             "expected_value": 0.2, "confidence": 0.6, "recommendation": recommendation, **extra}
 
 
+# Retention long enough for the fixed instants (2025) that the lifecycle tests pin down;
+# the timestamp bounds themselves are tested with the real defaults.
+LONG_RETENTION = {f"{table}_retention_days": 36500
+                  for table in ("tick", "prediction", "sidebet", "game", "metrics")}
+
+
 class Store:
     """A real database file fed through the same batches the writer commits."""
 
@@ -248,11 +254,12 @@ class Store:
         self.settings = tedstore.load_settings(db=self.path, **overrides)
         self.conn = tedstore.open_store(self.path)
 
-    def send(self, *events, batch_size: int | None = None) -> list[tuple[int, str, str]]:
+    def send(self, *events, batch_size: int | None = None,
+             settings: tedstore.Settings | None = None) -> list[tuple[int, str, str]]:
         lines = [msgspec.json.encode(e) + b"\n" if not isinstance(e, bytes) else e + b"\n"
                  for e in events]
         size = batch_size or len(lines) or 1
-        settings = msgspec.structs.replace(self.settings, batch_size=size)
+        settings = msgspec.structs.replace(settings or self.settings, batch_size=size)
         _, rejections = tedstore.ingest_offline(self.conn, lines, settings)
         return rejections
 
@@ -265,7 +272,7 @@ class Store:
 
 @pytest.fixture
 def store(tmp):
-    store = Store(tmp / "t.db")
+    store = Store(tmp / "t.db", **LONG_RETENTION)
     yield store
     store.conn.close()
 

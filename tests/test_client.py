@@ -212,10 +212,52 @@ def test_a_stranger_on_the_socket_is_one_clear_line(tmp):
     server.close()
 
 
-def test_a_refused_client_says_why_in_the_log(daemon_factory, caplog):
+def client_log(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "tedstore"]
+
+
+def test_a_refused_client_says_why_once_however_often_it_retries(daemon_factory, caplog):
     daemon = daemon_factory(env={"TEDSTORE_ALLOW_UIDS": "12345"})
     client = tedstore.Client(daemon.socket)
     client.send(prediction("x", 1, 2))
-    assert client.flush(1.0) is False
+    wait_for(lambda: client._troubles["connection"].total >= 5, what="five refused connections")
+    assert client.connected is False
     client.close(timeout=0.1)
-    assert "TEDSTORE_ALLOW_UIDS" in caplog.text and caplog.text.count("connection lost") == 1
+    lines = client_log(caplog)
+    assert lines[0] == (f"tedstore client: tedstore at {daemon.socket} refused the connection: "
+                        f"uid {os.getuid()} is not allowed to send to tedstore "
+                        f"(TEDSTORE_ALLOW_UIDS)")
+    assert len(lines) == 2 and lines[1].startswith("tedstore client: closed with 1 events not "
+                                                   "delivered, after ")
+
+
+def test_an_unreachable_daemon_is_one_warning_then_a_count_now_and_then(tmp, caplog,
+                                                                         monkeypatch):
+    monkeypatch.setattr(tedstore, "TROUBLE_LOG_SECONDS", 0.3)
+    path = str(tmp / "nobody.sock")
+    client = tedstore.Client(path)
+    client.send(prediction("x", 1, 2))
+    wait_for(lambda: any("more failed connections" in line for line in client_log(caplog)),
+             what="a count of failed connections")
+    client.close(timeout=0.1)
+    lines = client_log(caplog)
+    assert lines[0].startswith(f"tedstore client: cannot reach tedstore at {path}: ")
+    assert lines[0].endswith("events wait in the client's buffer")
+    assert "more failed connections in the last 0 s; the latest: cannot reach" in lines[1]
+    assert "closed with 1 events not delivered" in lines[-1]
+    attempts = sum(int(line.split()[2]) for line in lines[1:-1]) + 1
+    assert len(lines) < attempts + 2                  # fewer lines than attempts
+
+
+def test_a_flood_of_bad_events_writes_a_handful_of_log_lines(daemon, caplog):
+    with tedstore.Client(daemon.socket) as client:
+        for _ in range(100_000):
+            client.send({"event": "prediction", "game_id": "no fields"})
+        assert client.flush(120)
+        assert client.connected is True
+        assert (client.rejected, client.acked, client.dropped) == (100_000, 0, 0)
+    lines = client_log(caplog)
+    assert lines[0].startswith("tedstore client: tedstore rejected an event (bad_event): "
+                               "prediction: Object missing required field")
+    assert lines[-1].startswith("tedstore client: closed, after 100000 rejected events over")
+    assert len(lines) <= 3              # and a count a minute, had it taken that long

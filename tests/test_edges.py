@@ -37,16 +37,18 @@ def write_log(path, lines) -> None:
 
 
 def test_import_without_a_daemon_goes_straight_into_the_database(tmp):
+    played = int(time.time()) - 3600
     log = tmp / "old.ndjson"
-    write_log(log, [prediction("imp", 1, 50, ts=1_700_000_000), "{broken",
+    write_log(log, [prediction("imp", 1, 50, ts=played), "{broken",
                     {"event": "gameEnd", "gameId": "imp", "tick": 40, "finalPrice": 0.1,
-                     "ts": 1_700_000_100}])
+                     "ts": played + 100}])
     db = str(tmp / "t.db")
+    assert run_cli("init", "--db", db).returncode == 0
     result = run_cli("import", "--db", db, "--socket", str(tmp / "none.sock"), str(log))
     assert result.returncode == 1
     assert f"{log}:2: bad_json" in result.stderr and f"into {db}" in result.stderr
     assert query(db, "SELECT raw_error, resolved_at FROM predictions") == \
-        [(10, "2023-11-14 22:15:00.000")]
+        [(10, tedstore.utc_text(played + 100))]
     assert query(db, "SELECT line_no, code FROM rejects") == [(2, "bad_json")]
     again = run_cli("import", "--db", db, "--socket", str(tmp / "none.sock"), str(log))
     assert query(db, "SELECT count(*) FROM predictions") == [(1,)]        # replay is idempotent
@@ -90,11 +92,11 @@ def test_a_shutdown_on_a_full_disk_acks_nothing_and_exits_non_zero(inprocess, mo
     conn.wait_ack(1)
     writer.run_task(lambda db: db.pragma("max_page_count", db.pragma("page_count")))
     conn.send(*[prediction("full", i, i + 1) for i in range(2000)])   # several batches
-    wait_for(lambda: writer.failing, what="the full disk")
+    wait_for(lambda: writer.stats.failing, what="the full disk")
     started = time.monotonic()
     assert daemon.stop() == 1
     assert time.monotonic() - started < 10     # one grace period, not one per queued batch
-    assert 0 < writer.unsaved <= 2000            # lines still unread at the drain were never taken
+    assert 0 < writer.stats.unsaved <= 2000            # lines still unread at the drain were never taken
     assert "giving up on" in caplog.text and "not acknowledged" in caplog.text
     with pytest.raises(ConnectionError):         # read every reply until the daemon hangs up
         while True:

@@ -50,18 +50,19 @@ def test_batches_never_exceed_the_batch_size(daemon_factory):
 
 
 def test_a_duplicate_is_acked_and_changes_nothing(daemon):
+    first_seen = int(time.time()) - 3600
     first = daemon.connect()
     first.send(prediction("g", 10, 90), {"event": "gameStart", "gameId": "g", "tick": 0,
-                                         "price": 1.0, "ts": 1_700_000_000})
+                                         "price": 1.0, "ts": first_seen})
     first.wait_ack(2)
     before = daemon.query("SELECT * FROM predictions")
     second = daemon.connect()
     second.send(prediction("g", 10, 95), {"event": "gameStart", "gameId": "g", "tick": 3,
-                                          "price": 9.0, "ts": 1_800_000_000})
+                                          "price": 9.0, "ts": first_seen + 600})
     assert second.wait_ack(2) == []
     assert daemon.query("SELECT * FROM predictions") == before
     assert daemon.query("SELECT start_tick, peak_price, started_at FROM games") == \
-        [(0, 1.0, "2023-11-14 22:13:20.000")]
+        [(0, 1.0, tedstore.utc_text(first_seen))]
 
 
 BAD_LINES = [

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tedstore
-from conftest import Store, prediction, side_bet
+from conftest import LONG_RETENTION, Store, prediction, side_bet
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -217,11 +217,11 @@ def generated_game(rng: random.Random, number: int) -> list[dict]:
 def test_shuffled_and_duplicated_streams_give_the_same_tables(tmp, seed, games, batch, duplicates):
     rng = random.Random(seed)
     events = [e for number in range(games) for e in generated_game(rng, number)]
-    in_order = Store(tmp / f"a{seed}-{batch}.db")
+    in_order = Store(tmp / f"a{seed}-{batch}.db", **LONG_RETENTION)
     assert in_order.send(*events, batch_size=len(events)) == []
     replayed = events + [e for e in events if rng.random() < duplicates]
     rng.shuffle(replayed)
-    shuffled = Store(tmp / f"b{seed}-{batch}.db")
+    shuffled = Store(tmp / f"b{seed}-{batch}.db", **LONG_RETENTION)
     assert shuffled.send(*replayed, batch_size=batch) == []
     assert snapshot(shuffled) == snapshot(in_order)
     # replaying everything once more changes nothing
@@ -234,7 +234,8 @@ def test_shuffled_and_duplicated_streams_give_the_same_tables(tmp, seed, games, 
 
 # -- timestamps -----------------------------------------------------------------------------------
 
-def test_ts_forms_land_on_the_same_instant_in_the_database(daemon):
+def test_ts_forms_land_on_the_same_instant_in_the_database(daemon_factory):
+    daemon = daemon_factory(env={"PREDICTION_RETENTION_DAYS": "36500"})
     forms = [1_763_800_215.25, 1_763_800_215_250, "2025-11-22T08:30:15.250Z",
              "2025-11-22T10:30:15.250+02:00", "2025-11-22T03:00:15.250-05:30"]
     conn = daemon.connect()
@@ -268,7 +269,7 @@ def test_reader_restores_a_trackers_buffers_while_the_daemon_writes(daemon):
     """A tracker restarts: its deques refill from the Reader, newest last, bounded as before."""
     from collections import deque
     with tedstore.Client(daemon.socket) as client:
-        for event in tedstore.simulate_events(8, seed=11, start=1_763_800_000):
+        for event in tedstore.simulate_events(8, seed=11):
             client.send(event)
         client.send({"event": "state", "key": "tracker.model", "value": {"epoch": 12}})
         assert client.flush(30)
@@ -284,7 +285,7 @@ def test_reader_restores_a_trackers_buffers_while_the_daemon_writes(daemon):
         assert reader.game("no-such-game") is None
         # the daemon keeps writing while the reader is open
         conn = daemon.connect()
-        conn.send(prediction("later", 1, 2, ts=1_900_000_000))
+        conn.send(prediction("later", 1, 2))                  # received now: the newest
         conn.wait_ack(1)
         assert reader.recent_predictions(1)[0]["game_id"] == "later"
     stored = daemon.query("SELECT count(*) FROM predictions")[0][0]

@@ -15,7 +15,7 @@ import apsw
 import pytest
 
 import tedstore
-from conftest import Conn, Store, WatchedVFS, prediction, query, side_bet, wait_for
+from conftest import LONG_RETENTION, Conn, Store, WatchedVFS, prediction, query, side_bet, wait_for
 
 HOUR = tedstore.text_epoch("2026-11-20 10:00:00.000")
 
@@ -163,7 +163,7 @@ def test_the_daemon_rolls_up_its_own_commit_latency(inprocess):
     daemon.daemon.scheduler.join(10)
     now = time.time()
     tedstore.Scheduler(daemon.settings, daemon.daemon.writer).run_due(now + 2 * 3600)
-    measured = daemon.daemon.writer.latency_by_hour[tedstore.hour_floor(now)]
+    measured = daemon.daemon.writer.stats.latency_by_hour[tedstore.hour_floor(now)]
     row = query(daemon.db, "SELECT avg_commit_latency_ms, p99_commit_latency_ms, predictions_made "
                            "FROM metrics_hourly WHERE hour_start = ?",
                 (tedstore.utc_text(tedstore.hour_floor(now)),))
@@ -187,17 +187,20 @@ def test_rollup_cli_recomputes_a_range(tmp):
 # -- retention -----------------------------------------------------------------------------
 
 def aged_store(tmp, **settings) -> tuple[Store, float]:
-    """Data at 1, 10, 100 and 200 days old, in every table."""
+    """Data at 1, 10, 100 and 200 days old, in every table: rows that aged in place (sent
+    with a retention that accepted them), now under `settings`."""
     now = time.time()
     store = Store(tmp / "aged.db", **settings)
+    accepting = tedstore.load_settings(db=store.path, **LONG_RETENTION)
     for days in (1, 10, 100, 200):
         ts = (now - days * 86400) * 1000
         game = f"d{days}"
-        store.send({"event": "gameStart", "gameId": game, "tick": 0, "price": 1.0, "ts": ts},
-                   *[{"event": "priceUpdate", "gameId": game, "tick": n, "price": 1.5, "ts": ts}
-                     for n in (10, 20)],
-                   prediction(game, 5, 50, ts=ts), side_bet(game, 5, ts=ts),
-                   {"event": "gameEnd", "gameId": game, "tick": 40, "finalPrice": 0.1, "ts": ts})
+        events = [{"event": "gameStart", "gameId": game, "tick": 0, "price": 1.0, "ts": ts},
+                  *[{"event": "priceUpdate", "gameId": game, "tick": n, "price": 1.5, "ts": ts}
+                    for n in (10, 20)],
+                  prediction(game, 5, 50, ts=ts), side_bet(game, 5, ts=ts),
+                  {"event": "gameEnd", "gameId": game, "tick": 40, "finalPrice": 0.1, "ts": ts}]
+        assert store.send(*events, settings=accepting) == []
         store.conn.execute("INSERT INTO rejects (received_at, line_no, code, error) "
                            "VALUES (?, 1, 'bad_json', 'x')", (tedstore.utc_text(ts / 1000),))
     return store, now
@@ -235,12 +238,54 @@ def test_retention_rolls_up_before_it_deletes(tmp):
                           "WHERE hour_start = ?", (hour,)) == [(1, 1)]
 
 
-def test_retention_cutoff_stops_at_the_last_rollup(tmp):
-    store, now = aged_store(tmp)
-    cutoffs = tedstore.retention_cutoffs(store.conn, store.settings, now)
-    assert cutoffs["predictions"] == cutoffs["games"] == cutoffs["rejects"] == ""
-    assert cutoffs["tick_samples"] == tedstore.utc_text(now - 7 * 86400)
-    assert tedstore.delete_expired(store.conn, "predictions", cutoffs["predictions"], 100)[0] == 0
+def test_retention_cutoffs_never_pass_the_newest_complete_hour():
+    """What the rollup reads is deleted only up to the hours retention can roll up first."""
+    settings = tedstore.load_settings(prediction_retention_days=0.001, sidebet_retention_days=0.001,
+                                      tick_retention_days=0.001)
+    now = HOUR + 1800
+    cutoffs = tedstore.retention_cutoffs(settings, now)
+    assert cutoffs["predictions"] == cutoffs["side_bets"] == cutoffs["rejects"] == \
+        tedstore.utc_text(HOUR)                          # the end of the newest complete hour
+    assert cutoffs["tick_samples"] == tedstore.utc_text(now - 86.4)
+
+
+def test_dry_run_counts_exactly_what_the_run_deletes(tmp):
+    """No rollups yet, and games kept shorter than their predictions: the dry run still
+    agrees with the run that follows, and writes nothing."""
+    store, now = aged_store(tmp, game_retention_days=5)
+    write = local_write(store.conn)
+    planned = tedstore.run_retention(store.conn, write, store.settings, now, dry_run=True)
+    assert store.rows("SELECT count(*) FROM metrics_hourly") == [(0,)]
+    removed = tedstore.run_retention(store.conn, write, store.settings, now)
+    assert removed == planned
+    # d10's game is older than 5 days, but its prediction and side bet are kept: so is it
+    assert planned["games"] == 2
+    assert store.rows("SELECT game_id FROM games ORDER BY game_id") == [("d1",), ("d10",)]
+    orphans = store.rows("SELECT count(*) FROM predictions p WHERE NOT EXISTS "
+                         "(SELECT 1 FROM games g WHERE g.game_id = p.game_id)")
+    assert orphans == [(0,)]
+
+
+def test_catch_up_is_bounded_by_the_horizon_and_steps_over_empty_hours(tmp):
+    """Rows from before the timestamp bounds (1970, 2001) cost one rollup per hour that
+    holds data, not one per hour since 1970; retention rolls them up, then deletes them."""
+    store = Store(tmp / "h.db", metrics_retention_days=36500)
+    store.conn.execute(
+        "INSERT INTO predictions (game_id, predicted_at_tick, predicted_end_tick, confidence, "
+        "model_version, created_at) VALUES ('a', 1, 2, 0.5, 'v', '1970-01-01 00:00:05.000'), "
+        "('b', 1, 2, 0.5, 'v', '2001-09-09 01:46:40.000')")
+    assert store.send(prediction("c", 1, 2)) == []
+    now = time.time()
+    hours = tedstore.hours_to_roll(store.conn, now, store.settings)
+    assert hours[0] == tedstore.rollup_floor(now, store.settings)
+    assert len(hours) <= 180 * 24 + 1
+    cutoff = tedstore.retention_cutoffs(store.settings, now)["predictions"]
+    assert tedstore.unrolled_hours(store.conn, cutoff, now) == \
+        [0, tedstore.hour_floor(tedstore.text_epoch("2001-09-09 01:46:40.000"))]
+    removed = tedstore.run_retention(store.conn, local_write(store.conn), store.settings, now)
+    assert removed["predictions"] == 2
+    assert store.rows("SELECT hour_start, predictions_made FROM metrics_hourly ORDER BY 1") == \
+        [("1970-01-01 00:00:00.000", 1), ("2001-09-09 01:00:00.000", 1)]
 
 
 def test_retention_follows_the_configured_days(tmp):
@@ -466,7 +511,8 @@ def test_doctor_passes_on_a_healthy_deployment_and_names_what_to_fix(daemon, tmp
     assert all(line.startswith("ok") for line in healthy.stdout.splitlines())
     assert "daemon answers" in healthy.stdout and "GB free" in healthy.stdout
     down = cli("doctor", "--db", daemon.db, "--socket", str(tmp / "elsewhere.sock"))
-    assert down.returncode == 1 and "FAIL cannot reach tedstore" in down.stdout
+    assert down.returncode == 1 and f"FAIL tedstore (pid {daemon.proc.pid}) serves {daemon.db} on " \
+        f"{daemon.socket}, not on {tmp / 'elsewhere.sock'}" in down.stdout
     nowhere = cli("doctor", "--db", str(tmp / "no" / "t.db"), "--socket", daemon.socket)
     assert nowhere.returncode == 1 and "is missing" in nowhere.stdout
 
@@ -482,7 +528,7 @@ def test_disk_full_acks_nothing_uncommitted_and_recovers_by_itself(inprocess, ca
     sender = threading.Thread(target=lambda: [conn.send(*lines[i:i + 1000])
                                               for i in range(0, len(lines), 1000)])
     sender.start()
-    wait_for(lambda: writer.failing, what="the disk to fill up")
+    wait_for(lambda: writer.stats.failing, what="the disk to fill up")
     conn.poll(0.5)
     time.sleep(0.5)
     conn.poll(0)
@@ -564,7 +610,7 @@ def run_with_fault(tmp, vfs: FaultVFS, kind: str, n: int, persistent: bool) -> b
         wait_for(lambda: conn.poll(0.05) is not None and (vfs.failures or conn.acked == 200),
                  what="the fault or the last ack")
         if persistent and vfs.failures:
-            wait_for(lambda: daemon.writer.failing, what="the writer to notice")
+            wait_for(lambda: daemon.writer.stats.failing, what="the writer to notice")
             conn.poll(0.1)
             stored = {row[0] for row in query(settings.db, "SELECT predicted_at_tick FROM predictions")}
             assert set(range(conn.acked)) <= stored, "acknowledged a batch whose COMMIT failed"
@@ -573,7 +619,7 @@ def run_with_fault(tmp, vfs: FaultVFS, kind: str, n: int, persistent: bool) -> b
         assert conn.wait_ack(200) == []
         assert query(settings.db, "SELECT count(*) FROM predictions") == [(200,)]
         assert query(settings.db, "PRAGMA integrity_check") == [("ok",)]
-        assert daemon.writer.failing is None                  # resumed without a restart
+        assert daemon.writer.stats.failing is None                  # resumed without a restart
         conn.close()
         return vfs.failures > 0
     finally:

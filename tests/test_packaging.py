@@ -96,8 +96,8 @@ def test_bad_configuration_is_one_line(monkeypatch):
     result = CliRunner().invoke(tedstore.cli, ["init", "--check"], catch_exceptions=False)
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        "Error: invalid setting batch_size (environment PERSISTENCE_BATCH_SIZE): Expected `int`, "
-        "got `str`"]
+        "Error: invalid value 'many' for batch_size (environment variable "
+        "PERSISTENCE_BATCH_SIZE): expected an integer from 1 to 100000"]
 
 
 def test_version():

@@ -225,6 +225,51 @@ def test_bad_settings_name_the_variable(monkeypatch, env, value, words):
         tedstore.load_settings()
 
 
+@pytest.mark.parametrize("spelling, value", [
+    ("true", True), ("YES", True), ("On", True), ("1", True),
+    ("false", False), ("no", False), ("OFF", False), ("0", False)])
+def test_booleans_accept_the_usual_spellings_in_any_case(monkeypatch, spelling, value):
+    monkeypatch.setenv("PERSISTENCE_ENABLED", spelling)
+    assert tedstore.load_settings().persistence_enabled is value
+
+
+def test_enumerations_are_case_insensitive(tmp, monkeypatch):
+    monkeypatch.setenv("TEDSTORE_SYNCHRONOUS", "full")
+    assert tedstore.load_settings().synchronous == "FULL"
+    config = tmp / "t.toml"
+    config.write_text('synchronous = "Normal"\n')
+    monkeypatch.delenv("TEDSTORE_SYNCHRONOUS")
+    assert tedstore.load_settings(str(config)).synchronous == "NORMAL"
+
+
+def test_a_bad_value_names_its_true_source_and_what_is_accepted(tmp, monkeypatch):
+    config = tmp / "t.toml"
+    config.write_text('synchronous = "sometimes"\npersistence_enabled = "perhaps"\n')
+    with pytest.raises(tedstore.ConfigError) as from_file:
+        tedstore.load_settings(str(config))
+    assert str(from_file.value) == (f"invalid value 'sometimes' for synchronous (key synchronous "
+                                    f"in {config}): expected one of FULL, NORMAL (any case)")
+    monkeypatch.setenv("TEDSTORE_SYNCHRONOUS", "always")   # the environment overrides the file
+    with pytest.raises(tedstore.ConfigError) as from_env:
+        tedstore.load_settings(str(config))
+    assert str(from_env.value) == ("invalid value 'always' for synchronous (environment "
+                                   "variable TEDSTORE_SYNCHRONOUS): expected one of FULL, "
+                                   "NORMAL (any case)")
+    with pytest.raises(tedstore.ConfigError) as next_in_file:
+        tedstore.load_settings(str(config), synchronous="full")     # a flag overrides both
+    assert str(next_in_file.value) == (
+        f"invalid value 'perhaps' for persistence_enabled (key persistence_enabled in "
+        f"{config}): expected true or false (also yes/no, on/off, 1/0)")
+    with pytest.raises(tedstore.ConfigError) as from_flag:
+        tedstore.load_settings(synchronous="FULL", batch_size=0)
+    assert str(from_flag.value) == ("invalid value 0 for batch_size (--batch-size): expected "
+                                    "an integer from 1 to 100000")
+    monkeypatch.setenv("TEDSTORE_ALLOW_UIDS", "tracker,1001")
+    with pytest.raises(tedstore.ConfigError, match="'tracker,1001' for allow_uids .* a list of "
+                                                   "uids"):
+        tedstore.load_settings(synchronous="FULL")
+
+
 def test_unknown_key_in_config_file_is_an_error(tmp):
     config = tmp / "t.toml"
     config.write_text("bach_size = 10\n")
@@ -239,6 +284,6 @@ def test_struct_events_encode_with_their_tag():
 
 def test_receipt_time_is_now_when_ts_is_absent():
     batch = tedstore.IngestBatch([tedstore.Chunk(None, 1, 1, line(GOOD["gameStart"]) + b"\n",
-                                                 time.time())], 10, 5.0)
+                                                 time.time())], tedstore.load_settings())
     ts = batch.lifecycle[0][0].ts
     assert abs(tedstore.text_epoch(ts) - time.time()) < 5
