@@ -1950,8 +1950,9 @@ SQL_ROLLED_HOURS = "SELECT hour_start FROM metrics_hourly WHERE hour_start BETWE
 
 # Retention per table: (table, its time column and that column's index, what else makes
 # a row expired, setting, feeds the rollup). A game stays while its predictions or side
-# bets stay (:keep_*). A delete takes the expired rows up to the :limit-th oldest, as
-# one range of the time index.
+# bets stay (:keep_*). A delete takes the :limit oldest expired rows, found as ranges of
+# the time index, whose entries are (time, rowid): the rows older than the :limit-th
+# row's time, then those of its time up to its rowid (ties are common in bulk loads).
 RETENTION = (
     ("tick_samples", "created_at", "tick_samples_created_at", "", "tick_retention_days", False),
     ("predictions", "created_at", "predictions_created_at", "", "prediction_retention_days",
@@ -1971,11 +1972,16 @@ RETENTION = (
 SQL_COUNT_EXPIRED = {
     table: f"SELECT count(*) FROM {table} INDEXED BY {index} WHERE {column} < :cutoff{more}"
     for table, column, index, more, _, _ in RETENTION}
+SQL_EXPIRED_BOUNDARY = {
+    table: f"SELECT {column}, rowid FROM {table} INDEXED BY {index} "
+           f"WHERE {column} < :cutoff{more} ORDER BY {column}, rowid LIMIT 1 OFFSET :limit - 1"
+    for table, column, index, more, _, _ in RETENTION}
 SQL_DELETE_EXPIRED = {
-    table: f"""DELETE FROM {table} INDEXED BY {index} WHERE {column} < :cutoff{more}
-  AND {column} <= coalesce((SELECT {column} FROM {table} INDEXED BY {index}
-                            WHERE {column} < :cutoff{more}
-                            ORDER BY {column} LIMIT 1 OFFSET :limit - 1), :cutoff)"""
+    table: f"DELETE FROM {table} INDEXED BY {index} WHERE {column} < :upto{more}"
+    for table, column, index, more, _, _ in RETENTION}
+SQL_DELETE_EXPIRED_TIES = {
+    table: f"DELETE FROM {table} INDEXED BY {index} "
+           f"WHERE {column} = :upto AND rowid <= :upto_rowid{more}"
     for table, column, index, more, _, _ in RETENTION}
 ROLLUP_HOURS_PER_WRITE = 24          # rollup rows saved per write transaction
 
@@ -2116,11 +2122,20 @@ def _expired(table: str, cutoffs: dict[str, str], limit: int = 0) -> dict:
 
 def delete_expired(conn: apsw.Connection, table: str, cutoffs: dict[str, str],
                    limit: int) -> tuple[int, float]:
-    """Delete up to `limit` expired rows in one short transaction: (rows, seconds)."""
+    """Delete the `limit` oldest expired rows in one short transaction: (rows, seconds)."""
     started = time.perf_counter()
+    params = _expired(table, cutoffs, limit)
     with transaction(conn):
-        conn.execute(SQL_DELETE_EXPIRED[table], _expired(table, cutoffs, limit))
-        deleted = conn.changes()
+        boundary = conn.execute(SQL_EXPIRED_BOUNDARY[table], params).fetchone()
+        if boundary is None:                   # fewer than `limit` left: all of them
+            conn.execute(SQL_DELETE_EXPIRED[table], params | {"upto": cutoffs[table]})
+            deleted = conn.changes()
+        else:
+            params |= {"upto": boundary[0], "upto_rowid": boundary[1]}
+            conn.execute(SQL_DELETE_EXPIRED[table], params)
+            deleted = conn.changes()
+            conn.execute(SQL_DELETE_EXPIRED_TIES[table], params)
+            deleted += conn.changes()
     return deleted, time.perf_counter() - started
 
 
@@ -2794,6 +2809,8 @@ def stream_lines(path: str, blocks: Iterable[bytes], *, rate: Optional[float] = 
                 if block is None:
                     exhausted = True
                     break
+                if not block:                   # nothing more for now: send what we hold
+                    break
                 if not block.endswith(b"\n"):
                     block += b"\n"
                 outgoing += block
@@ -2825,8 +2842,8 @@ def stream_lines(path: str, blocks: Iterable[bytes], *, rate: Optional[float] = 
                         reason = f" ({hung_up.strerror or hung_up})" if hung_up else ""
                         raise ProtocolError(
                             f"tedstore closed the connection after acknowledging "
-                            f"{result.acked:,} of {result.lines:,} lines{reason}; send the "
-                            f"rest again, duplicates are harmless")
+                            f"{result.acked:,} of the {result.lines:,} lines sent{reason}; "
+                            f"send the rest again, duplicates are harmless")
                     last_heard = now
                     replies += data
                     *complete, replies = replies.split(b"\n")
@@ -2846,7 +2863,7 @@ def _take_reply(reply: dict, result: StreamResult, sent_at: collections.deque, n
     refusal = refusal_of(reply)
     if refusal:
         raise ProtocolError(f"tedstore refused the connection after acknowledging "
-                            f"{result.acked:,} of {result.lines:,} lines: {refusal}")
+                            f"{result.acked:,} of the {result.lines:,} lines sent: {refusal}")
     if "ack" in reply:
         result.acked = reply["ack"]
         while sent_at and sent_at[0][0] <= result.acked:
@@ -3161,8 +3178,9 @@ ORDER BY created_at, id"""
 PATTERN_NAMES = ("double_top", "slow_bleed", "moonshot", "flatline", "whipsaw")
 
 
-def simulate_events(games: Optional[int] = None, *, events: Optional[int] = None, seed: int = 1,
-                    start: Optional[float] = None, mix: str = "game",
+def simulate_events(games: Optional[int] = None, *, events: Optional[int] = None,
+                    seed: Optional[int] = None, start: Optional[float] = None,
+                    latest: Optional[float] = None, mix: str = "game",
                     prefix: str = "sim") -> Iterator[dict]:
     """Crash-style games: a random-walk price that crashes at a random tick.
 
@@ -3170,20 +3188,28 @@ def simulate_events(games: Optional[int] = None, *, events: Optional[int] = None
     gives the tracker's full feed (ticks with features, a prediction every 20 ticks, a
     side bet every 40, start and end); mix="predictions" gives one prediction per tick
     and nothing else. Ticks are 250 ms apart; without `start`, the games are placed so
-    that the last one ends now.
+    that the last one ends now. Game ids are SIM-SEED-N: without a seed, a fresh one
+    makes them new. With `latest`, games that would end after it are a ValueError.
     """
     if games is None and events is None:
         raise ValueError("simulate_events needs games or events")
+    if seed is None:
+        seed = random.SystemRandom().randrange(1 << 31)
     lengths = random.Random(seed)
     end_ticks, planned = [], 0
     while (games is None or len(end_ticks) < games) and (events is None or planned < events):
         end_ticks.append(20 + int(lengths.expovariate(1 / 280)))
         ticks = end_ticks[-1] - 1
         planned += ticks if mix == "predictions" else ticks + ticks // 20 + ticks // 40 + 2
+    length = sum(end * 0.25 + 5 for end in end_ticks)      # 5 s between games
     if start is None:
-        start = time.time() - sum(end * 0.25 + 5 for end in end_ticks)
+        start = time.time() - length
+    if latest is not None and start + length - 5 > latest:
+        raise ValueError(f"those games would end at {utc_text(start + length - 5)} UTC, after "
+                         f"{utc_text(latest)}, and tedstore refuses events from the future "
+                         f"(TEDSTORE_MAX_CLOCK_SKEW): start earlier, or play fewer")
     played = _play(end_ticks, seed, start, mix, prefix)
-    yield from played if events is None else itertools.islice(played, events)
+    return played if events is None else itertools.islice(played, events)
 
 
 def _play(end_ticks: list[int], seed: int, start: float, mix: str, prefix: str) -> Iterator[dict]:
@@ -3324,12 +3350,26 @@ class InputFiles:
         self.lines = 0
 
     def blocks(self, block_size: int = 1 << 20) -> Iterator[bytes]:
+        """Blocks of whole lines. From a pipe, also b"" whenever nothing more has arrived
+        yet: what was read so far can then leave before the next read waits."""
         for path in self.paths:
             self.starts.append((self.lines + 1, "<stdin>" if path == "-" else path))
             stream = sys.stdin.buffer if path == "-" else open(path, "rb")
             try:
+                try:
+                    piped = not stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+                except (OSError, ValueError):            # an in-memory stream in tests
+                    piped = False
                 rest = b""
-                while data := stream.read(block_size):
+                while True:
+                    if piped:
+                        if not select.select([stream], [], [], 0)[0]:
+                            yield b""
+                        data = os.read(stream.fileno(), block_size)
+                    else:
+                        data = stream.read(block_size)
+                    if not data:
+                        break
                     data = rest + data
                     end = data.rfind(b"\n") + 1
                     if end:
@@ -3351,6 +3391,22 @@ class InputFiles:
     def report(self, rejections: list) -> None:
         for line, code, error in rejections:
             click.echo(f"{self.where(line)}: {code}: {error}", err=True)
+
+
+def write_stdout(blocks: Iterable[bytes], what: str, count: Callable[[bytes], int] = lambda b: 1
+                 ) -> int:
+    """Write blocks to stdout; a reader that leaves early (`| head`) ends the command
+    with one line saying how far it got, not with a traceback."""
+    out, written = sys.stdout.buffer, 0
+    try:
+        for block in blocks:
+            out.write(block)
+            written += count(block)
+        out.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error
+        raise TedstoreError(f"the output was closed after {written:,} {what}") from None
+    return written
 
 
 def _setup_logging() -> None:
@@ -3625,13 +3681,14 @@ def import_(config: Optional[str], db: Optional[str], socket: Optional[str],
               help="Events per second [default: as fast as possible].")
 @click.option("--mix", type=click.Choice(["game", "predictions"]), default="game",
               show_default=True, help="The full game feed, or predictions only.")
-@click.option("--seed", default=1, show_default=True, help="Random seed (same seed, same games).")
+@click.option("--seed", type=int, help="Random seed: the same seed plays the same games, "
+                                       "ids included [default: a new seed, so new game ids].")
 @click.option("--start", help="When the first game starts (2026-11-20T08:00, 48h) "
-                              "[default: now].")
+                              "[default: so that the last game ends now].")
 @click.option("--stdout", "to_stdout", is_flag=True, help="Print the NDJSON instead of sending it.")
 def simulate(config: Optional[str], socket: Optional[str], games: Optional[int],
              events: Optional[int],
-             rate: Optional[float], mix: str, seed: int, start: Optional[str],
+             rate: Optional[float], mix: str, seed: Optional[int], start: Optional[str],
              to_stdout: bool) -> None:
     """Play a synthetic tracker.
 
@@ -3644,13 +3701,14 @@ def simulate(config: Optional[str], socket: Optional[str], games: Optional[int],
     first = parse_when(start, time.time()) if start else None
     if games is None and events is None:
         games = 10
-    lines = (msgspec.json.encode(event) + b"\n"
-             for event in simulate_events(games, events=events, seed=seed, mix=mix, start=first))
+    try:
+        played = simulate_events(games, events=events, seed=seed, mix=mix, start=first,
+                                 latest=time.time() + settings.max_clock_skew)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    lines = (msgspec.json.encode(event) + b"\n" for event in played)
     if to_stdout:
-        out = sys.stdout.buffer
-        for line in lines:
-            out.write(line)
-        out.flush()
+        write_stdout(lines, "events")
         return
     started = time.monotonic()
     result = stream_lines(settings.socket, lines, rate=rate)
@@ -3665,14 +3723,14 @@ def simulate(config: Optional[str], socket: Optional[str], games: Optional[int],
 @cli.command()
 @config_option
 @db_option
-@click.argument("dest", type=click.Path(dir_okay=False))
+@click.argument("dest", type=click.Path())
 def backup(config: Optional[str], db: Optional[str], dest: str) -> None:
-    """Copy the live database to DEST.
+    """Copy the live database to DEST, a file or a folder.
 
     The copy is one consistent snapshot, checked with PRAGMA integrity_check. Safe while the
-    daemon runs; never overwrites DEST.
+    daemon runs; never overwrites. In a folder it is named tedstore-YYYYmmddTHHMMSSZ.db.
 
-    Example: tedstore backup /srv/backups/tedstore-2026-11-22.db
+    Example: tedstore backup /srv/backups
     """
     settings = load_settings(config, db=db)
     detail = backup_database(settings.db, dest)

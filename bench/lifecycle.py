@@ -31,15 +31,16 @@ INSERT OR IGNORE INTO games (game_id, start_tick, end_tick, final_price, created
 VALUES (?1, ?2, ?3, ?4, ?5, ?5)"""
 
 
-def plain_route(self: tedstore.IngestBatch, events, chunk, line_no: int, received: str) -> None:
+def plain_route(self: tedstore.IngestBatch, events, chunk, line_no: int, limits: tuple) -> None:
     """Rows per natural key, no per-game folding: the routing before the lifecycle."""
+    received = limits[0]
     for event in events:
         ts = event.ts
         event.ts = received if ts is None else tedstore.wire_ts(ts)
         kind = type(event)
         if kind is tedstore.PriceUpdate:
             self.ticks += 1
-            if event.tick % self.sample_every == 0:
+            if event.tick % self.settings.tick_sample_every == 0:
                 f = event.features
                 self.samples.append((event.gameId, event.tick, event.price, f and f.volatility_10,
                                      f and f.volatility_40, f and f.momentum, f and f.rsi,
@@ -65,7 +66,7 @@ def plain_route(self: tedstore.IngestBatch, events, chunk, line_no: int, receive
 def plain_write(self: tedstore.IngestBatch, conn, now: float) -> None:
     """Store every event under its natural key, and nothing more."""
     self.rejects = list(self.decode_rejects)
-    self.counts = {"priceUpdate": self.ticks, "prediction": len(self.predictions),
+    self.stored = {"priceUpdate": self.ticks, "prediction": len(self.predictions),
                    "sideBet": len(self.side_bets), "state": len(self.states),
                    "games": len(self.lifecycle)}
     conn.executemany(SQL_PLAIN_GAMES, [

@@ -75,6 +75,30 @@ def test_simulate_is_reproducible(tmp):
         tedstore.decode_line(line)                      # every simulated line is valid
 
 
+def game_ids(ndjson: bytes) -> set[str]:
+    return {json.loads(line).get("gameId") for line in ndjson.splitlines()} - {None}
+
+
+def test_simulate_plays_new_games_each_run_unless_seeded():
+    first = game_ids(run_cli("simulate", "--games", "3", "--stdout").stdout)
+    second = game_ids(run_cli("simulate", "--games", "3", "--stdout").stdout)
+    assert len(first) == len(second) == 3 and not first & second
+    seeded = [game_ids(run_cli("simulate", "--games", "3", "--seed", "4", "--stdout").stdout)
+              for _ in range(2)]
+    assert seeded[0] == seeded[1] == {"sim-4-0", "sim-4-1", "sim-4-2"}
+
+
+def test_simulate_never_writes_events_beyond_the_clock_skew():
+    result = run_cli("simulate", "--games", "500", "--start", "1h", "--stdout")
+    assert result.returncode == 1 and result.stdout == b""
+    [line] = result.stderr.decode().strip().splitlines()
+    assert "TEDSTORE_MAX_CLOCK_SKEW" in line and "start earlier, or play fewer" in line
+    played = run_cli("simulate", "--games", "20", "--stdout",
+                     env={"TEDSTORE_MAX_CLOCK_SKEW": "0"}).stdout
+    newest = max(json.loads(line)["ts"] for line in played.splitlines())
+    assert newest / 1000 <= time.time()
+
+
 def test_simulate_rate_is_honoured(daemon):
     started = time.monotonic()
     result = run_cli("simulate", "--socket", daemon.socket, "--events", "200", "--rate", "400")

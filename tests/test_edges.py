@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from click.testing import CliRunner
 
 import tedstore
 from conftest import Conn, prediction, query, wait_for
@@ -105,3 +108,129 @@ def test_a_shutdown_on_a_full_disk_acks_nothing_and_exits_non_zero(inprocess, mo
     # the pages left and committed after earlier lines were given up: acks are cumulative.
     assert conn.acked == 1
     assert query(daemon.db, "SELECT count(*) FROM predictions WHERE game_id = 'before'") == [(1,)]
+
+
+# -- a daemon that goes away, or says no -----------------------------------------------------
+
+def lines_of(game: str, first: int, n: int) -> bytes:
+    return "".join(json.dumps(prediction(game, i, i + 1)) + "\n"
+                   for i in range(first, first + n)).encode()
+
+
+def feed_then_kill(daemon, stdin, game: str) -> None:
+    """Feed 1,000 lines, wait until they are stored, kill the daemon, feed 1,000 more."""
+    stdin.write(lines_of(game, 0, 1000))
+    stdin.flush()
+    wait_for(lambda: daemon.query("SELECT count(*) FROM predictions")[0][0] == 1000,
+             what="the first thousand lines")
+    daemon.kill()
+    stdin.write(lines_of(game, 1000, 1000))
+    stdin.close()
+
+
+def one_line_of_how_far(stderr: str) -> tuple[int, int]:
+    """(acknowledged, sent) from the one line a command prints when the daemon goes away."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    match = re.search(r"after acknowledging ([\d,]+) of the ([\d,]+) lines sent", lines[0])
+    assert match and "send the rest again" in lines[0], lines[0]
+    return int(match.group(1).replace(",", "")), int(match.group(2).replace(",", ""))
+
+
+def test_send_says_how_far_it_got_when_the_daemon_stops(daemon):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEDSTORE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "tedstore", "send", "--socket", daemon.socket],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    feed_then_kill(daemon, proc.stdin, "send")
+    assert proc.wait(60) == 1
+    acknowledged, sent = one_line_of_how_far(proc.stderr.read().decode())
+    assert acknowledged <= 1000 <= sent <= 2000
+
+
+def test_import_says_how_far_it_got_when_the_daemon_stops(daemon, tmp):
+    fifo = tmp / "events.ndjson"
+    os.mkfifo(fifo)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEDSTORE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "tedstore", "import", "--db", daemon.db,
+                             "--socket", daemon.socket, str(fifo)],
+                            stderr=subprocess.PIPE, env=env)
+    with open(fifo, "wb") as feed:
+        feed_then_kill(daemon, feed, "import")
+    assert proc.wait(60) == 1
+    acknowledged, sent = one_line_of_how_far(proc.stderr.read().decode())
+    assert acknowledged <= 1000 <= sent <= 2000
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_a_refused_peer_is_one_line_that_says_why(daemon_factory, tmp, attempt):
+    daemon = daemon_factory(env={"TEDSTORE_ALLOW_UIDS": "12345"})
+    events = tmp / "e.ndjson"
+    events.write_bytes(lines_of("refused", 0, 5000))
+    result = run_cli("send", "--socket", daemon.socket, str(events))
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()
+    assert re.fullmatch(rf"Error: tedstore refused the connection after acknowledging 0 of the "
+                        rf"[\d,]+ lines sent: uid {os.getuid()} is not allowed to send to "
+                        rf"tedstore \(TEDSTORE_ALLOW_UIDS\)", line), line
+
+
+# -- backups that cannot be written ------------------------------------------------------------
+
+def test_a_backup_destination_that_cannot_be_written_is_one_line(daemon):
+    result = run_cli("backup", "--db", daemon.db, "/sys/tedstore-backup.db")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"Error: cannot write the backup in /sys: check that uid {os.getuid()} may write there"]
+
+
+def test_a_backup_on_a_filesystem_without_hard_links(daemon, tmp, monkeypatch):
+    """vfat and some network filesystems refuse link(2) with EPERM: the checked copy is
+    renamed into place instead, still never over an existing file. (No such filesystem can
+    be mounted here, so link(2) is made to fail as theirs does.)"""
+    def no_links(source, target):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    result = CliRunner().invoke(tedstore.cli, ["backup", "--db", daemon.db, str(tmp / "b.db")])
+    assert result.exit_code == 0, result.output
+    assert query(str(tmp / "b.db"), "PRAGMA integrity_check") == [("ok",)]
+    again = CliRunner().invoke(tedstore.cli, ["backup", "--db", daemon.db, str(tmp / "b.db")])
+    assert again.exit_code == 1 and "never overwrites" in again.output
+    assert not [name for name in os.listdir(tmp) if "partial" in name]
+
+
+def test_an_interrupted_backup_leaves_nothing_that_looks_like_one(tmp):
+    """kill -9 during a backup leaves only a hidden partial file; the next backup into
+    the same folder removes it."""
+    db = str(tmp / "big.db")
+    conn = tedstore.open_store(db)
+    conn.execute("CREATE TABLE ballast (b BLOB)")
+    conn.execute("INSERT INTO ballast VALUES (zeroblob(300 * 1024 * 1024))")
+    conn.close()
+    folder = tmp / "backups"
+    folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEDSTORE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "tedstore", "backup", "--db", db,
+                             str(folder)], env=env, stderr=subprocess.PIPE)
+    wait_for(lambda: os.listdir(folder) or proc.poll() is not None, interval=0.002,
+             what="the backup to start writing")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    left = os.listdir(folder)
+    assert left and all(name.startswith(".") and ".partial-" in name for name in left), left
+    result = run_cli("backup", "--db", db, str(folder))
+    assert result.returncode == 0, result.stderr
+    [made] = os.listdir(folder)
+    assert re.fullmatch(r"tedstore-\d{8}T\d{6}Z\.db", made)
+
+
+def test_write_commands_never_create_a_database(tmp):
+    db = tmp / "mistyped.db"
+    log = tmp / "e.ndjson"
+    log.write_bytes(lines_of("x", 0, 3))
+    for args in (["import", "--db", str(db), "--socket", str(tmp / "none.sock"), str(log)],
+                 ["rollup", "--db", str(db)], ["retention", "--db", str(db)]):
+        result = run_cli(*args)
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, args
+        assert "does not exist" in result.stderr and "tedstore init" in result.stderr
+        assert os.listdir(tmp) == ["e.ndjson"], args

@@ -330,6 +330,27 @@ def test_a_second_daemon_on_the_same_socket_refuses(daemon, daemon_factory, tmp)
     other.start(wait=False)
     assert other.proc.wait(15) == 1
     assert "already listening" in other.log() and "Traceback" not in other.log()
+    assert not [name for name in os.listdir(tmp) if name.startswith("other.db")]
+
+
+def test_a_daemon_that_cannot_take_its_socket_leaves_no_files(daemon_factory, tmp):
+    folder = tmp / "data"
+    folder.mkdir()
+    daemon = daemon_factory(env={"TEDSTORE_DB": str(folder / "t.db"),
+                                 "TEDSTORE_SOCKET": str(tmp / "missing" / "t.sock")}, start=False)
+    daemon.start(wait=False)
+    assert daemon.proc.wait(15) == 1
+    assert "cannot listen on" in daemon.log() and "TEDSTORE_SOCKET" in daemon.log()
+    assert os.listdir(folder) == []
+
+
+def test_a_daemon_removes_only_the_socket_file_it_created(daemon_factory, tmp):
+    first = daemon_factory()
+    os.unlink(first.socket)                  # removed by mistake, and the path taken again
+    second = daemon_factory(env={"TEDSTORE_DB": str(tmp / "second.db")})
+    assert first.stop() == 0
+    assert tedstore.request(second.socket, "ping") == {"pong": True}
+    assert "left " + second.socket + " alone" in first.log()
 
 
 def test_a_stale_socket_file_is_replaced(daemon_factory, tmp):

@@ -266,6 +266,19 @@ def test_dry_run_counts_exactly_what_the_run_deletes(tmp):
     assert orphans == [(0,)]
 
 
+def test_each_retention_step_deletes_its_limit_even_among_equal_times(tmp):
+    """A bulk load stamps many rows with one time: a step still deletes only `limit`."""
+    store = Store(tmp / "ties.db")
+    old = tedstore.utc_text(time.time() - 30 * 86400)
+    store.conn.executemany("INSERT INTO tick_samples (game_id, tick, price, ts, created_at) "
+                           "VALUES (?, ?, 1.0, ?, ?)",
+                           [(f"g{n // 100}", n % 100, old, old) for n in range(4500)])
+    cutoffs = tedstore.retention_cutoffs(store.settings, time.time())
+    steps = [tedstore.delete_expired(store.conn, "tick_samples", cutoffs, 1000)[0]
+             for _ in range(6)]
+    assert steps == [1000, 1000, 1000, 1000, 500, 0]
+
+
 def test_catch_up_is_bounded_by_the_horizon_and_steps_over_empty_hours(tmp):
     """Rows from before the timestamp bounds (1970, 2001) cost one rollup per hour that
     holds data, not one per hour since 1970; retention rolls them up, then deletes them."""
@@ -479,6 +492,48 @@ def test_status_when_the_daemon_is_down(daemon_factory):
     offline = json.loads(cli("status", "--socket", daemon.socket, "--db", daemon.db,
                              "--json").stdout)
     assert offline["running"] is False and offline["jobs"]["retention"]["at"]
+
+
+def test_status_and_doctor_tell_a_lost_socket_from_a_stopped_daemon(daemon_factory):
+    daemon = daemon_factory()
+    os.unlink(daemon.socket)
+    args = ("--db", daemon.db, "--socket", daemon.socket)
+    lost = cli("status", *args, "--json")
+    assert lost.returncode == 1
+    answer = json.loads(lost.stdout)
+    assert (answer["running"], answer["answering"], answer["pid"]) == \
+        (True, False, str(daemon.proc.pid))
+    assert answer["error"] == (f"tedstore (pid {daemon.proc.pid}) is running on {daemon.db}, "
+                               f"but its socket {daemon.socket} is gone: restart tedstore to "
+                               f"listen again")
+    doctor = cli("doctor", *args)
+    assert doctor.returncode == 1 and f"FAIL {answer['error']}" in doctor.stdout
+    assert daemon.stop() == 0
+    stopped = json.loads(cli("status", *args, "--json").stdout)
+    assert (stopped["running"], stopped["pid"]) == (False, None)
+    assert stopped["error"].startswith(f"tedstore is not running: cannot reach tedstore at "
+                                       f"{daemon.socket}")
+
+
+def test_status_counts_rows_that_changed_and_duplicates_apart(daemon):
+    conn = daemon.connect()
+    events = [prediction("c", 1, 9), side_bet("c", 1),
+              {"event": "gameStart", "gameId": "c", "tick": 0, "price": 1.0},
+              {"event": "priceUpdate", "gameId": "c", "tick": 10, "price": 2.0},
+              {"event": "state", "key": "k", "value": 1}]
+    conn.send(*events)
+    conn.wait_ack(5)
+    conn.send(*events)                                     # all five again
+    conn.wait_ack(10)
+    status = tedstore.request(daemon.socket, "status")["status"]
+    # the resent state write is newer, so it wins and changes its row; the rest change nothing
+    assert status["events"] == {"prediction": 1, "sideBet": 1, "gameStart": 1,
+                                "priceUpdate": 1, "state": 2}
+    assert status["duplicates"] == {"prediction": 1, "sideBet": 1, "gameStart": 1,
+                                    "priceUpdate": 1}
+    rows = sum(daemon.query(f"SELECT count(*) FROM {table}")[0][0]
+               for table in ("predictions", "side_bets", "tick_samples", "state", "games"))
+    assert status["repository"]["records_saved"] == rows + 1 == 6
 
 
 def test_init_creates_checks_and_upgrades(tmp):

@@ -150,7 +150,8 @@ def statements() -> dict[str, str]:
     """Every SQL statement tedstore runs against the big tables, by name."""
     found = {name: value for name, value in vars(tedstore).items()
              if name.startswith("SQL_") and isinstance(value, str)}
-    for name in ("SQL_COUNT_EXPIRED", "SQL_DELETE_EXPIRED"):
+    for name in ("SQL_COUNT_EXPIRED", "SQL_EXPIRED_BOUNDARY", "SQL_DELETE_EXPIRED",
+                 "SQL_DELETE_EXPIRED_TIES"):
         for table, sql in getattr(tedstore, name).items():
             found[f"{name}[{table}]"] = sql
     del found["SQL_RECENT"]                     # a template: planned once per table below
