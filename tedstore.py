@@ -3600,7 +3600,7 @@ def diagnose(settings: Settings, now: float) -> Iterator[tuple[bool, str]]:
     if not problems:
         with contextlib.closing(connect(settings.db, readonly=True)) as conn:
             newest = conn.execute("SELECT max(created_at) FROM predictions").get
-    if newest is not None and text_epoch(newest) > now + 300:
+    if newest is not None and text_epoch(newest) > now + settings.max_clock_skew:
         clock_ok = False
     yield (clock_ok, f"clock reads {utc_text(now)} UTC" + ("" if clock_ok else
            f": it is behind the newest stored event ({newest}) or implausible; fix NTP"))

@@ -127,6 +127,20 @@ def test_rollup_is_idempotent_and_keeps_measured_latency(store):
     assert rollup_row(store, HOUR)["avg_commit_latency_ms"] == 7.0
 
 
+def test_a_long_catch_up_takes_the_write_lock_a_day_at_a_time(store):
+    """A catch-up yields to ingest: each write transaction saves one day of hours at most."""
+    saves = []
+
+    def write(fn):
+        before = store.rows("SELECT count(*) FROM metrics_hourly")[0][0]
+        fn(store.conn)
+        saves.append(store.rows("SELECT count(*) FROM metrics_hourly")[0][0] - before)
+
+    hours = [int(HOUR) - 3600 * n for n in range(100, 0, -1)]
+    tedstore.run_rollups(store.conn, write, hours, HOUR + 7200)
+    assert saves == [24, 24, 24, 24, 4, 0]                  # four days, the rest, the job record
+
+
 def test_hours_to_roll_catch_up_and_revisit(store):
     hour_of_play(store)
     now = HOUR + 5 * 3600 + 120

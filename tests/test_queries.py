@@ -188,7 +188,8 @@ def month_of_games(path: str) -> apsw.Connection:
     return conn
 
 
-@pytest.fixture(scope="module", params=["daemon statistics", "statistics of a tiny table"])
+@pytest.fixture(scope="module", params=["daemon statistics", "statistics of a tiny table",
+                                        "no statistics"])
 def planner(request, tmp_path_factory):
     yield from planner_with(request.param, tmp_path_factory)
 
@@ -205,6 +206,8 @@ def planner_with(statistics: str, tmp_path_factory):
     if statistics == "daemon statistics":
         conn = month_of_games(path)
         conn.pragma("optimize", tedstore.OPTIMIZE_ON_OPEN)
+    elif statistics == "no statistics":
+        conn = month_of_games(path)
     else:
         conn = tedstore.open_store(path)
         events = tedstore.simulate_events(1, seed=99, events=30)
