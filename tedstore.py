@@ -10,7 +10,6 @@ writer, server, scheduler, systemd, daemon, client and reader, simulator, CLI.
 """
 
 from __future__ import annotations
-
 __version__ = "1.0.0"
 
 import asyncio
@@ -49,6 +48,7 @@ import msgspec
 from msgspec import Meta
 
 log = logging.getLogger("tedstore")
+
 
 # ---------------------------------------------------------------------------
 # CONSTANTS AND CONFIGURATION
@@ -267,14 +267,24 @@ class LineRejected(TedstoreError):
         self.code = code
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for an apsw error, naming SQLite's code (errors from a VFS have no text)."""
+    code = getattr(exc, "extendedresult", None)
+    name = apsw.mapping_extended_result_codes.get(code) if code is not None else None
+    text = str(exc) or "no message"
+    return f"{type(exc).__name__}: {text}" + (f" ({name})" if name else "")
+
+
 # ---------------------------------------------------------------------------
 # TIME
 # ---------------------------------------------------------------------------
 
 MAX_EPOCH = 253402300799.0           # 9999-12-31 23:59:59 UTC
+
 # Every event formats a time, so the text is assembled from cached parts: the minute
 # ('YYYY-MM-DD HH:MM:'), the second ('SS') and the millisecond ('.mmm').
 _MINUTE_TEXT: dict[int, str] = {}
+
 _SECOND_TEXT = tuple(f"{second:02d}" for second in range(60))
 _MILLI_TEXT = tuple(f".{milli:03d}" for milli in range(1000))
 
@@ -346,7 +356,7 @@ def parse_when(text: str, now: float) -> float:
 
 
 # ---------------------------------------------------------------------------
-# RECORDS: the wire events as msgspec Structs, decoded as one tagged union
+# RECORDS: the wire events as msgspec Structs, each line decoded on its own
 # ---------------------------------------------------------------------------
 
 MAX_TICK = 2 ** 53
@@ -682,19 +692,13 @@ def open_store(path: str, *, vfs: Optional[str] = None, synchronous: str = "NORM
     return conn
 
 
-def record_job(conn: apsw.Connection, name: str, detail: dict, now: float) -> None:
-    conn.execute(SQL_RECORD_JOB, (name, utc_text(now), json.dumps(detail)))
-
-
-def last_jobs(conn: apsw.Connection) -> dict[str, dict]:
-    jobs = {}
-    if conn.table_exists("main", "jobs"):
-        for name, at, detail in conn.execute("SELECT name, last_run_at, detail FROM jobs"):
-            jobs[name] = {"at": at, **json.loads(detail)}
-    return jobs
-
-
-SQL_RECORD_JOB = "INSERT OR REPLACE INTO jobs (name, last_run_at, detail) VALUES (?1, ?2, ?3)"
+def database_facts(path: str) -> dict:
+    def size(name: str) -> Optional[int]:
+        try:
+            return os.stat(name).st_size
+        except OSError:
+            return None
+    return {"path": path, "size_bytes": size(path), "wal_bytes": size(path + "-wal")}
 
 
 # ---------------------------------------------------------------------------
@@ -702,9 +706,9 @@ SQL_RECORD_JOB = "INSERT OR REPLACE INTO jobs (name, last_run_at, detail) VALUES
 # ---------------------------------------------------------------------------
 # The big tables are written with executemany over plain tuples, the fastest path
 # apsw has. It releases the GIL once per row, which is cheap only while no other
-# thread of the daemon is busy: so all decoding happens here, in the writer, and the
-# event loop thread does no more than cut lines and send replies. The few game rows a
-# batch touches travel as one JSON array through json_each(?).
+# thread of the daemon is busy: so events are decoded here, in the writer, and the
+# event loop thread only cuts lines, answers control lines and sends replies. The few
+# game rows a batch touches travel as one JSON array through json_each(?).
 
 # Every statement names the index it must use (INDEXED BY; sqlite_autoindex_T_1 is the
 # index of T's natural key): statistics gathered while a table was tiny would otherwise
@@ -906,6 +910,7 @@ EVENT_RETENTION = {
     Prediction: ("predictions", "prediction_retention_days"),
     SideBet: ("side_bets", "sidebet_retention_days"),
 }
+
 MAX_EPOCH_MS = MAX_EPOCH * 1000.0
 
 
@@ -1190,6 +1195,33 @@ def _raw_for_rejects(raw: bytes) -> Union[str, bytes]:
         return raw
 
 
+def ingest_offline(conn: apsw.Connection, blocks: Iterable[bytes], settings: Settings,
+                   progress: Callable[[int], None] = lambda lines: None
+                   ) -> tuple[int, list[tuple[int, str, str]]]:
+    """Apply NDJSON without a daemon, in the daemon's batches: (lines, rejections)."""
+    lines, rejections, pending = 0, [], []
+
+    def flush() -> None:
+        batch = IngestBatch(pending, settings)
+        with transaction(conn):
+            batch.write(conn, time.time())
+        rejections.extend(sorted((r.line_no, r.code, r.error) for r in batch.rejects))
+        progress(sum(chunk.count for chunk in pending))
+        pending.clear()
+
+    for block in blocks:
+        if not block.endswith(b"\n"):
+            block += b"\n"
+        count = block.count(b"\n")
+        pending.append(Chunk(None, lines + 1, count, block, time.time()))
+        lines += count
+        if sum(chunk.count for chunk in pending) >= settings.batch_size:
+            flush()
+    if pending:
+        flush()
+    return lines, rejections
+
+
 # ---------------------------------------------------------------------------
 # WRITER: one thread, one write connection, group commit, acks after COMMIT
 # ---------------------------------------------------------------------------
@@ -1329,14 +1361,6 @@ class IngestQueue:
     def _oldest(self) -> Optional[Chunk]:
         """The chunk that has waited longest (tasks may stand before it)."""
         return next((item for item in self._items if type(item) is Chunk), None)
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for an apsw error, naming SQLite's code (errors from a VFS have no text)."""
-    code = getattr(exc, "extendedresult", None)
-    name = apsw.mapping_extended_result_codes.get(code) if code is not None else None
-    text = str(exc) or "no message"
-    return f"{type(exc).__name__}: {text}" + (f" ({name})" if name else "")
 
 
 class WriterStats:
@@ -1888,9 +1912,36 @@ class Server:
 # SCHEDULER: hourly rollups, nightly retention and backups
 # ---------------------------------------------------------------------------
 # The jobs are plain functions of a connection: the daemon reads on the scheduler's
-# own connection and writes through the writer thread; the CLI uses its own connection.
+# own connection and runs each write step on the writer thread; the CLI runs both on
+# its own connection.
 
 Write = Callable[[Callable[[apsw.Connection], Any]], Any]
+SQL_RECORD_JOB = "INSERT OR REPLACE INTO jobs (name, last_run_at, detail) VALUES (?1, ?2, ?3)"
+
+
+def record_job(conn: apsw.Connection, name: str, detail: dict, now: float) -> None:
+    conn.execute(SQL_RECORD_JOB, (name, utc_text(now), json.dumps(detail)))
+
+
+def last_jobs(conn: apsw.Connection) -> dict[str, dict]:
+    jobs = {}
+    if conn.table_exists("main", "jobs"):
+        for name, at, detail in conn.execute("SELECT name, last_run_at, detail FROM jobs"):
+            jobs[name] = {"at": at, **json.loads(detail)}
+    return jobs
+
+
+def yielding_write(conn: apsw.Connection) -> Write:
+    """Writes for a command run beside the daemon: after each write transaction it pauses
+    as long as the transaction took, so the daemon's writer gets the lock as often."""
+    def write(fn: Callable[[apsw.Connection], Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn(conn)
+        finally:
+            time.sleep(max(YIELD_MIN_SECONDS, time.perf_counter() - started))
+    return write
+
 
 # The rollup reads hour by hour through the time indexes, named (INDEXED BY) so that no
 # planner statistics, however stale, turn an hour into a table scan.
@@ -1903,12 +1954,15 @@ SELECT min(t) FROM (
     UNION ALL SELECT min(ended_at) FROM games INDEXED BY games_ended_at WHERE ended_at >= ?1
     UNION ALL SELECT min(received_at) FROM rejects INDEXED BY rejects_received_at
      WHERE received_at >= ?1)"""
+
 SQL_ROLLUP_PREDICTIONS = """
 SELECT count(*) FROM predictions INDEXED BY predictions_created_at
 WHERE created_at >= ?1 AND created_at < ?2"""
+
 SQL_ROLLUP_ERRORS = """
 SELECT raw_error FROM predictions INDEXED BY predictions_created_at
 WHERE created_at >= ?1 AND created_at < ?2 AND raw_error IS NOT NULL"""
+
 SQL_ROLLUP_SIDE_BETS = """
 SELECT coalesce(sum(recommendation = 'BET'), 0),
        coalesce(sum(expected_value > 0), 0),
@@ -1918,11 +1972,14 @@ SELECT coalesce(sum(recommendation = 'BET'), 0),
        sum(CASE WHEN recommendation = 'BET' THEN payout END)
 FROM side_bets INDEXED BY side_bets_created_at
 WHERE created_at >= ?1 AND created_at < ?2 AND actual_outcome <> 'PENDING'"""
+
 SQL_ROLLUP_GAMES = """
 SELECT count(*) FROM games INDEXED BY games_ended_at WHERE ended_at >= ?1 AND ended_at < ?2"""
+
 SQL_ROLLUP_REJECTS = """
 SELECT count(*) FROM rejects INDEXED BY rejects_received_at
 WHERE received_at >= ?1 AND received_at < ?2"""
+
 SQL_SAVE_ROLLUP = """
 INSERT INTO metrics_hourly (hour_start, hour_end, games_analyzed, predictions_made,
                             median_e40, mean_absolute_error, within_1_window,
@@ -1945,57 +2002,10 @@ ON CONFLICT (hour_start) DO UPDATE SET
     p99_commit_latency_ms = coalesce(excluded.p99_commit_latency_ms,
                                      metrics_hourly.p99_commit_latency_ms),
     rejected_lines = excluded.rejected_lines, created_at = excluded.created_at"""
+
 SQL_LAST_ROLLUP = "SELECT max(hour_start) FROM metrics_hourly"
 SQL_ROLLED_HOURS = "SELECT hour_start FROM metrics_hourly WHERE hour_start BETWEEN ?1 AND ?2"
-
-# Retention per table: (table, its time column and that column's index, what else makes
-# a row expired, setting, feeds the rollup). A game stays while its predictions or side
-# bets stay (:keep_*). A delete takes the :limit oldest expired rows, found as ranges of
-# the time index, whose entries are (time, rowid): the rows older than the :limit-th
-# row's time, then those of its time up to its rowid (ties are common in bulk loads).
-RETENTION = (
-    ("tick_samples", "created_at", "tick_samples_created_at", "", "tick_retention_days", False),
-    ("predictions", "created_at", "predictions_created_at", "", "prediction_retention_days",
-     True),
-    ("side_bets", "created_at", "side_bets_created_at", "", "sidebet_retention_days", True),
-    ("games", "created_at", "games_created_at",
-     " AND coalesce(ended_at, '') < :cutoff"
-     " AND NOT EXISTS (SELECT 1 FROM predictions AS p INDEXED BY sqlite_autoindex_predictions_1"
-     " WHERE p.game_id = games.game_id AND p.created_at >= :keep_predictions)"
-     " AND NOT EXISTS (SELECT 1 FROM side_bets AS s INDEXED BY sqlite_autoindex_side_bets_1"
-     " WHERE s.game_id = games.game_id AND s.created_at >= :keep_side_bets)",
-     "game_retention_days", True),
-    ("rejects", "received_at", "rejects_received_at", "", "prediction_retention_days", True),
-    ("metrics_hourly", "hour_start", "sqlite_autoindex_metrics_hourly_1", "",
-     "metrics_retention_days", False),
-)
-SQL_COUNT_EXPIRED = {
-    table: f"SELECT count(*) FROM {table} INDEXED BY {index} WHERE {column} < :cutoff{more}"
-    for table, column, index, more, _, _ in RETENTION}
-SQL_EXPIRED_BOUNDARY = {
-    table: f"SELECT {column}, rowid FROM {table} INDEXED BY {index} "
-           f"WHERE {column} < :cutoff{more} ORDER BY {column}, rowid LIMIT 1 OFFSET :limit - 1"
-    for table, column, index, more, _, _ in RETENTION}
-SQL_DELETE_EXPIRED = {
-    table: f"DELETE FROM {table} INDEXED BY {index} WHERE {column} < :upto{more}"
-    for table, column, index, more, _, _ in RETENTION}
-SQL_DELETE_EXPIRED_TIES = {
-    table: f"DELETE FROM {table} INDEXED BY {index} "
-           f"WHERE {column} = :upto AND rowid <= :upto_rowid{more}"
-    for table, column, index, more, _, _ in RETENTION}
 ROLLUP_HOURS_PER_WRITE = 24          # rollup rows saved per write transaction
-
-
-def yielding_write(conn: apsw.Connection) -> Write:
-    """Writes for a command run beside the daemon: after each write transaction it pauses
-    as long as the transaction took, so the daemon's writer gets the lock as often."""
-    def write(fn: Callable[[apsw.Connection], Any]) -> Any:
-        started = time.perf_counter()
-        try:
-            return fn(conn)
-        finally:
-            time.sleep(max(YIELD_MIN_SECONDS, time.perf_counter() - started))
-    return write
 
 
 def newest_complete_hour(now: float) -> int:
@@ -2103,6 +2113,47 @@ def unrolled_hours(conn: apsw.Connection, before: str, now: float) -> list[int]:
     return [hour for hour in hours if utc_text(hour) not in done]
 
 
+# Retention per table: (table, its time column and that column's index, what else makes
+# a row expired, setting, feeds the rollup). A game stays while its predictions or side
+# bets stay (:keep_*). A delete takes the :limit oldest expired rows, found as ranges of
+# the time index, whose entries are (time, rowid): the rows older than the :limit-th
+# row's time, then those of its time up to its rowid (ties are common in bulk loads).
+RETENTION = (
+    ("tick_samples", "created_at", "tick_samples_created_at", "", "tick_retention_days", False),
+    ("predictions", "created_at", "predictions_created_at", "", "prediction_retention_days",
+     True),
+    ("side_bets", "created_at", "side_bets_created_at", "", "sidebet_retention_days", True),
+    ("games", "created_at", "games_created_at",
+     " AND coalesce(ended_at, '') < :cutoff"
+     " AND NOT EXISTS (SELECT 1 FROM predictions AS p INDEXED BY sqlite_autoindex_predictions_1"
+     " WHERE p.game_id = games.game_id AND p.created_at >= :keep_predictions)"
+     " AND NOT EXISTS (SELECT 1 FROM side_bets AS s INDEXED BY sqlite_autoindex_side_bets_1"
+     " WHERE s.game_id = games.game_id AND s.created_at >= :keep_side_bets)",
+     "game_retention_days", True),
+    ("rejects", "received_at", "rejects_received_at", "", "prediction_retention_days", True),
+    ("metrics_hourly", "hour_start", "sqlite_autoindex_metrics_hourly_1", "",
+     "metrics_retention_days", False),
+)
+
+SQL_COUNT_EXPIRED = {
+    table: f"SELECT count(*) FROM {table} INDEXED BY {index} WHERE {column} < :cutoff{more}"
+    for table, column, index, more, _, _ in RETENTION}
+
+SQL_EXPIRED_BOUNDARY = {
+    table: f"SELECT {column}, rowid FROM {table} INDEXED BY {index} "
+           f"WHERE {column} < :cutoff{more} ORDER BY {column}, rowid LIMIT 1 OFFSET :limit - 1"
+    for table, column, index, more, _, _ in RETENTION}
+
+SQL_DELETE_EXPIRED = {
+    table: f"DELETE FROM {table} INDEXED BY {index} WHERE {column} < :upto{more}"
+    for table, column, index, more, _, _ in RETENTION}
+
+SQL_DELETE_EXPIRED_TIES = {
+    table: f"DELETE FROM {table} INDEXED BY {index} "
+           f"WHERE {column} = :upto AND rowid <= :upto_rowid{more}"
+    for table, column, index, more, _, _ in RETENTION}
+
+
 def retention_cutoffs(settings: Settings, now: float) -> dict[str, str]:
     """Per table, the time before which rows go. For the tables the rollup reads, never
     past the newest complete hour: retention rolls up everything before it first."""
@@ -2178,6 +2229,7 @@ def run_retention(conn: apsw.Connection, write: Write, settings: Settings, now: 
 
 
 _PARTIAL = re.compile(r"^\..+\.partial-(\d+)(?:-journal|-wal|-shm)?$")
+
 # link() errors that mean "this filesystem has no hard links", not "you may not"
 _NO_HARD_LINKS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOSYS, errno.EOPNOTSUPP}
 
@@ -2411,6 +2463,23 @@ def inherited_socket() -> Optional[socket.socket]:
 # ---------------------------------------------------------------------------
 # DAEMON: the writer, the server, the scheduler and systemd, started and drained
 # ---------------------------------------------------------------------------
+
+def stat_is_socket(path: str) -> bool:
+    return stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+def socket_answers(path: str) -> bool:
+    """Whether something accepts connections on the Unix socket at path."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True            # e.g. a full backlog: someone is listening
+        return True
+
 
 class Daemon:
     """`tedstore serve`: run() blocks until SIGTERM/SIGINT or request_stop(), then drains."""
@@ -2671,49 +2740,8 @@ def serving(db: str) -> Optional[tuple[str, str]]:
         os.close(fd)
 
 
-def why_unreachable(settings: Settings, exc: ProtocolError) -> tuple[Optional[str], str]:
-    """When the socket does not answer: (the pid of a daemon running anyway, one line)."""
-    running = serving(settings.db)
-    if running is None:
-        return None, f"tedstore is not running: {exc}"
-    pid, path = running
-    if path and path != settings.socket:
-        return pid, (f"tedstore (pid {pid}) serves {settings.db} on {path}, not on "
-                     f"{settings.socket}: use --socket {path} or set TEDSTORE_SOCKET")
-    if not os.path.lexists(settings.socket):
-        return pid, (f"tedstore (pid {pid}) is running on {settings.db}, but its socket "
-                     f"{settings.socket} is gone: restart tedstore to listen again")
-    return pid, f"tedstore (pid {pid}) is running on {settings.db}, but does not answer: {exc}"
-
-
-def stat_is_socket(path: str) -> bool:
-    return stat.S_ISSOCK(os.lstat(path).st_mode)
-
-
-def socket_answers(path: str) -> bool:
-    """Whether something accepts connections on the Unix socket at path."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(2.0)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        except OSError:
-            return True            # e.g. a full backlog: someone is listening
-        return True
-
-
-def database_facts(path: str) -> dict:
-    def size(name: str) -> Optional[int]:
-        try:
-            return os.stat(name).st_size
-        except OSError:
-            return None
-    return {"path": path, "size_bytes": size(path), "wal_bytes": size(path + "-wal")}
-
-
 # ---------------------------------------------------------------------------
-# CLIENT AND READER: what trackers and the CLI use to talk to tedstore
+# CLIENT: what trackers and the CLI send with
 # ---------------------------------------------------------------------------
 
 def connect_socket(path: str, timeout: float = 5.0) -> socket.socket:
@@ -2740,6 +2768,13 @@ def decode_reply(line: bytes) -> dict:
     return reply
 
 
+def refusal_of(reply: dict) -> Optional[str]:
+    """Why the daemon refused a whole connection (not one line), if this reply says so."""
+    if reply.get("rejected", 0) == 0 and "error" in reply:   # line 0: the connection itself
+        return str(reply["error"])
+    return None
+
+
 def request(path: str, op: str, timeout: float = 5.0) -> dict:
     """Send one control line (ping, status) and return the answer."""
     with connect_socket(path, timeout) as sock:
@@ -2763,13 +2798,6 @@ def request(path: str, op: str, timeout: float = 5.0) -> dict:
     if refusal:
         raise ProtocolError(f"tedstore at {path} refused the connection: {refusal}")
     return answer
-
-
-def refusal_of(reply: dict) -> Optional[str]:
-    """Why the daemon refused a whole connection (not one line), if this reply says so."""
-    if reply.get("rejected", 0) == 0 and "error" in reply:   # line 0: the connection itself
-        return str(reply["error"])
-    return None
 
 
 class StreamResult(msgspec.Struct):
@@ -3118,59 +3146,6 @@ class Client:
         select.select([self._wake_r], [], [], seconds)
 
 
-class Reader:
-    """Read-only access for a tracker's warm start; safe while the daemon writes."""
-
-    def __init__(self, db_path: Optional[str] = None):
-        self.db_path = load_settings(db=db_path).db
-        self.conn = connect(self.db_path, readonly=True)
-
-    def _rows(self, sql: str, params: tuple = ()) -> list[dict]:
-        return rows_as_dicts(self.conn.execute(sql, params))
-
-    def recent_predictions(self, n: int = 200) -> list[dict]:
-        """The newest n predictions, oldest first (ready to refill a deque)."""
-        return self._rows(SQL_RECENT.format(table="predictions"), (n,))
-
-    def recent_side_bets(self, n: int = 200) -> list[dict]:
-        return self._rows(SQL_RECENT.format(table="side_bets"), (n,))
-
-    def recent_ticks(self, n: int = 1200) -> list[dict]:
-        """The newest n stored tick samples (every TICK_SAMPLE_EVERY-th tick), oldest first."""
-        return self._rows(SQL_RECENT.format(table="tick_samples"), (n,))
-
-    def load_state(self, key: str, default: Any = None) -> Any:
-        value = self.conn.execute("SELECT value FROM state WHERE key = ?1", (key,)).get
-        return default if value is None else json.loads(value)
-
-    def game(self, game_id: str) -> Optional[dict]:
-        rows = self._rows("SELECT * FROM games WHERE game_id = ?1", (game_id,))
-        return rows[0] if rows else None
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def __enter__(self) -> "Reader":
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
-
-
-def rows_as_dicts(cursor: apsw.Cursor) -> list[dict]:
-    """The rows of a just-executed query as dicts (apsw describes only a running statement)."""
-    try:
-        names = [d[0] for d in cursor.get_description()]
-    except apsw.ExecutionCompleteError:
-        return []                                # the query returned no rows
-    return [dict(zip(names, row)) for row in cursor]
-
-
-SQL_RECENT = """
-SELECT * FROM (SELECT * FROM {table} ORDER BY created_at DESC, id DESC LIMIT ?1)
-ORDER BY created_at, id"""
-
-
 # ---------------------------------------------------------------------------
 # SIMULATOR: a synthetic tracker for demos, tests and benchmarks
 # ---------------------------------------------------------------------------
@@ -3267,31 +3242,145 @@ def _simulated_prediction(rng: random.Random, game_id: str, tick: int, end_tick:
             "ts": ts}
 
 
-def ingest_offline(conn: apsw.Connection, blocks: Iterable[bytes], settings: Settings,
-                   progress: Callable[[int], None] = lambda lines: None
-                   ) -> tuple[int, list[tuple[int, str, str]]]:
-    """Apply NDJSON without a daemon, in the daemon's batches: (lines, rejections)."""
-    lines, rejections, pending = 0, [], []
+# ---------------------------------------------------------------------------
+# QUERIES: read-only answers over one connection
+# ---------------------------------------------------------------------------
 
-    def flush() -> None:
-        batch = IngestBatch(pending, settings)
-        with transaction(conn):
-            batch.write(conn, time.time())
-        rejections.extend(sorted((r.line_no, r.code, r.error) for r in batch.rejects))
-        progress(sum(chunk.count for chunk in pending))
-        pending.clear()
+SQL_RECENT = """
+SELECT * FROM (SELECT * FROM {table} ORDER BY created_at DESC, id DESC LIMIT ?1)
+ORDER BY created_at, id"""
 
-    for block in blocks:
-        if not block.endswith(b"\n"):
-            block += b"\n"
-        count = block.count(b"\n")
-        pending.append(Chunk(None, lines + 1, count, block, time.time()))
-        lines += count
-        if sum(chunk.count for chunk in pending) >= settings.batch_size:
-            flush()
-    if pending:
-        flush()
-    return lines, rejections
+
+def rows_as_dicts(cursor: apsw.Cursor) -> list[dict]:
+    """The rows of a just-executed query as dicts (apsw describes only a running statement)."""
+    try:
+        names = [d[0] for d in cursor.get_description()]
+    except apsw.ExecutionCompleteError:
+        return []                                # the query returned no rows
+    return [dict(zip(names, row)) for row in cursor]
+
+
+class Reader:
+    """Read-only access for a tracker's warm start; safe while the daemon writes."""
+
+    def __init__(self, db_path: Optional[str] = None):
+        self.db_path = load_settings(db=db_path).db
+        self.conn = connect(self.db_path, readonly=True)
+
+    def _rows(self, sql: str, params: tuple = ()) -> list[dict]:
+        return rows_as_dicts(self.conn.execute(sql, params))
+
+    def recent_predictions(self, n: int = 200) -> list[dict]:
+        """The newest n predictions, oldest first (ready to refill a deque)."""
+        return self._rows(SQL_RECENT.format(table="predictions"), (n,))
+
+    def recent_side_bets(self, n: int = 200) -> list[dict]:
+        return self._rows(SQL_RECENT.format(table="side_bets"), (n,))
+
+    def recent_ticks(self, n: int = 1200) -> list[dict]:
+        """The newest n stored tick samples (every TICK_SAMPLE_EVERY-th tick), oldest first."""
+        return self._rows(SQL_RECENT.format(table="tick_samples"), (n,))
+
+    def load_state(self, key: str, default: Any = None) -> Any:
+        value = self.conn.execute("SELECT value FROM state WHERE key = ?1", (key,)).get
+        return default if value is None else json.loads(value)
+
+    def game(self, game_id: str) -> Optional[dict]:
+        rows = self._rows("SELECT * FROM games WHERE game_id = ?1", (game_id,))
+        return rows[0] if rows else None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------
+# CHECKS: what is wrong with a deployment, and what to do about it
+# ---------------------------------------------------------------------------
+
+def check_database(path: str) -> list[str]:
+    """What is wrong with the database at path, each with what to do about it."""
+    if not os.path.exists(path):
+        return [f"{path} does not exist: run tedstore init, or start the daemon"]
+    try:
+        with contextlib.closing(connect(path, readonly=True)) as conn:
+            problems = []
+            version = conn.pragma("user_version")
+            if version != schema_version():
+                problems.append(f"{path} is at schema version {version}, not "
+                                f"{schema_version()}: run tedstore init to upgrade it")
+            if conn.pragma("journal_mode") != "wal":
+                problems.append(f"{path} is not in WAL mode: run tedstore init")
+            verdict = conn.execute("PRAGMA integrity_check").get
+            if verdict != "ok":
+                problems.append(f"{path} failed its integrity check ({verdict}): restore the "
+                                f"newest backup (see README, Backups)")
+            return problems
+    except (StoreError, apsw.Error) as exc:
+        return [f"{path} cannot be read: {exc}"]
+
+
+def why_unreachable(settings: Settings, exc: ProtocolError) -> tuple[Optional[str], str]:
+    """When the socket does not answer: (the pid of a daemon running anyway, one line)."""
+    running = serving(settings.db)
+    if running is None:
+        return None, f"tedstore is not running: {exc}"
+    pid, path = running
+    if path and path != settings.socket:
+        return pid, (f"tedstore (pid {pid}) serves {settings.db} on {path}, not on "
+                     f"{settings.socket}: use --socket {path} or set TEDSTORE_SOCKET")
+    if not os.path.lexists(settings.socket):
+        return pid, (f"tedstore (pid {pid}) is running on {settings.db}, but its socket "
+                     f"{settings.socket} is gone: restart tedstore to listen again")
+    return pid, f"tedstore (pid {pid}) is running on {settings.db}, but does not answer: {exc}"
+
+
+def diagnose(settings: Settings, now: float) -> Iterator[tuple[bool, str]]:
+    """(ok, message) for each thing a working deployment needs."""
+    folder = os.path.dirname(os.path.abspath(settings.db))
+    if not os.path.isdir(folder):
+        yield False, f"database folder {folder} is missing: create it or set TEDSTORE_DB"
+        return
+    yield (os.access(folder, os.W_OK | os.X_OK),
+           f"database folder {folder} is writable" if os.access(folder, os.W_OK | os.X_OK)
+           else f"database folder {folder} is not writable by uid {os.getuid()}: "
+                f"chown it to the tedstore user")
+    problems = check_database(settings.db)
+    yield (not problems, problems[0] if problems else
+           f"database {settings.db} is intact, schema version {schema_version()}")
+    for problem in problems[1:]:
+        yield False, problem
+    try:
+        pong = request(settings.socket, "ping", timeout=3.0)
+        yield pong.get("pong") is True, f"daemon answers on {settings.socket}"
+    except ProtocolError as exc:
+        yield False, why_unreachable(settings, exc)[1]
+    wal = database_facts(settings.db)["wal_bytes"] or 0
+    yield (wal <= 4 * JOURNAL_SIZE_LIMIT,
+           f"WAL is {wal / 1e6:.1f} MB" + ("" if wal <= 4 * JOURNAL_SIZE_LIMIT else
+           ": a long-open reader (a sqlite3 session?) holds it back; close it"))
+    usage = shutil.disk_usage(folder)
+    free_ok = usage.free >= 1e9 and usage.free >= 0.05 * usage.total
+    yield (free_ok, f"{usage.free / 1e9:.1f} GB free on the database's disk"
+           + ("" if free_ok else ": free some space, or lower the retention days"))
+    clock_ok = now > 1.7e9
+    newest = None
+    if not problems:
+        with contextlib.closing(connect(settings.db, readonly=True)) as conn:
+            newest = conn.execute("SELECT max(created_at) FROM predictions").get
+    if newest is not None and text_epoch(newest) > now + settings.max_clock_skew:
+        clock_ok = False
+    yield (clock_ok, f"clock reads {utc_text(now)} UTC" + ("" if clock_ok else
+           f": it is behind the newest stored event ({newest}) or implausible; fix NTP"))
+    if settings.backup_dir:
+        writable = os.access(settings.backup_dir, os.W_OK)
+        yield (writable, f"backup folder {settings.backup_dir} is "
+               + ("writable" if writable else "missing or not writable: create it"))
 
 
 # ---------------------------------------------------------------------------
@@ -3338,6 +3427,15 @@ def json_option(fn: Callable) -> Callable:
 
 def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
+
+
+def _print_tree(value: Any, indent: int = 0) -> None:
+    for key, item in value.items():
+        if isinstance(item, dict) and item:
+            click.echo(f"{'  ' * indent}{key}:")
+            _print_tree(item, indent + 1)
+        else:
+            click.echo(f"{'  ' * indent}{key}: {'-' if item in (None, {}) else item}")
 
 
 class InputFiles:
@@ -3409,6 +3507,38 @@ def write_stdout(blocks: Iterable[bytes], what: str, count: Callable[[bytes], in
     return written
 
 
+class _Progress:
+    """A progress bar on stderr when it is a terminal and the work is long, else nothing."""
+
+    def __init__(self, bar: Any = None):
+        self.bar = bar
+        self.done = 0
+
+    def advance(self, steps: int) -> None:
+        self.advance_to(self.done + steps)
+
+    def advance_to(self, done: int) -> None:
+        if self.bar is not None and done > self.done:
+            self.bar.update(done - self.done)
+        self.done = max(self.done, done)
+
+
+@contextlib.contextmanager
+def _progress(length: int, label: str) -> Iterator[_Progress]:
+    if sys.stderr.isatty() and length > 1:
+        with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
+            yield _Progress(bar)
+    else:
+        yield _Progress()
+
+
+def _count_lines(paths: list[str]) -> int:
+    """Lines in the named files, for a progress bar; 0 for stdin or off a terminal."""
+    if not sys.stderr.isatty() or "-" in paths:
+        return 0
+    return sum(block.count(b"\n") for block in InputFiles(paths).blocks())
+
+
 def _setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     # journald stamps each line itself; a terminal needs the time
@@ -3477,28 +3607,6 @@ def init(config: Optional[str], db: Optional[str], check: bool) -> None:
     click.echo(f"ok: {settings.db} is at schema version {schema_version()} and intact")
 
 
-def check_database(path: str) -> list[str]:
-    """What is wrong with the database at path, each with what to do about it."""
-    if not os.path.exists(path):
-        return [f"{path} does not exist: run tedstore init, or start the daemon"]
-    try:
-        with contextlib.closing(connect(path, readonly=True)) as conn:
-            problems = []
-            version = conn.pragma("user_version")
-            if version != schema_version():
-                problems.append(f"{path} is at schema version {version}, not "
-                                f"{schema_version()}: run tedstore init to upgrade it")
-            if conn.pragma("journal_mode") != "wal":
-                problems.append(f"{path} is not in WAL mode: run tedstore init")
-            verdict = conn.execute("PRAGMA integrity_check").get
-            if verdict != "ok":
-                problems.append(f"{path} failed its integrity check ({verdict}): restore the "
-                                f"newest backup (see README, Backups)")
-            return problems
-    except (StoreError, apsw.Error) as exc:
-        return [f"{path} cannot be read: {exc}"]
-
-
 @cli.command()
 @config_option
 @db_option
@@ -3536,15 +3644,6 @@ def status(config: Optional[str], db: Optional[str], socket: Optional[str], as_j
         _print_tree({k: v for k, v in answer.items() if k not in ("version", "pid", "uptime_s")})
 
 
-def _print_tree(value: Any, indent: int = 0) -> None:
-    for key, item in value.items():
-        if isinstance(item, dict) and item:
-            click.echo(f"{'  ' * indent}{key}:")
-            _print_tree(item, indent + 1)
-        else:
-            click.echo(f"{'  ' * indent}{key}: {'-' if item in (None, {}) else item}")
-
-
 @cli.command()
 @config_option
 @db_option
@@ -3565,49 +3664,6 @@ def doctor(config: Optional[str], db: Optional[str], socket: Optional[str]) -> N
     if failures:
         click.echo(f"{failures} problem(s) found", err=True)
         sys.exit(1)
-
-
-def diagnose(settings: Settings, now: float) -> Iterator[tuple[bool, str]]:
-    """(ok, message) for each thing a working deployment needs."""
-    folder = os.path.dirname(os.path.abspath(settings.db))
-    if not os.path.isdir(folder):
-        yield False, f"database folder {folder} is missing: create it or set TEDSTORE_DB"
-        return
-    yield (os.access(folder, os.W_OK | os.X_OK),
-           f"database folder {folder} is writable" if os.access(folder, os.W_OK | os.X_OK)
-           else f"database folder {folder} is not writable by uid {os.getuid()}: "
-                f"chown it to the tedstore user")
-    problems = check_database(settings.db)
-    yield (not problems, problems[0] if problems else
-           f"database {settings.db} is intact, schema version {schema_version()}")
-    for problem in problems[1:]:
-        yield False, problem
-    try:
-        pong = request(settings.socket, "ping", timeout=3.0)
-        yield pong.get("pong") is True, f"daemon answers on {settings.socket}"
-    except ProtocolError as exc:
-        yield False, why_unreachable(settings, exc)[1]
-    wal = database_facts(settings.db)["wal_bytes"] or 0
-    yield (wal <= 4 * JOURNAL_SIZE_LIMIT,
-           f"WAL is {wal / 1e6:.1f} MB" + ("" if wal <= 4 * JOURNAL_SIZE_LIMIT else
-           ": a long-open reader (a sqlite3 session?) holds it back; close it"))
-    usage = shutil.disk_usage(folder)
-    free_ok = usage.free >= 1e9 and usage.free >= 0.05 * usage.total
-    yield (free_ok, f"{usage.free / 1e9:.1f} GB free on the database's disk"
-           + ("" if free_ok else ": free some space, or lower the retention days"))
-    clock_ok = now > 1.7e9
-    newest = None
-    if not problems:
-        with contextlib.closing(connect(settings.db, readonly=True)) as conn:
-            newest = conn.execute("SELECT max(created_at) FROM predictions").get
-    if newest is not None and text_epoch(newest) > now + settings.max_clock_skew:
-        clock_ok = False
-    yield (clock_ok, f"clock reads {utc_text(now)} UTC" + ("" if clock_ok else
-           f": it is behind the newest stored event ({newest}) or implausible; fix NTP"))
-    if settings.backup_dir:
-        writable = os.access(settings.backup_dir, os.W_OK)
-        yield (writable, f"backup folder {settings.backup_dir} is "
-               + ("writable" if writable else "missing or not writable: create it"))
 
 
 @cli.command()
@@ -3792,38 +3848,6 @@ def rollup(config: Optional[str], db: Optional[str], since: Optional[str], as_js
                    f"to {detail['through']}")
     else:
         click.echo("nothing to roll up")
-
-
-class _Progress:
-    """A progress bar on stderr when it is a terminal and the work is long, else nothing."""
-
-    def __init__(self, bar: Any = None):
-        self.bar = bar
-        self.done = 0
-
-    def advance(self, steps: int) -> None:
-        self.advance_to(self.done + steps)
-
-    def advance_to(self, done: int) -> None:
-        if self.bar is not None and done > self.done:
-            self.bar.update(done - self.done)
-        self.done = max(self.done, done)
-
-
-@contextlib.contextmanager
-def _progress(length: int, label: str) -> Iterator[_Progress]:
-    if sys.stderr.isatty() and length > 1:
-        with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
-            yield _Progress(bar)
-    else:
-        yield _Progress()
-
-
-def _count_lines(paths: list[str]) -> int:
-    """Lines in the named files, for a progress bar; 0 for stdin or off a terminal."""
-    if not sys.stderr.isatty() or "-" in paths:
-        return 0
-    return sum(block.count(b"\n") for block in InputFiles(paths).blocks())
 
 
 def main() -> None:
