@@ -1,12 +1,22 @@
 """tedstore: the durable system of record for TED game trackers.
 
 Trackers send NDJSON events over a Unix socket; one writer thread commits them to
-SQLite (WAL) in batched transactions and acknowledges each line only after the
-COMMIT that covers it has returned. Game ends resolve predictions and side bets;
-a scheduler keeps hourly metrics, nightly retention and backups.
+SQLite (WAL) in batched transactions and acknowledges each line only after the COMMIT
+that covers it has returned. Game ends resolve predictions and side bets; a scheduler
+keeps hourly metrics, nightly retention and backups.
 
-Reading order follows the data: configuration, errors, time, records, store, ingest,
-writer, server, scheduler, systemd, daemon, client and reader, simulator, CLI.
+The path of one line, reading downward: Session.data_received cuts the byte stream into
+numbered lines (Session._lines) and Server.submit hands them as a Chunk to Writer.submit,
+which queues it (IngestQueue.put). On the writer thread, Writer._loop takes a batch
+(IngestQueue.take) and Writer._commit turns it into an IngestBatch: decode_chunk decodes
+each line on its own (decode_line looks closer at a line that fails), and
+IngestBatch._route sorts the events by table. Writer._commit_retrying runs
+IngestBatch.apply inside transaction(); once COMMIT has returned, Writer._committed hands
+each session its Ack through on_commit, and on the event loop Server.deliver calls
+Session.acknowledge, which writes {"ack": N}.
+
+Sections, in that order: configuration, errors, time, records, store, ingest, writer,
+server, scheduler, systemd, daemon, client, simulator, queries, checks, CLI.
 """
 
 from __future__ import annotations
@@ -15,9 +25,11 @@ __version__ = "1.0.0"
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
 import errno
 import fcntl
+import functools
 import itertools
 import json
 import logging
@@ -259,12 +271,30 @@ class ProtocolError(TedstoreError):
     """A client cannot reach the daemon, or the daemon broke the protocol."""
 
 
+class Refused(ProtocolError):
+    """The daemon refused a whole connection: a peer not allowed, too many, or idle."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"tedstore at {path} refused the connection: {reason}")
+        self.reason = reason
+
+
 class LineRejected(TedstoreError):
     """One input line is refused; `code` is the reject code the client sees."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message[:MAX_ERROR_CHARS])
         self.code = code
+
+
+@contextlib.contextmanager
+def store_errors(what: str) -> Iterator[None]:
+    """Where the store meets the rest: an apsw error becomes a StoreError that says what
+    failed, with the driver's error kept on .orig."""
+    try:
+        yield
+    except apsw.Error as exc:
+        raise StoreError(f"{what}: {describe_error(exc)}", exc) from exc
 
 
 def describe_error(exc: BaseException) -> str:
@@ -607,6 +637,13 @@ def busy_handler(timeout: float) -> Callable[[int], bool]:
     return retry
 
 
+SQL_PROBE = "SELECT count(*) FROM sqlite_schema"           # fails on a file that is no database
+SQL_BEGIN = {mode: f"BEGIN {mode}" for mode in ("DEFERRED", "IMMEDIATE")}
+SQL_COMMIT = "COMMIT"
+SQL_ROLLBACK = "ROLLBACK"
+SQL_INTEGRITY_CHECK = "PRAGMA integrity_check"
+
+
 def connect(path: str, *, readonly: bool = False, create: bool = True, vfs: Optional[str] = None,
             synchronous: str = "NORMAL") -> apsw.Connection:
     """Open a connection set up the one way tedstore uses SQLite."""
@@ -630,7 +667,7 @@ def connect(path: str, *, readonly: bool = False, create: bool = True, vfs: Opti
                                  f"put it on a local filesystem")
             conn.pragma("synchronous", synchronous)
             conn.pragma("journal_size_limit", JOURNAL_SIZE_LIMIT)
-        conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()   # fails on a non-database
+        conn.execute(SQL_PROBE).fetchall()
     except apsw.Error as exc:
         conn.close()
         raise StoreError(f"cannot use database {path}: {exc}", exc) from exc
@@ -643,14 +680,14 @@ def connect(path: str, *, readonly: bool = False, create: bool = True, vfs: Opti
 @contextlib.contextmanager
 def transaction(conn: apsw.Connection, mode: str = "IMMEDIATE") -> Iterator[apsw.Connection]:
     """BEGIN/COMMIT; on failure ROLLBACK without letting a failed rollback hide the cause."""
-    conn.execute(f"BEGIN {mode}")
+    conn.execute(SQL_BEGIN[mode])
     try:
         yield conn
-        conn.execute("COMMIT")
+        conn.execute(SQL_COMMIT)
     except BaseException as exc:
         if conn.in_transaction:
             try:
-                conn.execute("ROLLBACK")
+                conn.execute(SQL_ROLLBACK)
             except apsw.Error as rollback_error:
                 exc.add_note(f"the rollback failed too: {rollback_error}")
         raise
@@ -690,6 +727,17 @@ def open_store(path: str, *, vfs: Optional[str] = None, synchronous: str = "NORM
         conn.close()
         raise
     return conn
+
+
+def init_store(path: str) -> int:
+    """Create or upgrade the database at `path`; the schema version it had (0: new)."""
+    before = 0
+    if os.path.exists(path):
+        with contextlib.closing(connect(path, readonly=True)) as conn, \
+                store_errors(f"cannot read the schema version of {path}"):
+            before = conn.pragma("user_version")
+    open_store(path).close()
+    return before
 
 
 def database_facts(path: str) -> dict:
@@ -801,6 +849,7 @@ INSERT INTO rejects (received_at, peer_pid, peer_uid, line_no, code, error, raw)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"""
 
 
+@dataclasses.dataclass(slots=True, eq=False)
 class Chunk:
     """Complete lines from one connection, numbered from first_line, on their way to a COMMIT.
 
@@ -808,17 +857,13 @@ class Chunk:
     (too long, forbidden peer): the writer only records it.
     """
 
-    __slots__ = ("session", "first_line", "count", "data", "received", "rejection", "_lines")
-
-    def __init__(self, session: Any, first_line: int, count: int, data: bytes,
-                 received: float, rejection: Optional[tuple[str, str]] = None):
-        self.session = session
-        self.first_line = first_line
-        self.count = count
-        self.data = data
-        self.received = received
-        self.rejection = rejection
-        self._lines: Optional[list[bytes]] = None
+    session: Any
+    first_line: int
+    count: int
+    data: bytes
+    received: float
+    rejection: Optional[tuple[str, str]] = None
+    _lines: Optional[list[bytes]] = dataclasses.field(default=None, init=False, repr=False)
 
     @property
     def last_line(self) -> int:
@@ -848,28 +893,22 @@ class Chunk:
                      (code, message))
 
 
+@dataclasses.dataclass(slots=True, eq=False)
 class GameRow:
     """A games row while a batch folds its events in; written back once per batch."""
 
-    __slots__ = ("game_id", "start_tick", "end_tick", "peak_price", "peak_tick",
-                 "final_price", "treasury_remainder", "patterns", "started_at",
-                 "ended_at", "created_at", "dirty")
-
-    def __init__(self, game_id: str, created_at: str, start_tick=None, end_tick=None,
-                 peak_price=None, peak_tick=None, final_price=None, treasury_remainder=None,
-                 patterns=(), started_at=None, ended_at=None, dirty=True):
-        self.game_id = game_id
-        self.start_tick = start_tick
-        self.end_tick = end_tick
-        self.peak_price = peak_price
-        self.peak_tick = peak_tick
-        self.final_price = final_price
-        self.treasury_remainder = treasury_remainder
-        self.patterns = list(patterns)
-        self.started_at = started_at
-        self.ended_at = ended_at
-        self.created_at = created_at
-        self.dirty = dirty
+    game_id: str
+    created_at: str
+    start_tick: Optional[int] = None
+    end_tick: Optional[int] = None
+    peak_price: Optional[float] = None
+    peak_tick: Optional[int] = None
+    final_price: Optional[float] = None
+    treasury_remainder: Optional[int] = None
+    patterns: list[str] = dataclasses.field(default_factory=list)
+    started_at: Optional[str] = None
+    ended_at: Optional[str] = None
+    dirty: bool = True
 
     def see(self, price: float, tick: int, ts: str) -> None:
         """Fold in one price: the peak is the highest price, at its earliest tick."""
@@ -961,7 +1000,7 @@ class IngestBatch:
 
     def _limits(self, received: float) -> tuple[str, float, dict, float]:
         """For lines read at `received`: its text, the latest `ts` allowed, the oldest per
-        event type, and the oldest whose tick is still sampled (section 2, ts bounds)."""
+        event type, and the oldest whose tick is still sampled (README: timestamp bounds)."""
         settings = self.settings
         oldest = {kind: received - getattr(settings, setting) * 86400
                   for kind, (_, setting) in EVENT_RETENTION.items()}
@@ -1064,7 +1103,7 @@ class IngestBatch:
         self.decode_rejects.append(Reject(chunk, line_no, code, message[:MAX_ERROR_CHARS],
                                           chunk.line(line_no)))
 
-    def write(self, conn: apsw.Connection, now: float) -> None:
+    def apply(self, conn: apsw.Connection, now: float) -> None:
         """Apply the batch inside the caller's transaction; safe to call again after a rollback."""
         self.rejects = list(self.decode_rejects)
         stored = collections.Counter({
@@ -1203,8 +1242,9 @@ def ingest_offline(conn: apsw.Connection, blocks: Iterable[bytes], settings: Set
 
     def flush() -> None:
         batch = IngestBatch(pending, settings)
-        with transaction(conn):
-            batch.write(conn, time.time())
+        with store_errors(f"cannot store the lines from line {pending[0].first_line} on"), \
+                transaction(conn):
+            batch.apply(conn, time.time())
         rejections.extend(sorted((r.line_no, r.code, r.error) for r in batch.rejects))
         progress(sum(chunk.count for chunk in pending))
         pending.clear()
@@ -1513,14 +1553,14 @@ class Writer(threading.Thread):
     def _commit(self, chunks: list[Chunk]) -> None:
         try:
             batch = IngestBatch(chunks, self.settings)
-            committed = self._write(batch)
+            committed = self._commit_retrying(batch)
         except Exception as exc:           # the data's fault: find the line and reject it
             self._bisect(chunks, exc)
             return
         if committed:
             self._committed(batch)
 
-    def _write(self, batch: IngestBatch) -> bool:
+    def _commit_retrying(self, batch: IngestBatch) -> bool:
         """Commit the batch, retrying disk and lock errors until it works; False if given up.
 
         Between attempts the writer still runs queued tasks: a retention run can free the
@@ -1533,7 +1573,7 @@ class Writer(threading.Thread):
         while True:
             try:
                 with transaction(self.conn):
-                    batch.write(self.conn, time.time())
+                    batch.apply(self.conn, time.time())
             except TRANSIENT_ERRORS as exc:
                 stats.commit_errors += 1
                 now = time.monotonic()
@@ -1915,8 +1955,12 @@ class Server:
 # own connection and runs each write step on the writer thread; the CLI runs both on
 # its own connection.
 
-Write = Callable[[Callable[[apsw.Connection], Any]], Any]
+# A job's write steps run through a StepRunner: on the writer thread in the daemon, on
+# the command's own connection in the CLI.
+Step = Callable[[apsw.Connection], Any]
+StepRunner = Callable[[Step], Any]
 SQL_RECORD_JOB = "INSERT OR REPLACE INTO jobs (name, last_run_at, detail) VALUES (?1, ?2, ?3)"
+SQL_LAST_JOBS = "SELECT name, last_run_at, detail FROM jobs"
 
 
 def record_job(conn: apsw.Connection, name: str, detail: dict, now: float) -> None:
@@ -1924,23 +1968,25 @@ def record_job(conn: apsw.Connection, name: str, detail: dict, now: float) -> No
 
 
 def last_jobs(conn: apsw.Connection) -> dict[str, dict]:
+    """When each job last ran, and what it did."""
     jobs = {}
-    if conn.table_exists("main", "jobs"):
-        for name, at, detail in conn.execute("SELECT name, last_run_at, detail FROM jobs"):
-            jobs[name] = {"at": at, **json.loads(detail)}
+    with store_errors("cannot read the jobs table"):
+        if conn.table_exists("main", "jobs"):
+            for name, at, detail in conn.execute(SQL_LAST_JOBS):
+                jobs[name] = {"at": at, **json.loads(detail)}
     return jobs
 
 
-def yielding_write(conn: apsw.Connection) -> Write:
-    """Writes for a command run beside the daemon: after each write transaction it pauses
+def yielding_steps(conn: apsw.Connection) -> StepRunner:
+    """Steps for a command run beside the daemon: after each write transaction it pauses
     as long as the transaction took, so the daemon's writer gets the lock as often."""
-    def write(fn: Callable[[apsw.Connection], Any]) -> Any:
+    def run_step(step: Step) -> Any:
         started = time.perf_counter()
         try:
-            return fn(conn)
+            return step(conn)
         finally:
             time.sleep(max(YIELD_MIN_SECONDS, time.perf_counter() - started))
-    return write
+    return run_step
 
 
 # The rollup reads hour by hour through the time indexes, named (INDEXED BY) so that no
@@ -2026,13 +2072,14 @@ def hours_to_roll(conn: apsw.Connection, now: float, settings: Settings,
     if since is not None:
         start = hour_floor(since)
     else:
-        done = conn.execute(SQL_LAST_ROLLUP).get
+        with store_errors("cannot find the hours to roll up"):
+            done = conn.execute(SQL_LAST_ROLLUP).get
+            oldest = conn.execute(SQL_NEXT_DATA, ("",)).get if done is None else None
         if done is not None:
             start = int(text_epoch(done)) + 3600 - ROLLUP_REVISIT_HOURS * 3600
+        elif oldest is None:
+            return []
         else:
-            oldest = conn.execute(SQL_NEXT_DATA, ("",)).get
-            if oldest is None:
-                return []
             start = hour_floor(text_epoch(oldest))
     return list(range(max(start, rollup_floor(now, settings)), newest_complete_hour(now) + 1,
                       3600))
@@ -2040,7 +2087,7 @@ def hours_to_roll(conn: apsw.Connection, now: float, settings: Settings,
 
 def rollup_hour(conn: apsw.Connection, hour: int, latency: Optional[LatencyHistogram],
                 now: float) -> tuple:
-    """One metrics_hourly row, as section 4 of the spec defines every column."""
+    """One metrics_hourly row, every column as the README's "Hourly metrics" defines it."""
     start, end = utc_text(hour), utc_text(hour + 3600)
     with transaction(conn, "DEFERRED"):
         made = conn.execute(SQL_ROLLUP_PREDICTIONS, (start, end)).get
@@ -2066,12 +2113,12 @@ def rollup_hour(conn: apsw.Connection, hour: int, latency: Optional[LatencyHisto
             rejected, utc_text(now))
 
 
-def run_rollups(conn: apsw.Connection, write: Write, hours: list[int], now: float,
+def run_rollups(conn: apsw.Connection, run_step: StepRunner, hours: list[int], now: float,
                 latency_for: Callable[[int], Optional[LatencyHistogram]] = lambda hour: None,
                 progress: Callable[[int], None] = lambda n: None) -> dict:
-    """Compute the hours on `conn` and save them through `write`, a day's worth at a time,
-    so that a long catch-up never holds the write lock for long."""
-    try:
+    """Compute the hours on `conn` and save them through `run_step`, a day's worth at a
+    time, so that a long catch-up never holds the write lock for long."""
+    with store_errors("cannot roll up the hourly metrics"):
         for first in range(0, len(hours), ROLLUP_HOURS_PER_WRITE):
             rows = [rollup_hour(conn, hour, latency_for(hour), now)
                     for hour in hours[first:first + ROLLUP_HOURS_PER_WRITE]]
@@ -2079,13 +2126,11 @@ def run_rollups(conn: apsw.Connection, write: Write, hours: list[int], now: floa
             def save(db: apsw.Connection, rows: list = rows) -> None:
                 with transaction(db):
                     db.executemany(SQL_SAVE_ROLLUP, rows)
-            write(save)
+            run_step(save)
             progress(len(rows))
         detail = {"hours": len(hours), "through": utc_text(hours[-1] + 3600) if hours else None}
         if hours:
-            write(lambda db: record_job(db, "rollup", detail, now))
-    except apsw.Error as exc:
-        raise StoreError(f"cannot roll up the hourly metrics: {describe_error(exc)}", exc) from exc
+            run_step(lambda db: record_job(db, "rollup", detail, now))
     return detail
 
 
@@ -2135,23 +2180,22 @@ RETENTION = (
      "metrics_retention_days", False),
 )
 
-SQL_COUNT_EXPIRED = {
-    table: f"SELECT count(*) FROM {table} INDEXED BY {index} WHERE {column} < :cutoff{more}"
-    for table, column, index, more, _, _ in RETENTION}
 
-SQL_EXPIRED_BOUNDARY = {
-    table: f"SELECT {column}, rowid FROM {table} INDEXED BY {index} "
-           f"WHERE {column} < :cutoff{more} ORDER BY {column}, rowid LIMIT 1 OFFSET :limit - 1"
-    for table, column, index, more, _, _ in RETENTION}
+def _per_table(template: str) -> dict[str, str]:
+    """A statement for each table of RETENTION, from {table} {column} {index} {more}."""
+    return {table: template.format(table=table, column=column, index=index, more=more)
+            for table, column, index, more, _, _ in RETENTION}
 
-SQL_DELETE_EXPIRED = {
-    table: f"DELETE FROM {table} INDEXED BY {index} WHERE {column} < :upto{more}"
-    for table, column, index, more, _, _ in RETENTION}
 
-SQL_DELETE_EXPIRED_TIES = {
-    table: f"DELETE FROM {table} INDEXED BY {index} "
-           f"WHERE {column} = :upto AND rowid <= :upto_rowid{more}"
-    for table, column, index, more, _, _ in RETENTION}
+SQL_COUNT_EXPIRED = _per_table(
+    "SELECT count(*) FROM {table} INDEXED BY {index} WHERE {column} < :cutoff{more}")
+SQL_EXPIRED_BOUNDARY = _per_table(
+    "SELECT {column}, rowid FROM {table} INDEXED BY {index} WHERE {column} < :cutoff{more} "
+    "ORDER BY {column}, rowid LIMIT 1 OFFSET :limit - 1")
+SQL_DELETE_EXPIRED = _per_table(
+    "DELETE FROM {table} INDEXED BY {index} WHERE {column} < :upto{more}")
+SQL_DELETE_EXPIRED_TIES = _per_table(
+    "DELETE FROM {table} INDEXED BY {index} WHERE {column} = :upto AND rowid <= :upto_rowid{more}")
 
 
 def retention_cutoffs(settings: Settings, now: float) -> dict[str, str]:
@@ -2190,7 +2234,7 @@ def delete_expired(conn: apsw.Connection, table: str, cutoffs: dict[str, str],
     return deleted, time.perf_counter() - started
 
 
-def run_retention(conn: apsw.Connection, write: Write, settings: Settings, now: float, *,
+def run_retention(conn: apsw.Connection, run_step: StepRunner, settings: Settings, now: float, *,
                   dry_run: bool = False,
                   latency_for: Callable[[int], Optional[LatencyHistogram]] = lambda hour: None,
                   progress: Callable[[str, int], None] = lambda table, n: None) -> dict[str, int]:
@@ -2200,19 +2244,19 @@ def run_retention(conn: apsw.Connection, write: Write, settings: Settings, now: 
     not depend on what is rolled up, since a real run rolls up everything they cover.
     """
     cutoffs = retention_cutoffs(settings, now)
-    try:
+    with store_errors("retention failed"):
         if dry_run:
             return {table: conn.execute(SQL_COUNT_EXPIRED[table], _expired(table, cutoffs)).get
                     for table, *_ in RETENTION}
         missing = unrolled_hours(conn, max(cutoffs[table] for table, *_, rolled in RETENTION
                                            if rolled), now)
         if missing:
-            run_rollups(conn, write, missing, now, latency_for)
+            run_rollups(conn, run_step, missing, now, latency_for)
         removed = {}
         for table, *_ in RETENTION:
             removed[table], limit = 0, 1000
             while True:
-                deleted, seconds = write(
+                deleted, seconds = run_step(
                     lambda db, t=table, n=limit: delete_expired(db, t, cutoffs, n))
                 removed[table] += deleted
                 progress(table, deleted)
@@ -2222,9 +2266,7 @@ def run_retention(conn: apsw.Connection, write: Write, settings: Settings, now: 
                     limit = min(limit * 2, 50_000)
                 elif seconds > RETENTION_STEP_SECONDS * 2:
                     limit = max(limit // 2, 100)
-        write(lambda db: record_job(db, "retention", {"deleted": removed}, now))
-    except apsw.Error as exc:
-        raise StoreError(f"retention failed: {describe_error(exc)}", exc) from exc
+        run_step(lambda db: record_job(db, "retention", {"deleted": removed}, now))
     return removed
 
 
@@ -2264,7 +2306,7 @@ def backup_database(db_path: str, dest: str, now: Optional[float] = None) -> dic
             with copy.backup("main", source, "main") as backup:
                 backup.step(-1)                # one step: one consistent snapshot
             copy.pragma("journal_mode", "delete")
-            verdict = copy.execute("PRAGMA integrity_check").get
+            verdict = copy.execute(SQL_INTEGRITY_CHECK).get
         finally:
             copy.close()
         if verdict != "ok":
@@ -2364,7 +2406,7 @@ class Scheduler(threading.Thread):
             while not self.stopped.is_set():
                 try:
                     pause = self.run_due(time.time())
-                except (TedstoreError, apsw.Error) as exc:
+                except TedstoreError as exc:
                     if self.stopped.is_set():
                         log.info("a scheduled job was interrupted by the shutdown: %s", exc)
                         return
@@ -2379,36 +2421,37 @@ class Scheduler(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
 
-    def _write(self, fn: Callable[[apsw.Connection], Any]) -> Any:
-        """Each write step of a job goes through the writer; a shutdown ends the job there."""
+    def _run_step(self, step: Step) -> Any:
+        """Each write step of a job runs on the writer; a shutdown ends the job there."""
         if self.stopped.is_set():
             raise StoreError("tedstore is stopping")
-        return self.writer.run_task(fn)
+        with store_errors("a scheduled job failed on the writer"):
+            return self.writer.run_task(step)
 
     def run_due(self, now: float) -> float:
         """Run every job that is due at `now`; return the seconds until the next one."""
         if self._conn is None:
             self._conn = connect(self.settings.db, readonly=True)
             self.last.update(last_jobs(self._conn))
-        conn, write = self._conn, self._write
+        conn, run_step = self._conn, self._run_step
         latency_for = self.writer.stats.latency_by_hour.get
         if self.rolled_through is None or newest_complete_hour(now) > self.rolled_through:
             hours = hours_to_roll(conn, now, self.settings)
             if hours:
                 self.last["rollup"] = {"at": utc_text(now),
-                                       **run_rollups(conn, write, hours, now, latency_for)}
-                write(lambda db: db.pragma("optimize"))     # hourly, as SQLite advises
+                                       **run_rollups(conn, run_step, hours, now, latency_for)}
+                run_step(lambda db: db.pragma("optimize"))     # hourly, as SQLite advises
                 log.info("rolled up %d hour(s) through %s", len(hours),
                          self.last["rollup"]["through"])
             self.rolled_through = newest_complete_hour(now)
         slot = nightly_slot(now, self.settings.cleanup_hour_utc)
         if self.last.get("retention", {}).get("at", "") < utc_text(slot):
-            removed = run_retention(conn, write, self.settings, now, latency_for=latency_for)
+            removed = run_retention(conn, run_step, self.settings, now, latency_for=latency_for)
             self.last["retention"] = {"at": utc_text(now), "deleted": removed}
             log.info("retention removed %s", ", ".join(f"{n} {t}" for t, n in removed.items()))
         if self.settings.backup_dir and self.last.get("backup", {}).get("at", "") < utc_text(slot):
             detail = nightly_backup(self.settings, now)
-            write(lambda db: record_job(db, "backup", detail, now))
+            run_step(lambda db: record_job(db, "backup", detail, now))
             self.last["backup"] = {"at": utc_text(now), **detail}
             log.info("backed up to %s (%d bytes)", detail["path"], detail["bytes"])
         next_rollup = newest_complete_hour(now) + 2 * 3600 + ROLLUP_DELAY_SECONDS
@@ -2757,22 +2800,19 @@ def connect_socket(path: str, timeout: float = 5.0) -> socket.socket:
     return sock
 
 
-def decode_reply(line: bytes) -> dict:
-    """One reply line from the daemon; anything else means a stranger holds the socket."""
+def parse_reply(line: bytes, path: str) -> dict:
+    """One reply from the daemon at `path`: an ack, a reject, or an answer (pong, status).
+    A refusal of the whole connection raises Refused; a line that is not a tedstore reply
+    means a stranger holds the socket."""
     try:
         reply = msgspec.json.decode(line)
     except msgspec.DecodeError:
         reply = None
     if not isinstance(reply, dict):
         raise ProtocolError(f"unexpected reply {line[:80]!r}: is tedstore what listens there?")
-    return reply
-
-
-def refusal_of(reply: dict) -> Optional[str]:
-    """Why the daemon refused a whole connection (not one line), if this reply says so."""
     if reply.get("rejected", 0) == 0 and "error" in reply:   # line 0: the connection itself
-        return str(reply["error"])
-    return None
+        raise Refused(path, str(reply["error"]))
+    return reply
 
 
 def request(path: str, op: str, timeout: float = 5.0) -> dict:
@@ -2793,11 +2833,7 @@ def request(path: str, op: str, timeout: float = 5.0) -> dict:
                 raise ProtocolError(f"tedstore at {path} closed the connection instead of "
                                     f"answering {op}")
             reply += data
-    answer = decode_reply(reply.split(b"\n")[0])
-    refusal = refusal_of(answer)
-    if refusal:
-        raise ProtocolError(f"tedstore at {path} refused the connection: {refusal}")
-    return answer
+    return parse_reply(reply.split(b"\n")[0], path)
 
 
 class StreamResult(msgspec.Struct):
@@ -2875,8 +2911,13 @@ def stream_lines(path: str, blocks: Iterable[bytes], *, rate: Optional[float] = 
                     last_heard = now
                     replies += data
                     *complete, replies = replies.split(b"\n")
-                    for reply in complete:
-                        _take_reply(decode_reply(reply), result, sent_at, now)
+                    try:
+                        for reply in complete:
+                            _take_reply(parse_reply(reply, path), result, sent_at, now)
+                    except Refused as exc:
+                        raise ProtocolError(f"tedstore refused the connection after "
+                                            f"acknowledging {result.acked:,} of the "
+                                            f"{result.lines:,} lines sent: {exc.reason}") from None
                     progress(result.acked)
             if result.acked < result.lines and not outgoing and now - last_heard > idle_timeout:
                 raise ProtocolError(f"tedstore acknowledged nothing for {idle_timeout:g} s "
@@ -2888,10 +2929,6 @@ def stream_lines(path: str, blocks: Iterable[bytes], *, rate: Optional[float] = 
 
 
 def _take_reply(reply: dict, result: StreamResult, sent_at: collections.deque, now: float) -> None:
-    refusal = refusal_of(reply)
-    if refusal:
-        raise ProtocolError(f"tedstore refused the connection after acknowledging "
-                            f"{result.acked:,} of the {result.lines:,} lines sent: {refusal}")
     if "ack" in reply:
         result.acked = reply["ack"]
         while sent_at and sent_at[0][0] <= result.acked:
@@ -2899,6 +2936,29 @@ def _take_reply(reply: dict, result: StreamResult, sent_at: collections.deque, n
             result.latencies_ms.append((now - at) * 1000)
     elif "rejected" in reply:
         result.rejections.append((reply["rejected"], reply.get("code"), reply.get("error")))
+
+
+def replay(settings: Settings, blocks: Iterable[bytes],
+           progress: Callable[[int], None] = lambda lines: None) -> tuple[int, list, str]:
+    """NDJSON through the daemon if it answers, else straight into an existing database:
+    (lines, rejections, where they went)."""
+    if socket_answers(settings.socket):
+        result = stream_lines(settings.socket, blocks, progress=progress)
+        return result.lines, result.rejections, "the daemon"
+    if not os.path.exists(settings.db):
+        raise StoreError(f"no tedstore answers at {settings.socket}, and database "
+                         f"{settings.db} does not exist: start the daemon (tedstore serve), "
+                         f"create the database (tedstore init), or fix --socket/--db")
+    with contextlib.closing(open_store(settings.db, create=False,
+                                       synchronous=settings.synchronous)) as conn:
+        done = 0
+
+        def advance(lines: int) -> None:
+            nonlocal done
+            done += lines
+            progress(done)
+        lines, rejections = ingest_offline(conn, blocks, settings, advance)
+    return lines, rejections, settings.db
 
 
 class Trouble:
@@ -3117,13 +3177,9 @@ class Client:
                 replies += data
                 *complete, replies = replies.split(b"\n")
                 for reply in complete:
-                    self._take(decode_reply(reply))
+                    self._take(parse_reply(reply, self.socket_path))
 
     def _take(self, reply: dict) -> None:
-        refusal = refusal_of(reply)
-        if refusal:
-            raise ProtocolError(f"tedstore at {self.socket_path} refused the connection: "
-                                f"{refusal}")
         if "ack" in reply:
             with self._settled:
                 done = max(0, min(reply["ack"] - self._first_line + 1, self._in_flight))
@@ -3246,9 +3302,12 @@ def _simulated_prediction(rng: random.Random, game_id: str, tick: int, end_tick:
 # QUERIES: read-only answers over one connection
 # ---------------------------------------------------------------------------
 
-SQL_RECENT = """
+# The newest n rows of a table, oldest first.
+SQL_RECENT = {table: f"""
 SELECT * FROM (SELECT * FROM {table} ORDER BY created_at DESC, id DESC LIMIT ?1)
-ORDER BY created_at, id"""
+ORDER BY created_at, id""" for table in ("predictions", "side_bets", "tick_samples")}
+SQL_STATE_VALUE = "SELECT value FROM state WHERE key = ?1"
+SQL_GAME = "SELECT * FROM games WHERE game_id = ?1"
 
 
 def rows_as_dicts(cursor: apsw.Cursor) -> list[dict]:
@@ -3272,21 +3331,21 @@ class Reader:
 
     def recent_predictions(self, n: int = 200) -> list[dict]:
         """The newest n predictions, oldest first (ready to refill a deque)."""
-        return self._rows(SQL_RECENT.format(table="predictions"), (n,))
+        return self._rows(SQL_RECENT["predictions"], (n,))
 
     def recent_side_bets(self, n: int = 200) -> list[dict]:
-        return self._rows(SQL_RECENT.format(table="side_bets"), (n,))
+        return self._rows(SQL_RECENT["side_bets"], (n,))
 
     def recent_ticks(self, n: int = 1200) -> list[dict]:
         """The newest n stored tick samples (every TICK_SAMPLE_EVERY-th tick), oldest first."""
-        return self._rows(SQL_RECENT.format(table="tick_samples"), (n,))
+        return self._rows(SQL_RECENT["tick_samples"], (n,))
 
     def load_state(self, key: str, default: Any = None) -> Any:
-        value = self.conn.execute("SELECT value FROM state WHERE key = ?1", (key,)).get
+        value = self.conn.execute(SQL_STATE_VALUE, (key,)).get
         return default if value is None else json.loads(value)
 
     def game(self, game_id: str) -> Optional[dict]:
-        rows = self._rows("SELECT * FROM games WHERE game_id = ?1", (game_id,))
+        rows = self._rows(SQL_GAME, (game_id,))
         return rows[0] if rows else None
 
     def close(self) -> None:
@@ -3303,6 +3362,9 @@ class Reader:
 # CHECKS: what is wrong with a deployment, and what to do about it
 # ---------------------------------------------------------------------------
 
+SQL_NEWEST_PREDICTION = "SELECT max(created_at) FROM predictions"
+
+
 def check_database(path: str) -> list[str]:
     """What is wrong with the database at path, each with what to do about it."""
     if not os.path.exists(path):
@@ -3316,7 +3378,7 @@ def check_database(path: str) -> list[str]:
                                 f"{schema_version()}: run tedstore init to upgrade it")
             if conn.pragma("journal_mode") != "wal":
                 problems.append(f"{path} is not in WAL mode: run tedstore init")
-            verdict = conn.execute("PRAGMA integrity_check").get
+            verdict = conn.execute(SQL_INTEGRITY_CHECK).get
             if verdict != "ok":
                 problems.append(f"{path} failed its integrity check ({verdict}): restore the "
                                 f"newest backup (see README, Backups)")
@@ -3338,6 +3400,19 @@ def why_unreachable(settings: Settings, exc: ProtocolError) -> tuple[Optional[st
         return pid, (f"tedstore (pid {pid}) is running on {settings.db}, but its socket "
                      f"{settings.socket} is gone: restart tedstore to listen again")
     return pid, f"tedstore (pid {pid}) is running on {settings.db}, but does not answer: {exc}"
+
+
+def offline_status(settings: Settings, exc: ProtocolError) -> dict:
+    """What `status` shows when the daemon does not answer: why, and what the database knows."""
+    pid, why = why_unreachable(settings, exc)
+    offline = {"running": pid is not None, "answering": False, "pid": pid, "error": why,
+               "database": database_facts(settings.db)}
+    if os.path.exists(settings.db):
+        with contextlib.closing(connect(settings.db, readonly=True)) as conn, \
+                store_errors(f"cannot read {settings.db}"):
+            offline["database"]["schema_version"] = conn.pragma("user_version")
+            offline["jobs"] = last_jobs(conn)
+    return offline
 
 
 def diagnose(settings: Settings, now: float) -> Iterator[tuple[bool, str]]:
@@ -3371,8 +3446,9 @@ def diagnose(settings: Settings, now: float) -> Iterator[tuple[bool, str]]:
     clock_ok = now > 1.7e9
     newest = None
     if not problems:
-        with contextlib.closing(connect(settings.db, readonly=True)) as conn:
-            newest = conn.execute("SELECT max(created_at) FROM predictions").get
+        with contextlib.closing(connect(settings.db, readonly=True)) as conn, \
+                store_errors(f"cannot read {settings.db}"):
+            newest = conn.execute(SQL_NEWEST_PREDICTION).get
     if newest is not None and text_epoch(newest) > now + settings.max_clock_skew:
         clock_ok = False
     yield (clock_ok, f"clock reads {utc_text(now)} UTC" + ("" if clock_ok else
@@ -3386,6 +3462,8 @@ def diagnose(settings: Settings, now: float) -> Iterator[tuple[bool, str]]:
 # ---------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------
+# A thin layer: each command reads its options, calls the library, and formats what it
+# gets back. Shared options are decorators that hand the command a ready Settings.
 
 class TedstoreGroup(click.Group):
     """Every error a user can cause ends as one line and exit status 1, never a traceback."""
@@ -3395,8 +3473,6 @@ class TedstoreGroup(click.Group):
             return super().invoke(ctx)
         except TedstoreError as exc:
             raise click.ClickException(str(exc)) from None
-        except apsw.Error as exc:
-            raise click.ClickException(f"database error: {describe_error(exc)}") from None
         except OSError as exc:           # a file or pipe the user named, not a bug of ours
             where = f": {exc.filename}" if exc.filename else ""
             raise click.ClickException(f"{exc.strerror or exc}{where}") from None
@@ -3405,37 +3481,67 @@ class TedstoreGroup(click.Group):
             ctx.exit(130)
 
 
-def config_option(fn: Callable) -> Callable:
-    return click.option("--config", type=click.Path(dir_okay=False),
-                        help=f"TOML settings file [default: {DEFAULT_CONFIG_FILE} if present].")(fn)
+SETTING_OPTIONS = {
+    "db": click.option("--db", help="Database path [env TEDSTORE_DB; default ./tedstore.db, "
+                                    "or $STATE_DIRECTORY/tedstore.db under systemd]."),
+    "socket": click.option("--socket", help="Daemon socket [env TEDSTORE_SOCKET; default "
+                                            "./tedstore.sock, or $RUNTIME_DIRECTORY/"
+                                            "tedstore.sock under systemd]."),
+}
+CONFIG_OPTION = click.option("--config", type=click.Path(dir_okay=False),
+                             help=f"TOML settings file [default: {DEFAULT_CONFIG_FILE} if "
+                                  f"present].")
 
 
-def db_option(fn: Callable) -> Callable:
-    return click.option("--db", help="Database path [env TEDSTORE_DB; default ./tedstore.db, "
-                                     "or $STATE_DIRECTORY/tedstore.db under systemd].")(fn)
+def with_settings(*names: str) -> Callable[[Callable], Callable]:
+    """--config and the named setting flags (db, socket); the command gets `settings`."""
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def run(config: Optional[str], **options: Any) -> Any:
+            flags = {name: options.pop(name) for name in names}
+            return command(settings=load_settings(config, **flags), **options)
+        for name in reversed(names):
+            run = SETTING_OPTIONS[name](run)
+        return CONFIG_OPTION(run)
+    return decorate
 
 
-def socket_option(fn: Callable) -> Callable:
-    return click.option("--socket", help="Daemon socket [env TEDSTORE_SOCKET; default "
-                                         "./tedstore.sock, or $RUNTIME_DIRECTORY/tedstore.sock "
-                                         "under systemd].")(fn)
+class Output:
+    """Where a command's result goes: as JSON (--json), or as the command's lines."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+
+    def show(self, result: Any, lines: Callable[[Any], Iterable[str]]) -> None:
+        if self.as_json:
+            click.echo(json.dumps(result, indent=2, default=str))
+        else:
+            for line in lines(result):
+                click.echo(line)
 
 
-def json_option(fn: Callable) -> Callable:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(fn)
+def with_output(command: Callable) -> Callable:
+    """--json; the command gets `output`."""
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    @functools.wraps(command)
+    def run(as_json: bool, **options: Any) -> Any:
+        return command(output=Output(as_json), **options)
+    return run
 
 
-def _echo_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str))
+def closing(conn: apsw.Connection) -> apsw.Connection:
+    """The connection, closed when the command ends, however it ends."""
+    click.get_current_context().call_on_close(conn.close)
+    return conn
 
 
-def _print_tree(value: Any, indent: int = 0) -> None:
+def tree_lines(value: dict, indent: int = 0) -> Iterator[str]:
     for key, item in value.items():
         if isinstance(item, dict) and item:
-            click.echo(f"{'  ' * indent}{key}:")
-            _print_tree(item, indent + 1)
+            yield f"{'  ' * indent}{key}:"
+            yield from tree_lines(item, indent + 1)
         else:
-            click.echo(f"{'  ' * indent}{key}: {'-' if item in (None, {}) else item}")
+            yield f"{'  ' * indent}{key}: {'-' if item in (None, {}) else item}"
 
 
 class InputFiles:
@@ -3481,6 +3587,12 @@ class InputFiles:
                 if stream is not sys.stdin.buffer:
                     stream.close()
 
+    def count(self) -> int:
+        """Lines in the named files, for a progress bar; 0 for stdin or off a terminal."""
+        if not sys.stderr.isatty() or "-" in self.paths:
+            return 0
+        return sum(block.count(b"\n") for block in InputFiles(self.paths).blocks())
+
     def where(self, line: int) -> str:
         first, name = max((start for start in self.starts if start[0] <= line),
                           default=(1, "<input>"))
@@ -3507,7 +3619,7 @@ def write_stdout(blocks: Iterable[bytes], what: str, count: Callable[[bytes], in
     return written
 
 
-class _Progress:
+class Progress:
     """A progress bar on stderr when it is a terminal and the work is long, else nothing."""
 
     def __init__(self, bar: Any = None):
@@ -3524,22 +3636,15 @@ class _Progress:
 
 
 @contextlib.contextmanager
-def _progress(length: int, label: str) -> Iterator[_Progress]:
+def progress_bar(length: int, label: str) -> Iterator[Progress]:
     if sys.stderr.isatty() and length > 1:
         with click.progressbar(length=length, label=label, file=sys.stderr) as bar:
-            yield _Progress(bar)
+            yield Progress(bar)
     else:
-        yield _Progress()
+        yield Progress()
 
 
-def _count_lines(paths: list[str]) -> int:
-    """Lines in the named files, for a progress bar; 0 for stdin or off a terminal."""
-    if not sys.stderr.isatty() or "-" in paths:
-        return 0
-    return sum(block.count(b"\n") for block in InputFiles(paths).blocks())
-
-
-def _setup_logging() -> None:
+def setup_logging() -> None:
     handler = logging.StreamHandler(sys.stderr)
     # journald stamps each line itself; a terminal needs the time
     fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") \
@@ -3560,11 +3665,9 @@ def cli() -> None:
     """
 
 
-@cli.command()
-@config_option
-@db_option
-@socket_option
-def serve(config: Optional[str], db: Optional[str], socket: Optional[str]) -> None:
+@cli.command("serve")
+@with_settings("db", "socket")
+def serve_command(settings: Settings) -> None:
     """Run the daemon in the foreground.
 
     It creates or upgrades the database and listens on the socket (or on the one systemd
@@ -3573,29 +3676,22 @@ def serve(config: Optional[str], db: Optional[str], socket: Optional[str]) -> No
 
     Example: tedstore serve --db /var/lib/tedstore/tedstore.db
     """
-    settings = load_settings(config, db=db, socket=socket)
-    _setup_logging()
+    setup_logging()
     sys.exit(Daemon(settings).run())
 
 
-@cli.command()
-@config_option
-@db_option
+@cli.command("init")
+@with_settings("db")
 @click.option("--check", is_flag=True, help="Only check the database; exit 1 if it is not ready.")
-def init(config: Optional[str], db: Optional[str], check: bool) -> None:
+def init_command(settings: Settings, check: bool) -> None:
     """Create, upgrade or check the database.
 
     With --check it changes nothing and exits 1 if the database is not ready.
 
     Example: tedstore init --check --db /var/lib/tedstore/tedstore.db
     """
-    settings = load_settings(config, db=db)
     if not check:
-        before = 0
-        if os.path.exists(settings.db):
-            with contextlib.closing(connect(settings.db, readonly=True)) as conn:
-                before = conn.pragma("user_version")
-        open_store(settings.db).close()
+        before = init_store(settings.db)
         upgraded = f", upgraded from {before}" if before and before < schema_version() else ""
         click.echo(f"database {settings.db} is ready (schema version {schema_version()}{upgraded})")
         return
@@ -3607,48 +3703,33 @@ def init(config: Optional[str], db: Optional[str], check: bool) -> None:
     click.echo(f"ok: {settings.db} is at schema version {schema_version()} and intact")
 
 
-@cli.command()
-@config_option
-@db_option
-@socket_option
-@json_option
-def status(config: Optional[str], db: Optional[str], socket: Optional[str], as_json: bool) -> None:
+@cli.command("status")
+@with_settings("db", "socket")
+@with_output
+def status_command(settings: Settings, output: Output) -> None:
     """Show what the daemon is doing.
 
     If the daemon is not running, it says so, shows what the database knows and exits 1.
 
     Example: tedstore status --json
     """
-    settings = load_settings(config, db=db, socket=socket)
     try:
-        answer = request(settings.socket, "status")["status"]
+        answer = {"running": True, **request(settings.socket, "status")["status"]}
     except ProtocolError as exc:
-        pid, why = why_unreachable(settings, exc)
-        offline = {"running": pid is not None, "answering": False, "pid": pid, "error": why,
-                   "database": database_facts(settings.db)}
-        if os.path.exists(settings.db):
-            with contextlib.closing(connect(settings.db, readonly=True)) as conn:
-                offline["database"]["schema_version"] = conn.pragma("user_version")
-                offline["jobs"] = last_jobs(conn)
-        if as_json:
-            _echo_json(offline)
-        else:
-            click.echo(why)
-            _print_tree({"database": offline["database"], "jobs": offline.get("jobs")})
+        output.show(offline_status(settings, exc), lambda offline: [
+            offline["error"],
+            *tree_lines({"database": offline["database"], "jobs": offline.get("jobs")})])
         sys.exit(1)
-    if as_json:
-        _echo_json({"running": True, **answer})
-    else:
-        click.echo(f"tedstore {answer['version']} is running (pid {answer['pid']}, "
-                   f"up {answer['uptime_s']:g} s)")
-        _print_tree({k: v for k, v in answer.items() if k not in ("version", "pid", "uptime_s")})
+    output.show(answer, lambda answer: [
+        f"tedstore {answer['version']} is running (pid {answer['pid']}, "
+        f"up {answer['uptime_s']:g} s)",
+        *tree_lines({k: v for k, v in answer.items()
+                     if k not in ("running", "version", "pid", "uptime_s")})])
 
 
-@cli.command()
-@config_option
-@db_option
-@socket_option
-def doctor(config: Optional[str], db: Optional[str], socket: Optional[str]) -> None:
+@cli.command("doctor")
+@with_settings("db", "socket")
+def doctor_command(settings: Settings) -> None:
     """Check a deployment and say what to fix.
 
     Paths and permissions, database integrity and schema, the socket, the WAL, free
@@ -3656,7 +3737,6 @@ def doctor(config: Optional[str], db: Optional[str], socket: Optional[str]) -> N
 
     Example: sudo -u tedstore tedstore doctor --config /etc/tedstore.toml
     """
-    settings = load_settings(config, db=db, socket=socket)
     failures = 0
     for ok, message in diagnose(settings, time.time()):
         click.echo(f"{'ok  ' if ok else 'FAIL'} {message}")
@@ -3666,11 +3746,10 @@ def doctor(config: Optional[str], db: Optional[str], socket: Optional[str]) -> N
         sys.exit(1)
 
 
-@cli.command()
-@config_option
-@socket_option
+@cli.command("send")
+@with_settings("socket")
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, allow_dash=True))
-def send(config: Optional[str], socket: Optional[str], files: tuple[str, ...]) -> None:
+def send_command(settings: Settings, files: tuple[str, ...]) -> None:
     """Send NDJSON events and wait for the acks.
 
     Reads FILES, or stdin without them. Rejected lines are listed as FILE:LINE: code:
@@ -3678,9 +3757,8 @@ def send(config: Optional[str], socket: Optional[str], files: tuple[str, ...]) -
 
     Example: tedstore send events-2026-11-21.ndjson
     """
-    settings = load_settings(config, socket=socket)
     source = InputFiles(files)
-    with _progress(_count_lines(source.paths), "sending") as bar:
+    with progress_bar(source.count(), "sending") as bar:
         result = stream_lines(settings.socket, source.blocks(), progress=bar.advance_to)
     source.report(result.rejections)
     click.echo(f"sent {result.lines} lines: {result.lines - len(result.rejections)} stored, "
@@ -3689,14 +3767,11 @@ def send(config: Optional[str], socket: Optional[str], files: tuple[str, ...]) -
         sys.exit(1)
 
 
-@cli.command(name="import")
-@config_option
-@db_option
-@socket_option
+@cli.command("import")
+@with_settings("db", "socket")
 @click.argument("files", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, allow_dash=True))
-def import_(config: Optional[str], db: Optional[str], socket: Optional[str],
-            files: tuple[str, ...]) -> None:
+def import_command(settings: Settings, files: tuple[str, ...]) -> None:
     """Replay NDJSON logs into the database.
 
     Through the daemon if it runs, else straight into the database. Replaying is
@@ -3704,22 +3779,9 @@ def import_(config: Optional[str], db: Optional[str], socket: Optional[str],
 
     Example: tedstore import tracker-2026-11-*.ndjson
     """
-    settings = load_settings(config, db=db, socket=socket)
     source = InputFiles(files)
-    with _progress(_count_lines(source.paths), "importing") as bar:
-        if socket_answers(settings.socket):
-            result = stream_lines(settings.socket, source.blocks(), progress=bar.advance_to)
-            lines, rejections, via = result.lines, result.rejections, "the daemon"
-        else:
-            if not os.path.exists(settings.db):
-                raise StoreError(f"no tedstore answers at {settings.socket}, and database "
-                                 f"{settings.db} does not exist: start the daemon (tedstore "
-                                 f"serve), create the database (tedstore init), or fix "
-                                 f"--socket/--db")
-            with contextlib.closing(open_store(settings.db, create=False,
-                                               synchronous=settings.synchronous)) as conn:
-                lines, rejections = ingest_offline(conn, source.blocks(), settings, bar.advance)
-            via = settings.db
+    with progress_bar(source.count(), "importing") as bar:
+        lines, rejections, via = replay(settings, source.blocks(), bar.advance_to)
     source.report(rejections)
     click.echo(f"imported {lines} lines into {via}: {lines - len(rejections)} stored, "
                f"{len(rejections)} rejected", err=True)
@@ -3727,9 +3789,8 @@ def import_(config: Optional[str], db: Optional[str], socket: Optional[str],
         sys.exit(1)
 
 
-@cli.command()
-@config_option
-@socket_option
+@cli.command("simulate")
+@with_settings("socket")
 @click.option("--games", type=click.IntRange(min=1),
               help="How many games to play [default: 10, or as many as --events needs].")
 @click.option("--events", type=click.IntRange(min=1), help="Stop after this many events.")
@@ -3742,10 +3803,9 @@ def import_(config: Optional[str], db: Optional[str], socket: Optional[str],
 @click.option("--start", help="When the first game starts (2026-11-20T08:00, 48h) "
                               "[default: so that the last game ends now].")
 @click.option("--stdout", "to_stdout", is_flag=True, help="Print the NDJSON instead of sending it.")
-def simulate(config: Optional[str], socket: Optional[str], games: Optional[int],
-             events: Optional[int],
-             rate: Optional[float], mix: str, seed: Optional[int], start: Optional[str],
-             to_stdout: bool) -> None:
+def simulate_command(settings: Settings, games: Optional[int], events: Optional[int],
+                     rate: Optional[float], mix: str, seed: Optional[int], start: Optional[str],
+                     to_stdout: bool) -> None:
     """Play a synthetic tracker.
 
     Games with crash-style price paths, ticks with features, predictions and side bets,
@@ -3753,12 +3813,10 @@ def simulate(config: Optional[str], socket: Optional[str], games: Optional[int],
 
     Example: tedstore simulate --games 100 --rate 1000
     """
-    settings = load_settings(config, socket=socket)
     first = parse_when(start, time.time()) if start else None
-    if games is None and events is None:
-        games = 10
     try:
-        played = simulate_events(games, events=events, seed=seed, mix=mix, start=first,
+        played = simulate_events(games if games or events else 10, events=events, seed=seed,
+                                 mix=mix, start=first,
                                  latest=time.time() + settings.max_clock_skew)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -3776,11 +3834,10 @@ def simulate(config: Optional[str], socket: Optional[str], games: Optional[int],
         sys.exit(1)
 
 
-@cli.command()
-@config_option
-@db_option
+@cli.command("backup")
+@with_settings("db")
 @click.argument("dest", type=click.Path())
-def backup(config: Optional[str], db: Optional[str], dest: str) -> None:
+def backup_command(settings: Settings, dest: str) -> None:
     """Copy the live database to DEST, a file or a folder.
 
     The copy is one consistent snapshot, checked with PRAGMA integrity_check. Safe while the
@@ -3788,18 +3845,16 @@ def backup(config: Optional[str], db: Optional[str], dest: str) -> None:
 
     Example: tedstore backup /srv/backups
     """
-    settings = load_settings(config, db=db)
     detail = backup_database(settings.db, dest)
     click.echo(f"backed up {settings.db} to {detail['path']} ({detail['bytes']:,} bytes, "
                f"integrity ok) in {detail['seconds']:.2f} s")
 
 
-@cli.command()
-@config_option
-@db_option
+@cli.command("retention")
+@with_settings("db")
 @click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
-@json_option
-def retention(config: Optional[str], db: Optional[str], dry_run: bool, as_json: bool) -> None:
+@with_output
+def retention_command(settings: Settings, dry_run: bool, output: Output) -> None:
     """Delete rows past their retention.
 
     Hours not rolled up yet are rolled up first. Runs in small transactions, so a running
@@ -3807,47 +3862,35 @@ def retention(config: Optional[str], db: Optional[str], dry_run: bool, as_json: 
 
     Example: tedstore retention --dry-run
     """
-    settings = load_settings(config, db=db)
-    now = time.time()
-    with contextlib.closing(open_store(settings.db, create=False,
-                                       synchronous=settings.synchronous)) as conn:
-        removed = run_retention(conn, yielding_write(conn), settings, now, dry_run=dry_run)
-    if as_json:
-        _echo_json({"dry_run": dry_run, "deleted" if not dry_run else "would_delete": removed})
-        return
+    conn = closing(open_store(settings.db, create=False, synchronous=settings.synchronous))
+    removed = run_retention(conn, yielding_steps(conn), settings, time.time(), dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
-    for table, count in removed.items():
-        click.echo(f"{table}: {verb} {count:,} rows")
+    output.show({"dry_run": dry_run, "would_delete" if dry_run else "deleted": removed},
+                lambda result: [f"{table}: {verb} {count:,} rows"
+                                for table, count in removed.items()])
 
 
-@cli.command()
-@config_option
-@db_option
+@cli.command("rollup")
+@with_settings("db")
 @click.option("--since", help="Recompute from this time (2026-11-20, 48h) instead of "
                               "from the last rollup.")
-@json_option
-def rollup(config: Optional[str], db: Optional[str], since: Optional[str], as_json: bool) -> None:
+@with_output
+def rollup_command(settings: Settings, since: Optional[str], output: Output) -> None:
     """Compute the hourly metrics.
 
     Every completed hour since the last rollup, or since --since.
 
     Example: tedstore rollup --since 2026-11-20   (after importing old logs)
     """
-    settings = load_settings(config, db=db)
     now = time.time()
     start = parse_when(since, now) if since else None
-    with contextlib.closing(open_store(settings.db, create=False,
-                                       synchronous=settings.synchronous)) as conn:
-        hours = hours_to_roll(conn, now, settings, since=start)
-        with _progress(len(hours), "rolling up") as bar:
-            detail = run_rollups(conn, yielding_write(conn), hours, now, progress=bar.advance)
-    if as_json:
-        _echo_json(detail)
-    elif hours:
-        click.echo(f"rolled up {len(hours)} hour(s) from {utc_text(hours[0])} "
-                   f"to {detail['through']}")
-    else:
-        click.echo("nothing to roll up")
+    conn = closing(open_store(settings.db, create=False, synchronous=settings.synchronous))
+    hours = hours_to_roll(conn, now, settings, since=start)
+    with progress_bar(len(hours), "rolling up") as bar:
+        detail = run_rollups(conn, yielding_steps(conn), hours, now, progress=bar.advance)
+    output.show(detail, lambda detail: [
+        f"rolled up {len(hours)} hour(s) from {utc_text(hours[0])} to {detail['through']}"
+        if hours else "nothing to roll up"])
 
 
 def main() -> None:

@@ -63,7 +63,7 @@ def plain_route(self: tedstore.IngestBatch, events, chunk, line_no: int, limits:
         line_no += 1
 
 
-def plain_write(self: tedstore.IngestBatch, conn, now: float) -> None:
+def plain_apply(self: tedstore.IngestBatch, conn, now: float) -> None:
     """Store every event under its natural key, and nothing more."""
     self.rejects = list(self.decode_rejects)
     self.stored = {"priceUpdate": self.ticks, "prediction": len(self.predictions),
@@ -104,7 +104,7 @@ def ingest(folder: str, lines: list[bytes], plain: bool) -> float:
 def main() -> None:
     if sys.argv[1:] == ["--serve-plain"]:
         tedstore.IngestBatch._route = plain_route
-        tedstore.IngestBatch.write = plain_write
+        tedstore.IngestBatch.apply = plain_apply
         sys.argv[1:] = ["serve"]
         tedstore.main()
         return

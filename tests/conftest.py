@@ -43,6 +43,21 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.02, what: str
         time.sleep(interval)
 
 
+def clean_env(extra: dict | None = None) -> dict:
+    """The environment without tedstore's settings or systemd's variables, plus `extra`."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TEDSTORE_", "PERSISTENCE_", "NOTIFY_", "WATCHDOG_"))}
+    env.update(extra or {})
+    return env
+
+
+def run_cli(*args, env: dict | None = None, input: bytes | str | None = None, cwd=None,
+            text: bool = True) -> subprocess.CompletedProcess:
+    """`tedstore ARGS` as a subprocess, in a clean environment plus `env`."""
+    return subprocess.run([sys.executable, "-m", "tedstore", *args], input=input, cwd=cwd,
+                          capture_output=True, text=text, env=clean_env(env), timeout=120)
+
+
 class DaemonProcess:
     """`tedstore serve` as a subprocess, with its log in a file."""
 
@@ -56,11 +71,9 @@ class DaemonProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> "DaemonProcess":
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("TEDSTORE_", "PERSISTENCE_", "NOTIFY_", "WATCHDOG_"))}
-        env.update(self.env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tedstore", "serve", *self.args], cwd=self.folder, env=env,
+            [sys.executable, "-m", "tedstore", "serve", *self.args], cwd=self.folder,
+            env=clean_env(self.env),
             stdout=subprocess.DEVNULL, stderr=open(self.log_path, "ab"))
         if wait:
             wait_for(lambda: self.proc.poll() is not None or tedstore.socket_answers(self.socket),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -12,14 +13,11 @@ import time
 
 
 import tedstore
-from conftest import prediction, query, wait_for
+import conftest
+from conftest import clean_env, prediction, query, wait_for
 
 
-def run_cli(*args, env: dict | None = None, input: bytes | None = None, cwd=None):
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("TEDSTORE_", "PERSISTENCE_"))}
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "tedstore", *args], input=input,
-                          capture_output=True, env=full_env, cwd=cwd, timeout=120)
+run_cli = functools.partial(conftest.run_cli, text=False)        # these tests read bytes
 
 
 # -- tedstore send ------------------------------------------------------------------------
@@ -176,9 +174,9 @@ def test_send_shows_a_progress_bar_on_a_terminal(daemon, tmp):
     events = tmp / "many.ndjson"
     events.write_text("".join(json.dumps(prediction("p", i, i + 9)) + "\n" for i in range(5000)))
     leader, follower = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEDSTORE_")}
     proc = subprocess.Popen([sys.executable, "-m", "tedstore", "send", "--socket", daemon.socket,
-                             str(events)], stderr=follower, stdout=subprocess.DEVNULL, env=env)
+                             str(events)], stderr=follower, stdout=subprocess.DEVNULL,
+                            env=clean_env())
     os.close(follower)
     output = b""
     while True:

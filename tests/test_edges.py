@@ -15,13 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import tedstore
-from conftest import Conn, prediction, query, wait_for
-
-
-def run_cli(*args, input: bytes | None = None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEDSTORE_", "PERSISTENCE_"))}
-    return subprocess.run([sys.executable, "-m", "tedstore", *args], input=input,
-                          capture_output=True, text=True, env=env, timeout=120)
+from conftest import Conn, clean_env, prediction, query, run_cli, wait_for
 
 
 def test_sigint_drains_like_sigterm(daemon):
@@ -138,9 +132,8 @@ def one_line_of_how_far(stderr: str) -> tuple[int, int]:
 
 
 def test_send_says_how_far_it_got_when_the_daemon_stops(daemon):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEDSTORE_")}
     proc = subprocess.Popen([sys.executable, "-m", "tedstore", "send", "--socket", daemon.socket],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env())
     feed_then_kill(daemon, proc.stdin, "send")
     assert proc.wait(60) == 1
     acknowledged, sent = one_line_of_how_far(proc.stderr.read().decode())
@@ -150,10 +143,9 @@ def test_send_says_how_far_it_got_when_the_daemon_stops(daemon):
 def test_import_says_how_far_it_got_when_the_daemon_stops(daemon, tmp):
     fifo = tmp / "events.ndjson"
     os.mkfifo(fifo)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEDSTORE_")}
     proc = subprocess.Popen([sys.executable, "-m", "tedstore", "import", "--db", daemon.db,
                              "--socket", daemon.socket, str(fifo)],
-                            stderr=subprocess.PIPE, env=env)
+                            stderr=subprocess.PIPE, env=clean_env())
     with open(fifo, "wb") as feed:
         feed_then_kill(daemon, feed, "import")
     assert proc.wait(60) == 1
@@ -199,6 +191,7 @@ def test_a_backup_on_a_filesystem_without_hard_links(daemon, tmp, monkeypatch):
     assert not [name for name in os.listdir(tmp) if "partial" in name]
 
 
+@pytest.mark.slow
 def test_an_interrupted_backup_leaves_nothing_that_looks_like_one(tmp):
     """kill -9 during a backup leaves only a hidden partial file; the next backup into
     the same folder removes it."""
@@ -209,9 +202,8 @@ def test_an_interrupted_backup_leaves_nothing_that_looks_like_one(tmp):
     conn.close()
     folder = tmp / "backups"
     folder.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEDSTORE_")}
     proc = subprocess.Popen([sys.executable, "-m", "tedstore", "backup", "--db", db,
-                             str(folder)], env=env, stderr=subprocess.PIPE)
+                             str(folder)], env=clean_env(), stderr=subprocess.PIPE)
     wait_for(lambda: os.listdir(folder) or proc.poll() is not None, interval=0.002,
              what="the backup to start writing")
     proc.send_signal(signal.SIGKILL)

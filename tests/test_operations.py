@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,7 +13,8 @@ import apsw
 import pytest
 
 import tedstore
-from conftest import LONG_RETENTION, Conn, Store, WatchedVFS, prediction, query, side_bet, wait_for
+from conftest import (LONG_RETENTION, Conn, Store, WatchedVFS, prediction, query, run_cli,
+                      side_bet, wait_for)
 
 HOUR = tedstore.text_epoch("2026-11-20 10:00:00.000")
 
@@ -23,14 +22,6 @@ HOUR = tedstore.text_epoch("2026-11-20 10:00:00.000")
 def at(hour: float, minute: float) -> float:
     """Unix seconds at `minute` past the hour, as a ts in milliseconds."""
     return (hour + minute * 60) * 1000
-
-
-def cli(*args, env: dict | None = None, input: bytes | None = None):
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("TEDSTORE_", "PERSISTENCE_", "NOTIFY_", "WATCHDOG_"))}
-    clean.update(env or {})
-    return subprocess.run([sys.executable, "-m", "tedstore", *args], input=input,
-                          capture_output=True, text=True, env=clean, timeout=120)
 
 
 def rollup_row(store: Store, hour: float) -> dict:
@@ -189,13 +180,13 @@ def test_rollup_cli_recomputes_a_range(tmp):
     store = Store(tmp / "r.db")
     hour_of_play(store)
     store.conn.close()
-    result = cli("rollup", "--db", store.path, "--since", "2026-11-20T10:00", "--json")
+    result = run_cli("rollup", "--db", store.path, "--since", "2026-11-20T10:00", "--json")
     assert result.returncode == 0, result.stderr
     detail = json.loads(result.stdout)
     assert detail["hours"] >= 2
     assert query(store.path, "SELECT predictions_made FROM metrics_hourly WHERE hour_start = ?",
                  (tedstore.utc_text(HOUR),)) == [(5,)]
-    assert "rolled up" in cli("rollup", "--db", store.path, "--since", "2026-11-20").stdout
+    assert "rolled up" in run_cli("rollup", "--db", store.path, "--since", "2026-11-20").stdout
 
 
 # -- retention -----------------------------------------------------------------------------
@@ -324,9 +315,9 @@ def test_retention_follows_the_configured_days(tmp):
 def test_retention_cli(tmp):
     store, _ = aged_store(tmp)
     store.conn.close()
-    dry = cli("retention", "--db", store.path, "--dry-run")
+    dry = run_cli("retention", "--db", store.path, "--dry-run")
     assert dry.returncode == 0 and "tick_samples: would delete 6 rows" in dry.stdout
-    done = cli("retention", "--db", store.path, "--json")
+    done = run_cli("retention", "--db", store.path, "--json")
     assert json.loads(done.stdout)["deleted"]["predictions"] == 2
 
 
@@ -368,6 +359,7 @@ def wal_size(db: str) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_a_reader_holding_a_snapshot_does_not_stop_ingest_and_the_wal_shrinks_after(daemon):
     reader = apsw.Connection(daemon.db, flags=apsw.SQLITE_OPEN_READONLY)
     reader.execute("BEGIN")
@@ -387,6 +379,7 @@ def test_a_reader_holding_a_snapshot_does_not_stop_ingest_and_the_wal_shrinks_af
     assert daemon.query("SELECT count(*) FROM predictions") == [(40_000,)]
 
 
+@pytest.mark.slow
 def test_the_wal_stays_bounded_under_constant_ingest(daemon):
     """An hour of ingest at 100 events/s (360,000 events), sent as fast as it goes."""
     peak, done = [0], threading.Event()
@@ -425,7 +418,7 @@ def test_backup_while_ingesting_is_consistent_and_never_overwrites(daemon, tmp):
     wait_for(lambda: daemon.query("SELECT count(*) FROM games WHERE end_tick IS NOT NULL")[0][0] > 5,
              what="some finished games")
     dest = tmp / "copy.db"
-    result = cli("backup", "--db", daemon.db, str(dest))
+    result = run_cli("backup", "--db", daemon.db, str(dest))
     stop.set()
     feeder.join()
     assert result.returncode == 0, result.stderr
@@ -438,7 +431,7 @@ def test_backup_while_ingesting_is_consistent_and_never_overwrites(daemon, tmp):
     assert 0 < query(str(dest), "SELECT count(*) FROM predictions")[0][0] <= \
         daemon.query("SELECT count(*) FROM predictions")[0][0]
     before = dest.read_bytes()
-    again = cli("backup", "--db", daemon.db, str(dest))
+    again = run_cli("backup", "--db", daemon.db, str(dest))
     assert again.returncode == 1 and "never overwrites" in again.stderr
     assert dest.read_bytes() == before
     assert not [p for p in os.listdir(tmp) if "partial" in p]
@@ -449,7 +442,7 @@ def test_restore_from_a_backup_as_the_readme_shows(daemon_factory, tmp):
     conn = daemon.connect()
     conn.send(*[prediction("keep", i, i + 1) for i in range(100)])
     conn.wait_ack(100)
-    assert cli("backup", "--db", daemon.db, str(tmp / "b.db")).returncode == 0
+    assert run_cli("backup", "--db", daemon.db, str(tmp / "b.db")).returncode == 0
     conn.send(*[prediction("lost", i, i + 1) for i in range(10)])
     conn.wait_ack(110)
     assert daemon.stop() == 0
@@ -488,9 +481,9 @@ def test_status_reports_every_field(daemon):
     assert status["last_retention"]["deleted"]["predictions"] == 0
     assert status["database"]["size_bytes"] > 0 and "wal_bytes" in status["database"]
     assert status["database"]["schema_version"] == tedstore.schema_version()
-    result = cli("status", "--socket", daemon.socket, "--json")
+    result = run_cli("status", "--socket", daemon.socket, "--json")
     assert result.returncode == 0 and json.loads(result.stdout)["running"] is True
-    human = cli("status", "--socket", daemon.socket)
+    human = run_cli("status", "--socket", daemon.socket)
     assert "is running" in human.stdout and "records_saved: 1" in human.stdout
 
 
@@ -499,11 +492,11 @@ def test_status_when_the_daemon_is_down(daemon_factory):
     wait_for(lambda: tedstore.request(daemon.socket, "status")["status"]["last_retention"],
              what="the start-up retention run")
     daemon.stop()
-    result = cli("status", "--socket", daemon.socket, "--db", daemon.db)
+    result = run_cli("status", "--socket", daemon.socket, "--db", daemon.db)
     assert result.returncode == 1
     assert "not running" in result.stdout and "schema_version" in result.stdout
     assert "retention" in result.stdout                            # what the database knows
-    offline = json.loads(cli("status", "--socket", daemon.socket, "--db", daemon.db,
+    offline = json.loads(run_cli("status", "--socket", daemon.socket, "--db", daemon.db,
                              "--json").stdout)
     assert offline["running"] is False and offline["jobs"]["retention"]["at"]
 
@@ -512,7 +505,7 @@ def test_status_and_doctor_tell_a_lost_socket_from_a_stopped_daemon(daemon_facto
     daemon = daemon_factory()
     os.unlink(daemon.socket)
     args = ("--db", daemon.db, "--socket", daemon.socket)
-    lost = cli("status", *args, "--json")
+    lost = run_cli("status", *args, "--json")
     assert lost.returncode == 1
     answer = json.loads(lost.stdout)
     assert (answer["running"], answer["answering"], answer["pid"]) == \
@@ -520,10 +513,10 @@ def test_status_and_doctor_tell_a_lost_socket_from_a_stopped_daemon(daemon_facto
     assert answer["error"] == (f"tedstore (pid {daemon.proc.pid}) is running on {daemon.db}, "
                                f"but its socket {daemon.socket} is gone: restart tedstore to "
                                f"listen again")
-    doctor = cli("doctor", *args)
+    doctor = run_cli("doctor", *args)
     assert doctor.returncode == 1 and f"FAIL {answer['error']}" in doctor.stdout
     assert daemon.stop() == 0
-    stopped = json.loads(cli("status", *args, "--json").stdout)
+    stopped = json.loads(run_cli("status", *args, "--json").stdout)
     assert (stopped["running"], stopped["pid"]) == (False, None)
     assert stopped["error"].startswith(f"tedstore is not running: cannot reach tedstore at "
                                        f"{daemon.socket}")
@@ -552,37 +545,37 @@ def test_status_counts_rows_that_changed_and_duplicates_apart(daemon):
 
 def test_init_creates_checks_and_upgrades(tmp):
     db = str(tmp / "i.db")
-    missing = cli("init", "--check", "--db", db)
+    missing = run_cli("init", "--check", "--db", db)
     assert missing.returncode == 1 and "does not exist" in missing.stderr
     assert not os.path.exists(db)
-    assert cli("init", "--db", db).returncode == 0
-    assert cli("init", "--check", "--db", db).returncode == 0
+    assert run_cli("init", "--db", db).returncode == 0
+    assert run_cli("init", "--check", "--db", db).returncode == 0
     old = str(tmp / "old.db")
     import sqlite3
     from pathlib import Path
     legacy = sqlite3.connect(old)
     legacy.executescript((Path(__file__).parent / "fixtures" / "schema_v1.sql").read_text())
     legacy.close()
-    stale = cli("init", "--check", "--db", old)
+    stale = run_cli("init", "--check", "--db", old)
     assert stale.returncode == 1 and "schema version 1" in stale.stderr
-    upgraded = cli("init", "--db", old)
+    upgraded = run_cli("init", "--db", old)
     assert upgraded.returncode == 0 and "upgraded from 1" in upgraded.stdout
     garbage = tmp / "garbage.db"
     garbage.write_bytes(b"this is not a database" * 100)
-    broken = cli("init", "--check", "--db", str(garbage))
+    broken = run_cli("init", "--check", "--db", str(garbage))
     assert broken.returncode == 1 and "cannot be read" in broken.stderr
     assert "Traceback" not in broken.stderr
 
 
 def test_doctor_passes_on_a_healthy_deployment_and_names_what_to_fix(daemon, tmp):
-    healthy = cli("doctor", "--db", daemon.db, "--socket", daemon.socket)
+    healthy = run_cli("doctor", "--db", daemon.db, "--socket", daemon.socket)
     assert healthy.returncode == 0, healthy.stdout
     assert all(line.startswith("ok") for line in healthy.stdout.splitlines())
     assert "daemon answers" in healthy.stdout and "GB free" in healthy.stdout
-    down = cli("doctor", "--db", daemon.db, "--socket", str(tmp / "elsewhere.sock"))
+    down = run_cli("doctor", "--db", daemon.db, "--socket", str(tmp / "elsewhere.sock"))
     assert down.returncode == 1 and f"FAIL tedstore (pid {daemon.proc.pid}) serves {daemon.db} on " \
         f"{daemon.socket}, not on {tmp / 'elsewhere.sock'}" in down.stdout
-    nowhere = cli("doctor", "--db", str(tmp / "no" / "t.db"), "--socket", daemon.socket)
+    nowhere = run_cli("doctor", "--db", str(tmp / "no" / "t.db"), "--socket", daemon.socket)
     assert nowhere.returncode == 1 and "is missing" in nowhere.stdout
 
 
@@ -697,6 +690,7 @@ def run_with_fault(tmp, vfs: FaultVFS, kind: str, n: int, persistent: bool) -> b
         runner.join(30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["write", "sync"])
 @pytest.mark.parametrize("persistent", [False, True], ids=["one-shot", "persistent"])
 def test_io_faults_at_every_write_and_sync(tmp, fault_vfs, kind, persistent):

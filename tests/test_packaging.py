@@ -18,6 +18,7 @@ from conftest import wait_for
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_a_plain_pip_install_serves_with_its_schema(tmp):
     """`pip install .` (not editable) into a fresh venv: tedstore serve finds schema.sql."""
     source = tmp / "source"

@@ -72,6 +72,7 @@ def notify(tmp):
     listener.close()
 
 
+@pytest.mark.slow
 def test_ready_status_watchdog_and_stopping(daemon_factory, notify):
     daemon = daemon_factory(env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000"},
                             start=False)
@@ -123,6 +124,7 @@ class HangVFS(WatchedVFS):
             self.release.wait(60)
 
 
+@pytest.mark.slow
 def test_a_stuck_writer_lets_the_watchdog_fire(inprocess, notify, monkeypatch):
     vfs = HangVFS()
     try:
