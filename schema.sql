@@ -194,3 +194,95 @@ SELECT g.game_id,
 FROM games g;
 
 PRAGMA user_version = 2;
+
+-- version: 3
+-- A daily rollup beside the hourly one, so that the daily views read a row per day
+-- instead of every prediction ever stored; the views add the days not rolled up yet
+-- (today, and yesterday for its first hour) from the base tables, through their
+-- created_at index. game_summary names the indexes its subqueries use.
+
+CREATE TABLE IF NOT EXISTS metrics_daily (
+    day                  TEXT PRIMARY KEY,                -- 'YYYY-MM-DD', UTC
+    predictions          INTEGER NOT NULL,                -- created that day
+    resolved             INTEGER NOT NULL,
+    mean_absolute_error  REAL,                            -- ticks
+    mean_e40             REAL,
+    within_1_window      REAL,                            -- share 0..100 of the resolved
+    within_2_windows     REAL,
+    within_3_windows     REAL,
+    bets                 INTEGER NOT NULL,                -- side bets recommended BET
+    bets_won             INTEGER NOT NULL,
+    bets_lost            INTEGER NOT NULL,
+    bets_pending         INTEGER NOT NULL,
+    total_payout         REAL,                            -- over the resolved BETs
+    created_at           TEXT NOT NULL
+);
+
+DROP VIEW IF EXISTS prediction_accuracy_daily;
+CREATE VIEW prediction_accuracy_daily AS
+SELECT day, predictions, resolved,
+       round(mean_absolute_error, 2)                              AS mean_absolute_error,
+       round(mean_e40, 3)                                         AS mean_e40,
+       round(within_1_window, 1)                                  AS within_1_window_pct,
+       round(within_2_windows, 1)                                 AS within_2_windows_pct,
+       round(within_3_windows, 1)                                 AS within_3_windows_pct
+FROM metrics_daily
+UNION ALL
+SELECT substr(created_at, 1, 10),
+       count(*),
+       count(actual_end_tick),
+       round(avg(abs(raw_error)), 2),
+       round(avg(e40), 3),
+       round(100.0 * avg(abs(raw_error) <= 40), 1),
+       round(100.0 * avg(abs(raw_error) <= 80), 1),
+       round(100.0 * avg(abs(raw_error) <= 120), 1)
+FROM predictions
+WHERE created_at >= coalesce((SELECT date(max(day), '+1 day') FROM metrics_daily), '')
+GROUP BY substr(created_at, 1, 10);
+
+DROP VIEW IF EXISTS side_bet_roi_daily;
+CREATE VIEW side_bet_roi_daily AS
+SELECT day, bets, bets_won AS won, bets_lost AS lost, bets_pending AS pending,
+       round(total_payout, 2)                                     AS total_payout,
+       round(100.0 * total_payout / nullif(bets_won + bets_lost, 0), 1)
+                                                                  AS roi_percentage
+FROM metrics_daily
+UNION ALL
+SELECT substr(created_at, 1, 10),
+       count(*),
+       sum(actual_outcome = 'WON'),
+       sum(actual_outcome = 'LOST'),
+       sum(actual_outcome = 'PENDING'),
+       round(sum(payout), 2),
+       round(100.0 * sum(payout) / nullif(sum(actual_outcome <> 'PENDING'), 0), 1)
+FROM side_bets
+WHERE recommendation = 'BET'
+  AND created_at >= coalesce((SELECT date(max(day), '+1 day') FROM metrics_daily), '')
+GROUP BY substr(created_at, 1, 10);
+
+DROP VIEW IF EXISTS game_summary;
+CREATE VIEW game_summary AS
+SELECT g.game_id,
+       g.start_tick,
+       g.end_tick,
+       g.duration_ticks,
+       g.peak_price,
+       g.final_price,
+       g.patterns_detected,
+       (SELECT count(*) FROM predictions p INDEXED BY sqlite_autoindex_predictions_1
+         WHERE p.game_id = g.game_id)                                          AS predictions,
+       (SELECT round(avg(abs(p.raw_error)), 1)
+          FROM predictions p INDEXED BY sqlite_autoindex_predictions_1
+         WHERE p.game_id = g.game_id)                                          AS mean_absolute_error,
+       g.prediction_accuracy,
+       g.side_bets_placed,
+       (SELECT count(*) FROM side_bets s INDEXED BY sqlite_autoindex_side_bets_1
+         WHERE s.game_id = g.game_id AND s.recommendation = 'BET'
+           AND s.actual_outcome = 'WON')                                       AS side_bets_won,
+       (SELECT sum(s.payout) FROM side_bets s INDEXED BY sqlite_autoindex_side_bets_1
+         WHERE s.game_id = g.game_id AND s.recommendation = 'BET')             AS side_bet_payout,
+       g.started_at,
+       g.ended_at
+FROM games g;
+
+PRAGMA user_version = 3;

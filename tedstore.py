@@ -25,16 +25,19 @@ __version__ = "1.0.0"
 import asyncio
 import collections
 import contextlib
+import csv
 import dataclasses
 import datetime as dt
 import errno
 import fcntl
 import functools
+import io
 import itertools
 import json
 import logging
 import math
 import os
+import queue
 import random
 import re
 import select
@@ -43,7 +46,6 @@ import shutil
 import signal
 import socket
 import stat
-import statistics
 import struct
 import sys
 import threading
@@ -83,6 +85,11 @@ YIELD_MIN_SECONDS = 0.002            # a CLI write command's shortest pause betw
 SCHEDULER_MAX_SLEEP = 30.0
 IDLE_SWEEP_SECONDS = 5.0
 STATUS_NOTIFY_SECONDS = 5.0
+QUERY_THREADS = 2                    # threads answering queries over the socket
+QUERY_BACKLOG = 64                   # queries that may wait for them at once
+QUERY_SECONDS = 2.0                  # the most work one query over the socket may take
+QUERY_MAX_BYTES = 16 * 1024 ** 2     # the largest answer over the socket
+MAX_ROWS = 100_000                   # the most rows one answer holds
 LOCK_WAIT_SECONDS = 1.0              # how long a starting daemon tries for the database lock
 TROUBLE_LOG_SECONDS = 60.0           # a client logs a lasting trouble at most this often
 BACKUP_PREFIX = "tedstore-"
@@ -279,6 +286,10 @@ class Refused(ProtocolError):
         self.reason = reason
 
 
+class QueryRejected(TedstoreError):
+    """A query cannot be answered: unknown, a bad parameter, or over its limits (bad_query)."""
+
+
 class LineRejected(TedstoreError):
     """One input line is refused; `code` is the reject code the client sees."""
 
@@ -397,7 +408,7 @@ Positive = Annotated[float, Meta(gt=0)]
 Timestamp = Optional[Union[float, Annotated[str, Meta(max_length=64)]]]
 
 
-class Event(msgspec.Struct, tag_field="event", gc=False):
+class Event(msgspec.Struct, tag_field="event", omit_defaults=True, gc=False):
     """Base of the six wire events. The ingest loop turns `ts` into UTC text (or receipt time)."""
 
 
@@ -492,7 +503,7 @@ class StateWrite(Event, tag="state"):
 
 EVENT_TYPES = (GameStart, PriceUpdate, GameEnd, Prediction, SideBet, StateWrite)
 EVENT_NAMES = tuple(cls.__struct_config__.tag for cls in EVENT_TYPES)
-CONTROL_OPS = ("ping", "status")
+CONTROL_OPS = ("ping", "status", "query")
 _DECODER = msgspec.json.Decoder(Union[EVENT_TYPES])  # type: ignore[valid-type]
 
 
@@ -951,6 +962,7 @@ EVENT_RETENTION = {
 }
 
 MAX_EPOCH_MS = MAX_EPOCH * 1000.0
+ROLLED_EVENTS = (Prediction, SideBet, GameEnd)  # the events whose time the rollup reads
 
 
 class IngestBatch:
@@ -960,9 +972,11 @@ class IngestBatch:
     around it, and whatever goes wrong with one line is that line's reject.
     """
 
-    def __init__(self, chunks: list[Chunk], settings: Settings):
+    def __init__(self, chunks: list[Chunk], settings: Settings, every_hour: bool = False):
         self.chunks = chunks
         self.settings = settings
+        self.every_hour = every_hour            # note every hour touched, not only late ones
+        self.touched: set[int] = set()          # hours whose rollup these events change
         self.ticks = 0
         self.peaks: dict[str, list] = {}        # game id -> [peak price, its tick, earliest ts]
         self.samples: list[tuple] = []          # rows of SQL_SAVE_TICKS
@@ -998,25 +1012,27 @@ class IngestBatch:
             if not isinstance(event, str):           # a control line was answered already
                 self._route((event,), chunk, chunk.first_line + offset, limits)
 
-    def _limits(self, received: float) -> tuple[str, float, dict, float]:
+    def _limits(self, received: float) -> tuple[str, float, dict, float, float]:
         """For lines read at `received`: its text, the latest `ts` allowed, the oldest per
-        event type, and the oldest whose tick is still sampled (README: timestamp bounds)."""
+        event type, the oldest whose tick is still sampled (README: timestamp bounds), and
+        the time before which an event's hour is noted as touched (rolled up again)."""
         settings = self.settings
         oldest = {kind: received - getattr(settings, setting) * 86400
                   for kind, (_, setting) in EVENT_RETENTION.items()}
         oldest[StateWrite] = -math.inf
+        late = math.inf if self.every_hour else received - (ROLLUP_REVISIT_HOURS + 1) * 3600
         return (utc_text(received), received + settings.max_clock_skew, oldest,
-                received - settings.tick_retention_days * 86400)
+                received - settings.tick_retention_days * 86400, late)
 
     def _route(self, events: Iterable[Event], chunk: Chunk, line_no: int,
-               limits: tuple[str, float, dict, float]) -> None:
+               limits: tuple[str, float, dict, float, float]) -> None:
         """Sort events by table, turning each `ts` into UTC text (receipt time when absent).
 
         Everything per event happens in this one pass: predictions, side bets and tick
         samples become table rows, and each game's ticks fold into one peak per game (the
         peak is a maximum and created_at a minimum, so folding per batch first is exact).
         """
-        received, latest, oldest, oldest_sample = limits
+        received, latest, oldest, oldest_sample, late = limits
         predictions, side_bets, peaks = self.predictions, self.side_bets, self.peaks
         every = self.settings.tick_sample_every
         for event in events:
@@ -1037,6 +1053,8 @@ class IngestBatch:
                     line_no += 1
                     continue
                 sampled = epoch >= oldest_sample
+                if epoch < late and kind in ROLLED_EVENTS:   # rare in the daemon
+                    self.touched.add(int(epoch // 3600 * 3600))
             if kind is PriceUpdate:
                 self.ticks += 1
                 price, tick, ts = event.price, event.tick, event.ts
@@ -1235,17 +1253,20 @@ def _raw_for_rejects(raw: bytes) -> Union[str, bytes]:
 
 
 def ingest_offline(conn: apsw.Connection, blocks: Iterable[bytes], settings: Settings,
-                   progress: Callable[[int], None] = lambda lines: None
-                   ) -> tuple[int, list[tuple[int, str, str]]]:
-    """Apply NDJSON without a daemon, in the daemon's batches: (lines, rejections)."""
+                   progress: Callable[[int], None] = lambda lines: None,
+                   touched: Optional[set[int]] = None) -> tuple[int, list[tuple[int, str, str]]]:
+    """Apply NDJSON without a daemon, in the daemon's batches: (lines, rejections). The
+    hours the events fall in are added to `touched`."""
     lines, rejections, pending = 0, [], []
 
     def flush() -> None:
-        batch = IngestBatch(pending, settings)
+        batch = IngestBatch(pending, settings, every_hour=True)
         with store_errors(f"cannot store the lines from line {pending[0].first_line} on"), \
                 transaction(conn):
             batch.apply(conn, time.time())
         rejections.extend(sorted((r.line_no, r.code, r.error) for r in batch.rejects))
+        if touched is not None:
+            touched.update(batch.touched)
         progress(sum(chunk.count for chunk in pending))
         pending.clear()
 
@@ -1470,6 +1491,8 @@ class Writer(threading.Thread):
         self.heartbeat = time.monotonic()
         self.conn: Optional[apsw.Connection] = None
         self._abandoned: weakref.WeakSet = weakref.WeakSet()   # sessions given up on
+        self._late_hours: set[int] = set()             # for the scheduler to roll up again
+        self._late_lock = threading.Lock()
         self._failing_since: Optional[float] = None    # the start of a run of failed commits
         self._stopping = False
         self._last_commit_mono = 0.0
@@ -1491,6 +1514,12 @@ class Writer(threading.Thread):
         if task.error is not None:
             raise task.error
         return task.result
+
+    def take_late_hours(self) -> set[int]:
+        """Hours older than the rollup's revisit window that late events have changed."""
+        with self._late_lock:
+            hours, self._late_hours = self._late_hours, set()
+        return hours
 
     def stop(self) -> None:
         """Commit everything queued so far, then close; readers must have stopped."""
@@ -1634,6 +1663,9 @@ class Writer(threading.Thread):
     def _committed(self, batch: IngestBatch) -> None:
         now = time.time()
         self.stats.committed(batch, now)
+        if batch.touched:
+            with self._late_lock:
+                self._late_hours |= batch.touched
         by_session: dict[Any, Ack] = {}
         for chunk in batch.chunks:
             session = chunk.session
@@ -1700,6 +1732,7 @@ class Session(asyncio.Protocol):
         self.eof = False
         self.closed = False
         self.fresh = True         # nothing read yet: a byte order mark may come first
+        self.queries = 0          # queries asked and not answered yet
         self.abandoned = False    # the writer gave up on some of its lines: no more acks
         self.write_paused = False # the client does not read its replies
         self.queue_paused = False # it queued lines while the queue was full
@@ -1797,15 +1830,16 @@ class Session(asyncio.Protocol):
                                               f"(TEDSTORE_MAX_LINE_BYTES); it was discarded")))
 
     def _submit(self, data: bytes, count: int) -> None:
-        if b'"op"' in data:
-            self._answer_control_lines(data)
         first = self.line_no + 1
+        if b'"op"' in data:
+            self._answer_control_lines(data, first)
         self.line_no += count
         self.server.submit(Chunk(self, first, count, data, time.time()))
 
-    def _answer_control_lines(self, data: bytes) -> None:
-        """Control lines are answered at once; the writer still counts them for the ack."""
-        for line in data.split(b"\n"):
+    def _answer_control_lines(self, data: bytes, first: int) -> None:
+        """Control lines are answered at once (a query when it is done); the writer still
+        counts them for the ack."""
+        for offset, line in enumerate(data.split(b"\n")):
             if b'"op"' not in line:
                 continue
             try:
@@ -1816,6 +1850,16 @@ class Session(asyncio.Protocol):
                 self.transport.write(_PONG)
             elif op == "status":
                 self.transport.write(msgspec.json.encode({"status": self.server.status()}) + b"\n")
+            elif op == "query":
+                self.server.ask(self, first + offset, line)
+
+    def answered(self, line_no: int, reply: bytes) -> None:
+        """The answer to the query on line `line_no` (or why there is none)."""
+        self.queries -= 1
+        self.last_active = time.monotonic()
+        if not self.closed:
+            self.transport.write(reply)
+            self._close_when_done()
 
     # -- replies and flow control --------------------------------------------------
 
@@ -1851,8 +1895,80 @@ class Session(asyncio.Protocol):
                 self.transport.pause_reading()
 
     def _close_when_done(self) -> None:
-        if self.eof and self.acked >= self.line_no and not self.closed:
+        if self.eof and self.acked >= self.line_no and self.queries <= 0 and not self.closed:
             self.transport.close()
+
+
+class QueryPool:
+    """Threads that answer the socket's queries, off the event loop and off the writer
+    thread, each on its own read-only connection; a query works QUERY_SECONDS at most."""
+
+    def __init__(self, settings: Settings, deliver: Callable[[Any, int, bytes], None],
+                 threads: int = QUERY_THREADS):
+        self.settings = settings
+        self.deliver = deliver              # (session, line, reply line), on any thread
+        self.answered = self.refused = self.pending = 0
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, name=f"tedstore-query-{n}",
+                                          daemon=True) for n in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, session: Any, line_no: int, name: Any, params: dict) -> bool:
+        """Queue a query; False when QUERY_BACKLOG queries wait already."""
+        with self._lock:
+            if self.pending >= QUERY_BACKLOG:
+                return False
+            self.pending += 1
+        self._jobs.put((session, line_no, name, params))
+        return True
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join(QUERY_SECONDS + 5)
+
+    def _run(self) -> None:
+        conn: Optional[apsw.Connection] = None
+        while (job := self._jobs.get()) is not None:
+            session, line_no, name, params = job
+            try:
+                if conn is None:
+                    conn = connect(self.settings.db, readonly=True)
+                reply = b'{"result":%b,"line":%d}\n' % (self._answer(conn, name, params), line_no)
+                self.answered += 1
+            except TedstoreError as exc:
+                reply = msgspec.json.encode({"rejected": line_no, "code": "bad_query",
+                                             "error": str(exc)[:MAX_ERROR_CHARS]}) + b"\n"
+                self.refused += 1
+            with self._lock:
+                self.pending -= 1
+            self.deliver(session, line_no, reply)
+        if conn is not None:
+            conn.close()
+
+    @staticmethod
+    def _answer(conn: apsw.Connection, name: Any, params: dict) -> bytes:
+        if not isinstance(name, str):
+            raise QueryRejected('a query line names its query: {"op":"query","q":"games"}')
+        limit = threading.Timer(QUERY_SECONDS, conn.interrupt)   # no callback per step
+        limit.start()
+        try:
+            result = answer(conn, name, params, time.time())
+        except StoreError as exc:
+            if isinstance(exc.orig, apsw.InterruptError):
+                raise QueryRejected(f"{name} took more than {QUERY_SECONDS:g} s: narrow its "
+                                    f"window or lower its limit") from None
+            raise
+        finally:
+            limit.cancel()
+        if len(result) > QUERY_MAX_BYTES:
+            raise QueryRejected(f"the answer to {name} is {len(result) / 2**20:.0f} MiB, more "
+                                f"than {QUERY_MAX_BYTES // 2**20} MiB: narrow its window or "
+                                f"lower its limit")
+        return result
 
 
 class Server:
@@ -1863,10 +1979,12 @@ class Server:
     on a fresh connection is still answered; each session overshoots by one read at most.
     """
 
-    def __init__(self, settings: Settings, writer: Writer, status: Callable[[], dict]):
+    def __init__(self, settings: Settings, writer: Writer, status: Callable[[], dict],
+                 queries: Optional[QueryPool] = None):
         self.settings = settings
         self.writer = writer
         self.status = status
+        self.queries = queries
         self.sessions: set[Session] = set()
         self.held: set[Session] = set()         # paused until the queue has room
         self.draining = False
@@ -1920,6 +2038,17 @@ class Server:
             session.update_reading()
         self.held.clear()
 
+    def ask(self, session: "Session", line_no: int, line: bytes) -> None:
+        """A query line: answered by the query pool, whenever it is done."""
+        request = msgspec.json.decode(line)
+        name, params = request.pop("q", None), request
+        params.pop("op", None)
+        session.queries += 1
+        if self.queries is None or not self.queries.submit(session, line_no, name, params):
+            session.answered(line_no, msgspec.json.encode({
+                "rejected": line_no, "code": "bad_query",
+                "error": f"tedstore is busy with {QUERY_BACKLOG} queries; ask again later"}) + b"\n")
+
     def deliver(self, acks: list[Ack]) -> None:
         for ack in acks:
             if ack.last_line is None:
@@ -1930,7 +2059,8 @@ class Server:
     def sweep_idle(self) -> None:
         deadline = time.monotonic() - self.settings.idle_timeout
         for session in list(self.sessions):
-            if session.last_active < deadline and session.acked >= session.line_no:
+            if session.last_active < deadline and session.acked >= session.line_no \
+                    and not session.queries:
                 session.refuse({"error": f"idle for {self.settings.idle_timeout:g} s "
                                          f"(TEDSTORE_IDLE_TIMEOUT); reconnect to send more"})
 
@@ -2001,30 +2131,75 @@ SELECT min(t) FROM (
     UNION ALL SELECT min(received_at) FROM rejects INDEXED BY rejects_received_at
      WHERE received_at >= ?1)"""
 
-SQL_ROLLUP_PREDICTIONS = """
-SELECT count(*) FROM predictions INDEXED BY predictions_created_at
-WHERE created_at >= ?1 AND created_at < ?2"""
+# One window's measures, for the hourly and daily rollups and the performance query
+# alike, so that they can never disagree. Everything, the true median included (the
+# middle row, or the mean of the two middle rows), is computed inside SQLite.
+SQL_WINDOW_METRICS = """
+SELECT
+  (SELECT count(*) FROM games INDEXED BY games_ended_at WHERE ended_at >= ?1 AND ended_at < ?2),
+  p.made, p.resolved,
+  (SELECT avg(raw_error) / 40.0 FROM (
+       SELECT raw_error, row_number() OVER (ORDER BY raw_error) AS k, count(*) OVER () AS n
+       FROM predictions INDEXED BY predictions_created_at
+       WHERE created_at >= ?1 AND created_at < ?2 AND raw_error IS NOT NULL)
+   WHERE k IN ((n + 1) / 2, (n + 2) / 2)),
+  p.abs_error, p.e40, p.within_1, p.within_2, p.within_3,
+  s.bets, s.positive_ev, s.resolved_bets, s.resolved_positive_ev, s.won, s.lost, s.pending,
+  s.total_ev, s.payout, 100.0 * s.payout / (s.won + s.lost),
+  (SELECT count(*) FROM rejects INDEXED BY rejects_received_at
+   WHERE received_at >= ?1 AND received_at < ?2)
+FROM (SELECT count(*) AS made, count(raw_error) AS resolved,
+             avg(abs(raw_error)) AS abs_error, avg(e40) AS e40,
+             100.0 * sum(abs(raw_error) <= 40) / count(raw_error) AS within_1,
+             100.0 * sum(abs(raw_error) <= 80) / count(raw_error) AS within_2,
+             100.0 * sum(abs(raw_error) <= 120) / count(raw_error) AS within_3
+      FROM predictions INDEXED BY predictions_created_at
+      WHERE created_at >= ?1 AND created_at < ?2) AS p,
+     (SELECT coalesce(sum(recommendation = 'BET'), 0) AS bets,
+             coalesce(sum(expected_value > 0), 0) AS positive_ev,
+             coalesce(sum(recommendation = 'BET' AND actual_outcome <> 'PENDING'), 0)
+                 AS resolved_bets,
+             coalesce(sum(expected_value > 0 AND actual_outcome <> 'PENDING'), 0)
+                 AS resolved_positive_ev,
+             coalesce(sum(recommendation = 'BET' AND actual_outcome = 'WON'), 0) AS won,
+             coalesce(sum(recommendation = 'BET' AND actual_outcome = 'LOST'), 0) AS lost,
+             coalesce(sum(recommendation = 'BET' AND actual_outcome = 'PENDING'), 0) AS pending,
+             total(CASE WHEN recommendation = 'BET' AND actual_outcome <> 'PENDING'
+                        THEN expected_value END) AS total_ev,
+             sum(CASE WHEN recommendation = 'BET' AND actual_outcome <> 'PENDING'
+                      THEN payout END) AS payout
+      FROM side_bets INDEXED BY side_bets_created_at
+      WHERE created_at >= ?1 AND created_at < ?2) AS s"""
 
-SQL_ROLLUP_ERRORS = """
-SELECT raw_error FROM predictions INDEXED BY predictions_created_at
-WHERE created_at >= ?1 AND created_at < ?2 AND raw_error IS NOT NULL"""
 
-SQL_ROLLUP_SIDE_BETS = """
-SELECT coalesce(sum(recommendation = 'BET'), 0),
-       coalesce(sum(expected_value > 0), 0),
-       coalesce(sum(recommendation = 'BET' AND actual_outcome = 'WON'), 0),
-       coalesce(sum(recommendation = 'BET' AND actual_outcome = 'LOST'), 0),
-       total(CASE WHEN recommendation = 'BET' THEN expected_value END),
-       sum(CASE WHEN recommendation = 'BET' THEN payout END)
-FROM side_bets INDEXED BY side_bets_created_at
-WHERE created_at >= ?1 AND created_at < ?2 AND actual_outcome <> 'PENDING'"""
+class WindowMetrics(NamedTuple):
+    """The measures of one window [start, end), as SQL_WINDOW_METRICS computes them."""
 
-SQL_ROLLUP_GAMES = """
-SELECT count(*) FROM games INDEXED BY games_ended_at WHERE ended_at >= ?1 AND ended_at < ?2"""
+    games_analyzed: int
+    predictions_made: int
+    predictions_resolved: int
+    median_e40: Optional[float]
+    mean_absolute_error: Optional[float]
+    mean_e40: Optional[float]
+    within_1_window: Optional[float]
+    within_2_windows: Optional[float]
+    within_3_windows: Optional[float]
+    bets: int                          # recommended BET, resolved or not
+    positive_ev: int                   # expected_value > 0, resolved or not
+    resolved_bets: int
+    resolved_positive_ev: int
+    bets_won: int
+    bets_lost: int
+    bets_pending: int
+    total_ev: float                    # over the resolved BETs
+    total_payout: Optional[float]      # over the resolved BETs
+    roi_percentage: Optional[float]
+    rejected_lines: int
 
-SQL_ROLLUP_REJECTS = """
-SELECT count(*) FROM rejects INDEXED BY rejects_received_at
-WHERE received_at >= ?1 AND received_at < ?2"""
+
+def window_metrics(conn: apsw.Connection, start: str, end: str) -> WindowMetrics:
+    return WindowMetrics(*conn.execute(SQL_WINDOW_METRICS, (start, end)).fetchone())
+
 
 SQL_SAVE_ROLLUP = """
 INSERT INTO metrics_hourly (hour_start, hour_end, games_analyzed, predictions_made,
@@ -2049,14 +2224,28 @@ ON CONFLICT (hour_start) DO UPDATE SET
                                      metrics_hourly.p99_commit_latency_ms),
     rejected_lines = excluded.rejected_lines, created_at = excluded.created_at"""
 
+SQL_SAVE_DAY = """
+INSERT OR REPLACE INTO metrics_daily (day, predictions, resolved, mean_absolute_error,
+                                      mean_e40, within_1_window, within_2_windows,
+                                      within_3_windows, bets, bets_won, bets_lost,
+                                      bets_pending, total_payout, created_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"""
+
 SQL_LAST_ROLLUP = "SELECT max(hour_start) FROM metrics_hourly"
-SQL_ROLLED_HOURS = "SELECT hour_start FROM metrics_hourly WHERE hour_start BETWEEN ?1 AND ?2"
+SQL_ROLLED = {3600: "SELECT hour_start FROM metrics_hourly WHERE hour_start BETWEEN ?1 AND ?2",
+              86400: "SELECT day || ' 00:00:00.000' FROM metrics_daily WHERE day BETWEEN "
+                     "substr(?1, 1, 10) AND substr(?2, 1, 10)"}
 ROLLUP_HOURS_PER_WRITE = 24          # rollup rows saved per write transaction
 
 
 def newest_complete_hour(now: float) -> int:
     """The start of the latest hour that ended at least ROLLUP_DELAY_SECONDS ago."""
     return hour_floor(now - ROLLUP_DELAY_SECONDS) - 3600
+
+
+def newest_complete(now: float, period: int) -> int:
+    """The start of the latest complete hour (period 3600) or UTC day (86400) to roll up."""
+    return (newest_complete_hour(now) + 3600) // period * period - period
 
 
 def rollup_floor(now: float, settings: Settings) -> int:
@@ -2089,73 +2278,77 @@ def rollup_hour(conn: apsw.Connection, hour: int, latency: Optional[LatencyHisto
                 now: float) -> tuple:
     """One metrics_hourly row, every column as the README's "Hourly metrics" defines it."""
     start, end = utc_text(hour), utc_text(hour + 3600)
-    with transaction(conn, "DEFERRED"):
-        made = conn.execute(SQL_ROLLUP_PREDICTIONS, (start, end)).get
-        errors = [row[0] for row in conn.execute(SQL_ROLLUP_ERRORS, (start, end))]
-        recommended, positive_ev, won, lost, total_ev, payout = \
-            conn.execute(SQL_ROLLUP_SIDE_BETS, (start, end)).fetchone()
-        games = conn.execute(SQL_ROLLUP_GAMES, (start, end)).get
-        rejected = conn.execute(SQL_ROLLUP_REJECTS, (start, end)).get
-    resolved = len(errors)
+    m = window_metrics(conn, start, end)
+    return (start, end, m.games_analyzed, m.predictions_made, m.median_e40,
+            m.mean_absolute_error, m.within_1_window, m.within_2_windows, m.within_3_windows,
+            m.resolved_bets, m.resolved_positive_ev, m.bets_won, m.bets_lost, m.total_ev,
+            m.roi_percentage, latency.mean if latency else None,
+            latency.quantile(0.99) if latency else None, m.rejected_lines, utc_text(now))
 
-    def share(windows: int) -> Optional[float]:
-        if not resolved:
-            return None
-        return 100.0 * sum(1 for e in errors if abs(e) <= 40 * windows) / resolved
 
-    bets = won + lost
-    return (start, end, games, made,
-            statistics.median(errors) / 40 if resolved else None,
-            sum(abs(e) for e in errors) / resolved if resolved else None,
-            share(1), share(2), share(3), recommended, positive_ev, won, lost, total_ev,
-            100.0 * payout / bets if bets else None,
-            latency.mean if latency else None, latency.quantile(0.99) if latency else None,
-            rejected, utc_text(now))
+def rollup_day(conn: apsw.Connection, day: int, now: float) -> tuple:
+    """One metrics_daily row: the day's measures behind the daily views."""
+    m = window_metrics(conn, utc_text(day), utc_text(day + 86400))
+    return (utc_text(day)[:10], m.predictions_made, m.predictions_resolved,
+            m.mean_absolute_error, m.mean_e40, m.within_1_window, m.within_2_windows,
+            m.within_3_windows, m.bets, m.bets_won, m.bets_lost, m.bets_pending,
+            m.total_payout, utc_text(now))
 
 
 def run_rollups(conn: apsw.Connection, run_step: StepRunner, hours: list[int], now: float,
                 latency_for: Callable[[int], Optional[LatencyHistogram]] = lambda hour: None,
-                progress: Callable[[int], None] = lambda n: None) -> dict:
-    """Compute the hours on `conn` and save them through `run_step`, a day's worth at a
-    time, so that a long catch-up never holds the write lock for long."""
-    with store_errors("cannot roll up the hourly metrics"):
+                progress: Callable[[int], None] = lambda n: None,
+                days: Iterable[int] = ()) -> dict:
+    """Compute the hours, then the complete days among theirs and `days`, on `conn`, and
+    save them through `run_step` a day's worth at a time, so that a long catch-up never
+    holds the write lock for long."""
+    last_day = newest_complete(now, 86400)
+    days = sorted(day for day in {hour // 86400 * 86400 for hour in hours}.union(days)
+                  if day <= last_day)
+    with store_errors("cannot roll up the metrics"):
         for first in range(0, len(hours), ROLLUP_HOURS_PER_WRITE):
             rows = [rollup_hour(conn, hour, latency_for(hour), now)
                     for hour in hours[first:first + ROLLUP_HOURS_PER_WRITE]]
-
-            def save(db: apsw.Connection, rows: list = rows) -> None:
-                with transaction(db):
-                    db.executemany(SQL_SAVE_ROLLUP, rows)
-            run_step(save)
+            run_step(lambda db, rows=rows: _save(db, SQL_SAVE_ROLLUP, rows))
             progress(len(rows))
-        detail = {"hours": len(hours), "through": utc_text(hours[-1] + 3600) if hours else None}
-        if hours:
+        for first in range(0, len(days), ROLLUP_HOURS_PER_WRITE):
+            rows = [rollup_day(conn, day, now) for day in days[first:first + ROLLUP_HOURS_PER_WRITE]]
+            run_step(lambda db, rows=rows: _save(db, SQL_SAVE_DAY, rows))
+        detail = {"hours": len(hours), "days": len(days),
+                  "through": utc_text(hours[-1] + 3600) if hours else None}
+        if hours or days:
             run_step(lambda db: record_job(db, "rollup", detail, now))
     return detail
 
 
-def unrolled_hours(conn: apsw.Connection, before: str, now: float) -> list[int]:
-    """Complete hours that hold data older than `before` and have no rollup yet.
+def _save(db: apsw.Connection, sql: str, rows: list[tuple]) -> None:
+    with transaction(db):
+        db.executemany(sql, rows)
 
-    It steps from one hour with data to the next through the time indexes, so old,
+
+def unrolled(conn: apsw.Connection, before: str, now: float, period: int = 3600) -> list[int]:
+    """Complete hours (or days) that hold data older than `before` but have no rollup yet.
+
+    It steps from one period with data to the next through the time indexes, so old,
     sparse data costs a few lookups, not one rollup per empty hour since 1970.
     """
-    hours, cursor = [], ""
-    last = newest_complete_hour(now)
-    while True:
-        found = conn.execute(SQL_NEXT_DATA, (cursor,)).get
-        if found is None or found >= before:
-            break
-        hour = hour_floor(text_epoch(found))
-        if hour > last:
-            break
-        hours.append(hour)
-        cursor = utc_text(hour + 3600)
-    if not hours:
-        return []
-    done = {row[0] for row in conn.execute(SQL_ROLLED_HOURS, (utc_text(hours[0]),
-                                                              utc_text(hours[-1])))}
-    return [hour for hour in hours if utc_text(hour) not in done]
+    found_periods, cursor = [], ""
+    last = newest_complete(now, period)
+    with store_errors("cannot find the periods to roll up"):
+        while True:
+            found = conn.execute(SQL_NEXT_DATA, (cursor,)).get
+            if found is None or found >= before:
+                break
+            start = int(text_epoch(found)) // period * period
+            if start > last:
+                break
+            found_periods.append(start)
+            cursor = utc_text(start + period)
+        if not found_periods:
+            return []
+        done = {row[0] for row in conn.execute(SQL_ROLLED[period], (
+            utc_text(found_periods[0]), utc_text(found_periods[-1])))}
+    return [start for start in found_periods if utc_text(start) not in done]
 
 
 # Retention per table: (table, its time column and that column's index, what else makes
@@ -2177,6 +2370,8 @@ RETENTION = (
      "game_retention_days", True),
     ("rejects", "received_at", "rejects_received_at", "", "prediction_retention_days", True),
     ("metrics_hourly", "hour_start", "sqlite_autoindex_metrics_hourly_1", "",
+     "metrics_retention_days", False),
+    ("metrics_daily", "day", "sqlite_autoindex_metrics_daily_1", "",
      "metrics_retention_days", False),
 )
 
@@ -2248,10 +2443,10 @@ def run_retention(conn: apsw.Connection, run_step: StepRunner, settings: Setting
         if dry_run:
             return {table: conn.execute(SQL_COUNT_EXPIRED[table], _expired(table, cutoffs)).get
                     for table, *_ in RETENTION}
-        missing = unrolled_hours(conn, max(cutoffs[table] for table, *_, rolled in RETENTION
-                                           if rolled), now)
-        if missing:
-            run_rollups(conn, run_step, missing, now, latency_for)
+        before = max(cutoffs[table] for table, *_, rolled in RETENTION if rolled)
+        hours, days = unrolled(conn, before, now), unrolled(conn, before, now, 86400)
+        if hours or days:
+            run_rollups(conn, run_step, hours, now, latency_for, days=days)
         removed = {}
         for table, *_ in RETENTION:
             removed[table], limit = 0, 1000
@@ -2435,11 +2630,14 @@ class Scheduler(threading.Thread):
             self.last.update(last_jobs(self._conn))
         conn, run_step = self._conn, self._run_step
         latency_for = self.writer.stats.latency_by_hour.get
-        if self.rolled_through is None or newest_complete_hour(now) > self.rolled_through:
-            hours = hours_to_roll(conn, now, self.settings)
-            if hours:
-                self.last["rollup"] = {"at": utc_text(now),
-                                       **run_rollups(conn, run_step, hours, now, latency_for)}
+        late = {hour for hour in self.writer.take_late_hours()
+                if rollup_floor(now, self.settings) <= hour <= newest_complete_hour(now)}
+        if late or self.rolled_through is None or newest_complete_hour(now) > self.rolled_through:
+            hours = sorted(late.union(hours_to_roll(conn, now, self.settings)))
+            days = unrolled(conn, utc_text(newest_complete(now, 86400) + 86400), now, 86400)
+            if hours or days:
+                self.last["rollup"] = {"at": utc_text(now), **run_rollups(
+                    conn, run_step, hours, now, latency_for, days=days)}
                 run_step(lambda db: db.pragma("optimize"))     # hourly, as SQLite advises
                 log.info("rolled up %d hour(s) through %s", len(hours),
                          self.last["rollup"]["through"])
@@ -2535,6 +2733,7 @@ class Daemon:
         self.schema = 0
         self.writer: Optional[Writer] = None
         self.server: Optional[Server] = None
+        self.queries: Optional[QueryPool] = None
         self.scheduler: Optional[Scheduler] = None
         self.stopping = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -2659,12 +2858,14 @@ class Daemon:
             self.settings, vfs=self.vfs,
             on_commit=lambda results: loop.call_soon_threadsafe(self.server.deliver, results),
             on_room=lambda: loop.call_soon_threadsafe(self.server.room))
-        self.server = Server(self.settings, self.writer, self.status)
         self.writer.start()
         self.writer.started.wait()
         if self.writer.start_error is not None:
             listener.close()
             raise self.writer.start_error
+        self.queries = QueryPool(self.settings, deliver=lambda session, line_no, reply:
+                                 loop.call_soon_threadsafe(session.answered, line_no, reply))
+        self.server = Server(self.settings, self.writer, self.status, self.queries)
         aserver = await loop.create_unix_server(lambda: Session(self.server), sock=listener)
         self.scheduler = Scheduler(self.settings, self.writer)
         self.scheduler.start()
@@ -2721,6 +2922,7 @@ class Daemon:
     def _stop_writer(self) -> None:
         self.writer.stop()
         self.writer.join()
+        self.queries.stop()
 
     def _status_line(self) -> str:
         stats = self.writer.stats
@@ -2751,6 +2953,8 @@ class Daemon:
                       "full": writer.queue.blocked},
             "connections": {"open": len(server.sessions), "total": server.connections_total,
                             "refused": dict(server.refused)},
+            "queries": {"answered": self.queries.answered, "refused": self.queries.refused,
+                        "waiting": self.queries.pending},
             "events": dict(stats.events_by_type),
             "duplicates": dict(stats.duplicates_by_type),
             "rejects": dict(stats.rejects_by_code),
@@ -2940,8 +3144,9 @@ def _take_reply(reply: dict, result: StreamResult, sent_at: collections.deque, n
 
 def replay(settings: Settings, blocks: Iterable[bytes],
            progress: Callable[[int], None] = lambda lines: None) -> tuple[int, list, str]:
-    """NDJSON through the daemon if it answers, else straight into an existing database:
-    (lines, rejections, where they went)."""
+    """NDJSON through the daemon if it answers, else straight into an existing database,
+    rolling up the hours it touched (the daemon does that itself): (lines, rejections,
+    where they went)."""
     if socket_answers(settings.socket):
         result = stream_lines(settings.socket, blocks, progress=progress)
         return result.lines, result.rejections, "the daemon"
@@ -2951,13 +3156,17 @@ def replay(settings: Settings, blocks: Iterable[bytes],
                          f"create the database (tedstore init), or fix --socket/--db")
     with contextlib.closing(open_store(settings.db, create=False,
                                        synchronous=settings.synchronous)) as conn:
-        done = 0
+        done, touched = 0, set()
 
         def advance(lines: int) -> None:
             nonlocal done
             done += lines
             progress(done)
-        lines, rejections = ingest_offline(conn, blocks, settings, advance)
+        lines, rejections = ingest_offline(conn, blocks, settings, advance, touched)
+        now = time.time()
+        hours = sorted(hour for hour in touched
+                       if rollup_floor(now, settings) <= hour <= newest_complete_hour(now))
+        run_rollups(conn, lambda step: step(conn), hours, now)
     return lines, rejections, settings.db
 
 
@@ -3301,13 +3510,342 @@ def _simulated_prediction(rng: random.Random, game_id: str, tick: int, end_tick:
 # ---------------------------------------------------------------------------
 # QUERIES: read-only answers over one connection
 # ---------------------------------------------------------------------------
+# One plain function per question of the read API. Each takes a read-only connection,
+# its parameters and the time, and returns the answer as an object whose row arrays
+# SQLite has already encoded as JSON (json_group_array, kept as msgspec.Raw). SQLite does
+# that work with the GIL released, so a heavy query on the daemon's query threads leaves
+# the writer thread free; answer() encodes the object, and callers in Python decode it.
+
+BOOLEAN_COLUMNS = ("had_predictions", "epr_active")
+JSON_COLUMNS = ("patterns_detected", "value")
+
+# The columns of each table (and of the game_summary view) as rows show them; a test
+# checks them against the schema.
+COLUMNS = {
+    "games": ("id", "game_id", "start_tick", "end_tick", "duration_ticks", "peak_price",
+              "peak_tick", "final_price", "treasury_remainder", "patterns_detected",
+              "had_predictions", "prediction_accuracy", "side_bets_placed", "started_at",
+              "ended_at", "created_at", "updated_at"),
+    "predictions": ("id", "game_id", "predicted_at_tick", "predicted_end_tick",
+                    "actual_end_tick", "confidence", "bound_lower", "bound_upper", "epr_active",
+                    "peak_ratio", "volatility", "momentum", "raw_error", "signed_error", "e40",
+                    "within_windows", "model_version", "created_at", "resolved_at"),
+    "side_bets": ("id", "game_id", "placed_at_tick", "window_end_tick", "probability",
+                  "expected_value", "confidence", "recommendation", "actual_outcome", "payout",
+                  "created_at", "resolved_at"),
+    "tick_samples": ("id", "game_id", "tick", "price", "volatility_10", "volatility_40",
+                     "momentum", "rsi", "volume_ratio", "ts", "created_at"),
+    "metrics_hourly": ("hour_start", "hour_end", "games_analyzed", "predictions_made",
+                       "median_e40", "mean_absolute_error", "within_1_window",
+                       "within_2_windows", "within_3_windows", "sidebets_recommended",
+                       "sidebets_positive_ev", "bets_won", "bets_lost", "total_ev",
+                       "roi_percentage", "avg_commit_latency_ms", "p99_commit_latency_ms",
+                       "rejected_lines", "created_at"),
+    "metrics_daily": ("day", "predictions", "resolved", "mean_absolute_error", "mean_e40",
+                      "within_1_window", "within_2_windows", "within_3_windows", "bets",
+                      "bets_won", "bets_lost", "bets_pending", "total_payout", "created_at"),
+    "state": ("key", "value", "updated_at"),
+    "rejects": ("id", "received_at", "peer_pid", "peer_uid", "line_no", "code", "error", "raw"),
+    "game_summary": ("game_id", "start_tick", "end_tick", "duration_ticks", "peak_price",
+                     "final_price", "patterns_detected", "predictions", "mean_absolute_error",
+                     "prediction_accuracy", "side_bets_placed", "side_bets_won",
+                     "side_bet_payout", "started_at", "ended_at"),
+}
+
+
+def row_json(source: str) -> str:
+    """json_object() of a row of `source`: booleans as true/false, JSON text as JSON."""
+    def value(column: str) -> str:
+        if column in BOOLEAN_COLUMNS:
+            return (f"CASE WHEN {column} IS NULL THEN NULL WHEN {column} THEN json('true') "
+                    f"ELSE json('false') END")
+        return f"json({column})" if column in JSON_COLUMNS else column
+    return "json_object(" + ", ".join(f"'{c}', {value(c)}" for c in COLUMNS[source]) + ")"
+
+
+SQL_Q_GAME = f"""
+SELECT (SELECT {row_json("games")} FROM games INDEXED BY sqlite_autoindex_games_1
+        WHERE game_id = ?1),
+       (SELECT json_group_array({row_json("predictions")} ORDER BY predicted_at_tick,
+                                model_version)
+        FROM predictions INDEXED BY sqlite_autoindex_predictions_1 WHERE game_id = ?1),
+       (SELECT json_group_array({row_json("side_bets")} ORDER BY placed_at_tick)
+        FROM side_bets INDEXED BY sqlite_autoindex_side_bets_1 WHERE game_id = ?1),
+       (SELECT json_object('samples', count(*), 'first_tick', min(tick), 'last_tick', max(tick))
+        FROM tick_samples INDEXED BY sqlite_autoindex_tick_samples_1 WHERE game_id = ?1)"""
+
+# Each picked game's summary is one lookup by game_id: as the inner side of a join, the
+# planner would rather scan games whenever its statistics say it is small.
+SQL_Q_GAMES = f"""
+SELECT json_group_array((SELECT {row_json("game_summary")} FROM game_summary
+                         WHERE game_id = picked.game_id) ORDER BY ended_at DESC, game_id)
+FROM (SELECT game_id, ended_at FROM games INDEXED BY games_ended_at
+      WHERE ended_at >= ?1 AND ended_at < ?2
+        AND (?4 IS NULL OR EXISTS (SELECT 1 FROM json_each(patterns_detected) WHERE value = ?4))
+      ORDER BY ended_at DESC, game_id LIMIT ?3) AS picked"""
+
+SQL_Q_METRICS = f"""
+SELECT json_group_array({row_json("metrics_hourly")} ORDER BY hour_start)
+FROM metrics_hourly INDEXED BY sqlite_autoindex_metrics_hourly_1
+WHERE hour_start >= ?1 AND hour_start < ?2"""
+
+SQL_Q_TRENDS_HOURLY = """
+SELECT json_group_array(json_object('hour_start', hour_start,
+                                    'predictions_made', predictions_made,
+                                    'median_e40', median_e40,
+                                    'within_2_windows', within_2_windows,
+                                    'roi_percentage', roi_percentage) ORDER BY hour_start)
+FROM metrics_hourly INDEXED BY sqlite_autoindex_metrics_hourly_1
+WHERE hour_start >= ?1 AND hour_start < ?2"""
+
+# A trend: n, mean, the newest value, and the least-squares slope against hour_start in
+# days (counted from the window's start, so that the sums stay small and exact enough).
+TRENDS = {"e40": "median_e40", "accuracy": "within_2_windows", "sidebet_roi": "roi_percentage"}
+SQL_Q_TREND = {column: f"""
+SELECT count(*), avg(v),
+       (SELECT {column} FROM metrics_hourly INDEXED BY sqlite_autoindex_metrics_hourly_1
+        WHERE hour_start >= ?1 AND hour_start < ?2 AND {column} IS NOT NULL
+        ORDER BY hour_start DESC LIMIT 1),
+       CASE WHEN count(*) >= 2 THEN (count(*) * sum(x * v) - sum(x) * sum(v))
+                                    / (count(*) * sum(x * x) - sum(x) * sum(x)) END
+FROM (SELECT julianday(hour_start) - julianday(?1) AS x, {column} AS v
+      FROM metrics_hourly INDEXED BY sqlite_autoindex_metrics_hourly_1
+      WHERE hour_start >= ?1 AND hour_start < ?2 AND {column} IS NOT NULL)"""
+               for column in TRENDS.values()}
+
+SQL_Q_PATTERNS = """
+WITH tagged AS MATERIALIZED (
+    SELECT DISTINCT tag.value AS pattern, g.game_id, g.ended_at, g.prediction_accuracy,
+                    g.duration_ticks
+    FROM games AS g INDEXED BY games_ended_at, json_each(g.patterns_detected) AS tag
+    WHERE g.ended_at >= ?1 AND g.ended_at < ?2)
+SELECT json_group_array(json_object('pattern', pattern, 'games', games,
+                                    'avg_prediction_accuracy', accuracy,
+                                    'avg_duration_ticks', duration,
+                                    'recent_game_ids', json(recent))
+                        ORDER BY games DESC, pattern),
+       coalesce(sum(games), 0)
+FROM (SELECT pattern, count(*) AS games, avg(prediction_accuracy) AS accuracy,
+             avg(duration_ticks) AS duration,
+             (SELECT json_group_array(game_id ORDER BY ended_at DESC, game_id)
+              FROM (SELECT game_id, ended_at FROM tagged AS newest
+                    WHERE newest.pattern = t.pattern
+                    ORDER BY ended_at DESC, game_id LIMIT 10)) AS recent
+      FROM tagged AS t GROUP BY pattern)"""
 
 # The newest n rows of a table, oldest first.
-SQL_RECENT = {table: f"""
-SELECT * FROM (SELECT * FROM {table} ORDER BY created_at DESC, id DESC LIMIT ?1)
-ORDER BY created_at, id""" for table in ("predictions", "side_bets", "tick_samples")}
-SQL_STATE_VALUE = "SELECT value FROM state WHERE key = ?1"
-SQL_GAME = "SELECT * FROM games WHERE game_id = ?1"
+SQL_Q_RECENT = {table: f"""
+SELECT json_group_array({row_json(table)} ORDER BY created_at, id)
+FROM (SELECT * FROM {table} INDEXED BY {table}_created_at
+      ORDER BY created_at DESC, id DESC LIMIT ?1)"""
+                for table in ("predictions", "side_bets", "tick_samples")}
+
+SQL_Q_STATE = "SELECT json(value), updated_at FROM state WHERE key = ?1"
+
+SQL_Q_REJECTS = """
+SELECT id, received_at, peer_pid, peer_uid, line_no, code, error, raw
+FROM rejects INDEXED BY rejects_received_at
+WHERE received_at >= ?1 AND received_at < ?2
+ORDER BY received_at DESC, id DESC LIMIT ?3"""
+
+Days = Annotated[float, Meta(gt=0, le=3660)]
+Hours = Annotated[float, Meta(gt=0, le=3660 * 24)]
+Rows = Annotated[int, Meta(ge=1, le=MAX_ROWS)]
+When = Union[float, Annotated[str, Meta(max_length=64)]]
+
+
+class Window(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A time window: the last `hours` or `days`, or [since, until) (ISO-8601 in UTC,
+    a span such as 48h, or Unix seconds)."""
+    hours: Optional[Hours] = None
+    days: Optional[Days] = None
+    since: Optional[When] = None
+    until: Optional[When] = None
+
+    def bounds(self, now: float, default_hours: float) -> tuple[float, float]:
+        if (self.hours or self.days) and (self.since is not None or self.until is not None) \
+                or (self.hours and self.days):
+            raise QueryRejected("give the window as hours, days, or since/until: one of them")
+        until = _moment(self.until, now, "until") if self.until is not None else now
+        if self.since is not None:
+            since = _moment(self.since, now, "since")
+        else:
+            since = until - (self.hours or (self.days or 0) * 24 or default_hours) * 3600
+        if since >= until:
+            raise QueryRejected(f"since ({utc_text(since)}) is not before until "
+                                f"({utc_text(until)})")
+        return since, until
+
+
+def _moment(value: When, now: float, name: str) -> float:
+    if isinstance(value, str):
+        try:
+            return parse_when(value, now)
+        except ConfigError:
+            raise QueryRejected(f"{name} {value!r} is not a time: use ISO-8601 (2026-11-20, "
+                                f"2026-11-20T08:00) or a span (48h, 7d)") from None
+    if not 0 <= value <= MAX_EPOCH:
+        raise QueryRejected(f"{name} {value!r} is not a time in Unix seconds")
+    return value
+
+
+class GameArgs(msgspec.Struct, forbid_unknown_fields=True):
+    id: Text
+
+
+class GamesArgs(Window, kw_only=True):
+    limit: Rows = 50
+    pattern: Optional[Annotated[str, Meta(min_length=1, max_length=128)]] = None
+
+
+class PerformanceArgs(Window, kw_only=True):
+    type: Literal["all", "predictions", "sidebets"] = "all"
+
+
+class DaysArgs(msgspec.Struct, forbid_unknown_fields=True):
+    days: Days = 7
+
+
+class RecentArgs(msgspec.Struct, forbid_unknown_fields=True):
+    n: Optional[Rows] = None
+
+
+class StateArgs(msgspec.Struct, forbid_unknown_fields=True):
+    key: Text
+
+
+class RejectsArgs(Window, kw_only=True):
+    limit: Rows = 100
+
+
+def _window(since: float, until: float) -> dict:
+    return {"since": utc_text(since), "until": utc_text(until)}
+
+
+def q_game(conn: apsw.Connection, args: GameArgs, now: float) -> dict:
+    """A game with its predictions, side bets and tick samples."""
+    game, predictions, side_bets, ticks = conn.execute(SQL_Q_GAME, (args.id,)).fetchone()
+    if game is None:
+        raise QueryRejected(f"no game {args.id!r}")
+    return {"game": msgspec.Raw(game.encode()), "predictions": msgspec.Raw(predictions.encode()),
+            "side_bets": msgspec.Raw(side_bets.encode()), "ticks": msgspec.Raw(ticks.encode())}
+
+
+def q_games(conn: apsw.Connection, args: GamesArgs, now: float) -> dict:
+    """Games ended in the window, newest first, as rows of the game_summary view."""
+    since, until = args.bounds(now, 24)
+    games = conn.execute(SQL_Q_GAMES, (utc_text(since), utc_text(until), args.limit,
+                                       args.pattern)).get
+    return {**_window(since, until), "games": msgspec.Raw(games.encode())}
+
+
+def q_metrics(conn: apsw.Connection, args: Window, now: float) -> dict:
+    """The hourly rollups of the window, oldest first."""
+    since, until = args.bounds(now, 24)
+    hours = conn.execute(SQL_Q_METRICS, (utc_text(since), utc_text(until))).get
+    return {**_window(since, until), "hours": msgspec.Raw(hours.encode())}
+
+
+def q_performance(conn: apsw.Connection, args: PerformanceArgs, now: float) -> dict:
+    """The rollup's measures over the whole window (the same statement computes both)."""
+    since, until = args.bounds(now, 24)
+    m = window_metrics(conn, utc_text(since), utc_text(until))
+    predictions = {"predictions_made": m.predictions_made, "resolved": m.predictions_resolved,
+                   "median_e40": m.median_e40, "mean_absolute_error": m.mean_absolute_error,
+                   "within_1_window": m.within_1_window, "within_2_windows": m.within_2_windows,
+                   "within_3_windows": m.within_3_windows}
+    side_bets = {"recommended": m.bets, "positive_ev": m.positive_ev, "bets_won": m.bets_won,
+                 "bets_lost": m.bets_lost, "pending": m.bets_pending, "total_ev": m.total_ev,
+                 "roi_percentage": m.roi_percentage}
+    return {**_window(since, until), "period_hours": round((until - since) / 3600, 6),
+            "games_analyzed": m.games_analyzed,
+            "prediction_metrics": predictions if args.type != "sidebets" else None,
+            "sidebet_metrics": side_bets if args.type != "predictions" else None}
+
+
+def q_trends(conn: apsw.Connection, args: DaysArgs, now: float) -> dict:
+    """Hourly e40, accuracy and ROI over the last days, and where each is heading."""
+    since, until = now - args.days * 86400, now
+    window = (utc_text(since), utc_text(until))
+    trends = {}
+    for name, column in TRENDS.items():
+        n, mean, last, slope = conn.execute(SQL_Q_TREND[column], window).fetchone()
+        trends[name] = {"column": column, "n": n, "mean": mean, "last": last,
+                        "slope_per_day": slope}
+    hourly = conn.execute(SQL_Q_TRENDS_HOURLY, window).get
+    return {**_window(since, until), "period_days": args.days,
+            "hourly": msgspec.Raw(hourly.encode()), "trends": trends}
+
+
+def q_patterns(conn: apsw.Connection, args: DaysArgs, now: float) -> dict:
+    """The patterns of the games ended in the last days, most games first."""
+    since, until = now - args.days * 86400, now
+    patterns, total = conn.execute(SQL_Q_PATTERNS, (utc_text(since), utc_text(until))).fetchone()
+    return {**_window(since, until), "total_patterns_detected": total,
+            "patterns": msgspec.Raw(patterns.encode())}
+
+
+def q_recent(table: str, default: int) -> Callable[[apsw.Connection, RecentArgs, float], dict]:
+    def recent(conn: apsw.Connection, args: RecentArgs, now: float) -> dict:
+        """The newest n rows, oldest first: what a tracker refills its buffers with."""
+        rows = conn.execute(SQL_Q_RECENT[table], (args.n or default,)).get
+        return {"rows": msgspec.Raw(rows.encode())}
+    return recent
+
+
+def q_state(conn: apsw.Connection, args: StateArgs, now: float) -> dict:
+    """A tracker's saved state under `key`."""
+    row = conn.execute(SQL_Q_STATE, (args.key,)).fetchone()
+    return {"key": args.key, "found": row is not None,
+            "value": msgspec.Raw(row[0].encode()) if row else None,
+            "updated_at": row[1] if row else None}
+
+
+def q_rejects(conn: apsw.Connection, args: RejectsArgs, now: float) -> dict:
+    """Refused lines of the window, newest first, with their raw text."""
+    since, until = args.bounds(now, 24)
+    rows = [dict(zip(COLUMNS["rejects"], row)) for row in conn.execute(
+        SQL_Q_REJECTS, (utc_text(since), utc_text(until), args.limit))]
+    for row in rows:
+        if isinstance(row["raw"], bytes):
+            row["raw"] = row["raw"].decode("utf-8", "replace")
+    return {**_window(since, until), "rejects": rows}
+
+
+class Query(NamedTuple):
+    args: type
+    answer: Callable[[apsw.Connection, Any, float], dict]
+
+
+QUERIES = {
+    "game": Query(GameArgs, q_game),
+    "games": Query(GamesArgs, q_games),
+    "metrics": Query(Window, q_metrics),
+    "performance": Query(PerformanceArgs, q_performance),
+    "trends": Query(DaysArgs, q_trends),
+    "patterns": Query(DaysArgs, q_patterns),
+    "recent_predictions": Query(RecentArgs, q_recent("predictions", 200)),
+    "recent_side_bets": Query(RecentArgs, q_recent("side_bets", 200)),
+    "recent_ticks": Query(RecentArgs, q_recent("tick_samples", 1200)),
+    "state": Query(StateArgs, q_state),
+    "rejects": Query(RejectsArgs, q_rejects),
+}
+
+
+def answer(conn: apsw.Connection, name: str, params: dict, now: float) -> bytes:
+    """The answer to query `name` as JSON, from one consistent snapshot; QueryRejected
+    (bad_query) for an unknown name or a bad parameter."""
+    query = QUERIES.get(name)
+    if query is None:
+        raise QueryRejected(f"unknown query {name!r}; known: {', '.join(QUERIES)}")
+    try:
+        args = msgspec.convert(params, query.args, strict=False)
+    except msgspec.ValidationError as exc:
+        problem = re.sub(r" - at `\$\.(\w+)`", r" (parameter \1)", str(exc))
+        problem = problem.replace("Object contains unknown field", "unknown parameter")
+        raise QueryRejected(f"{name}: {problem.replace('Object missing required field', 'missing parameter')}") from None
+    with store_errors(f"the {name} query failed"), transaction(conn, "DEFERRED"):
+        return msgspec.json.encode(query.answer(conn, args, now))
 
 
 def rows_as_dicts(cursor: apsw.Cursor) -> list[dict]:
@@ -3320,42 +3858,214 @@ def rows_as_dicts(cursor: apsw.Cursor) -> list[dict]:
 
 
 class Reader:
-    """Read-only access for a tracker's warm start; safe while the daemon writes."""
+    """The read API for trackers and people: by default it asks the daemon over its socket
+    (socket activation starts the daemon if needed); with db_path it reads the file."""
 
-    def __init__(self, db_path: Optional[str] = None):
-        self.db_path = load_settings(db=db_path).db
-        self.conn = connect(self.db_path, readonly=True)
+    def __init__(self, socket_path: Optional[str] = None, *, db_path: Optional[str] = None,
+                 timeout: float = 30.0):
+        self.db_path = db_path
+        self.socket_path = None if db_path else load_settings(socket=socket_path).socket
+        self.timeout = timeout
+        self._conn = connect(db_path, readonly=True) if db_path else None
+        self._sock: Optional[socket.socket] = None
+        self._line, self._buffer = 0, b""
 
-    def _rows(self, sql: str, params: tuple = ()) -> list[dict]:
-        return rows_as_dicts(self.conn.execute(sql, params))
+    def ask(self, name: str, **params: Any) -> Any:
+        """The answer to query `name` as Python objects; QueryRejected if it has none."""
+        params = {key: value for key, value in params.items() if value is not None}
+        if self.db_path is not None:
+            if self._conn is None:
+                self._conn = connect(self.db_path, readonly=True)
+            return msgspec.json.decode(answer(self._conn, name, params, time.time()))
+        try:
+            return self._over_socket(name, params)
+        except (OSError, ProtocolError):
+            self.close()                  # a daemon restarted or idled us out: once more
+            return self._over_socket(name, params)
+
+    def _over_socket(self, name: str, params: dict) -> Any:
+        if self._sock is None:
+            self._sock = connect_socket(self.socket_path, self.timeout)
+            self._line, self._buffer = 0, b""
+        self._sock.sendall(msgspec.json.encode({"op": "query", "q": name, **params}) + b"\n")
+        self._line += 1
+        while True:
+            while b"\n" not in self._buffer:
+                data = self._sock.recv(1 << 20)
+                if not data:
+                    raise ProtocolError(f"tedstore at {self.socket_path} closed the connection")
+                self._buffer += data
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            reply = parse_reply(line, self.socket_path)
+            if reply.get("line") == self._line and "result" in reply:
+                return reply["result"]
+            if reply.get("rejected") == self._line:
+                raise QueryRejected(str(reply.get("error")))
 
     def recent_predictions(self, n: int = 200) -> list[dict]:
         """The newest n predictions, oldest first (ready to refill a deque)."""
-        return self._rows(SQL_RECENT["predictions"], (n,))
+        return self.ask("recent_predictions", n=n)["rows"]
 
     def recent_side_bets(self, n: int = 200) -> list[dict]:
-        return self._rows(SQL_RECENT["side_bets"], (n,))
+        return self.ask("recent_side_bets", n=n)["rows"]
 
     def recent_ticks(self, n: int = 1200) -> list[dict]:
         """The newest n stored tick samples (every TICK_SAMPLE_EVERY-th tick), oldest first."""
-        return self._rows(SQL_RECENT["tick_samples"], (n,))
+        return self.ask("recent_ticks", n=n)["rows"]
 
     def load_state(self, key: str, default: Any = None) -> Any:
-        value = self.conn.execute(SQL_STATE_VALUE, (key,)).get
-        return default if value is None else json.loads(value)
+        state = self.ask("state", key=key)
+        return state["value"] if state["found"] else default
 
     def game(self, game_id: str) -> Optional[dict]:
-        rows = self._rows(SQL_GAME, (game_id,))
-        return rows[0] if rows else None
+        """A game with its predictions, side bets and samples, or None if it is unknown."""
+        try:
+            return self.ask("game", id=game_id)
+        except QueryRejected:
+            return None
+
+    def games(self, **window: Any) -> dict:
+        return self.ask("games", **window)
+
+    def metrics(self, hours: Optional[float] = 24, **window: Any) -> dict:
+        return self.ask("metrics", hours=None if window else hours, **window)
+
+    def performance(self, hours: Optional[float] = 24, type: str = "all",
+                    **window: Any) -> dict:
+        return self.ask("performance", hours=None if window else hours, type=type, **window)
+
+    def trends(self, days: float = 7) -> dict:
+        return self.ask("trends", days=days)
+
+    def patterns(self, days: float = 7) -> dict:
+        return self.ask("patterns", days=days)
+
+    def rejects(self, **window: Any) -> dict:
+        return self.ask("rejects", **window)
 
     def close(self) -> None:
-        self.conn.close()
+        for resource in (self._conn, self._sock):
+            if resource is not None:
+                resource.close()
+        self._conn = self._sock = None
 
     def __enter__(self) -> "Reader":
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------
+# EXPORT: a table's rows, or the wire events that rebuild them, streamed
+# ---------------------------------------------------------------------------
+# Both read one row at a time, so memory stays flat whatever the size. Events are the
+# RECORDS Structs, so export and import share one definition of the wire.
+
+# Each table's time column, the one a window filters on, and its index.
+EXPORT_TABLES = {
+    "games": ("created_at", "games_created_at"),
+    "predictions": ("created_at", "predictions_created_at"),
+    "side_bets": ("created_at", "side_bets_created_at"),
+    "tick_samples": ("created_at", "tick_samples_created_at"),
+    "metrics_hourly": ("hour_start", "sqlite_autoindex_metrics_hourly_1"),
+    "metrics_daily": ("day", "sqlite_autoindex_metrics_daily_1"),
+    "state": ("updated_at", None),                       # a few rows: no index needed
+    "rejects": ("received_at", "rejects_received_at"),
+}
+SQL_EXPORT = {
+    table: f"SELECT {', '.join(COLUMNS[table])} FROM {table}"
+           f"{f' INDEXED BY {index}' if index else ''} WHERE {column} >= ?1 AND {column} < ?2 "
+           f"ORDER BY {column}, rowid"
+    for table, (column, index) in EXPORT_TABLES.items()}
+SQL_EXPORT_SAMPLES = """
+SELECT tick, price, volatility_10, volatility_40, momentum, rsi, volume_ratio, ts
+FROM tick_samples INDEXED BY sqlite_autoindex_tick_samples_1 WHERE game_id = ?1 ORDER BY tick"""
+
+
+def export_rows(conn: apsw.Connection, table: str, since: str, until: str) -> Iterator[tuple]:
+    """The rows of `table` whose time column is in [since, until), oldest first."""
+    if table not in EXPORT_TABLES:
+        raise ConfigError(f"no table {table!r}: choose one of {', '.join(EXPORT_TABLES)}")
+    with store_errors(f"cannot read {table}"):
+        yield from conn.execute(SQL_EXPORT[table], (since, until))
+
+
+def export_table(conn: apsw.Connection, table: str, since: str, until: str,
+                 form: str) -> Iterator[bytes]:
+    """The rows as CSV (a header first) or as JSON lines; raw bytes as text."""
+    columns = COLUMNS[table]
+    if form == "csv":
+        buffer = io.StringIO()
+        out = csv.writer(buffer, lineterminator="\n")
+        out.writerow(columns)
+        for row in export_rows(conn, table, since, until):
+            out.writerow(_text(value) for value in row)
+            if buffer.tell() > 65536:
+                yield buffer.getvalue().encode()
+                buffer.seek(0)
+                buffer.truncate()
+        yield buffer.getvalue().encode()
+        return
+    encode = msgspec.json.encode
+    for row in export_rows(conn, table, since, until):
+        yield encode(dict(zip(columns, map(_text, row)))) + b"\n"
+
+
+def _text(value: Any) -> Any:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def export_events(conn: apsw.Connection, since: str, until: str) -> Iterator[Event]:
+    """Wire events that `import` turns back into the same rows: each game created in the
+    window with its stored tick samples, then the predictions, side bets and state
+    written in it. (With a window, predictions of games outside it come unresolved.)"""
+    for row in export_rows(conn, "games", since, until):
+        yield from _game_events(conn, dict(zip(COLUMNS["games"], row)))
+    for row in export_rows(conn, "predictions", since, until):
+        p = dict(zip(COLUMNS["predictions"], row))
+        bounds = (UncertaintyBounds(p["bound_lower"], p["bound_upper"])
+                  if p["bound_lower"] is not None or p["bound_upper"] is not None else None)
+        used = (None if all(p[c] is None for c in ("epr_active", "peak_ratio", "volatility",
+                                                    "momentum")) else
+                FeaturesUsed(None if p["epr_active"] is None else bool(p["epr_active"]),
+                             p["peak_ratio"], p["volatility"], p["momentum"]))
+        yield Prediction(p["game_id"], p["predicted_at_tick"], p["predicted_end_tick"],
+                         p["confidence"], bounds, used, p["model_version"], p["created_at"])
+    for row in export_rows(conn, "side_bets", since, until):
+        s = dict(zip(COLUMNS["side_bets"], row))
+        yield SideBet(s["game_id"], s["placed_at_tick"], s["probability"], s["expected_value"],
+                      s["confidence"], s["recommendation"],
+                      s["window_end_tick"] - s["placed_at_tick"], s["created_at"])
+    for key, value, updated_at in export_rows(conn, "state", since, until):
+        yield StateWrite(key, msgspec.Raw(value.encode()), updated_at)
+
+
+def _game_events(conn: apsw.Connection, g: dict) -> Iterator[Event]:
+    """A game's start, its stored samples and its end; the start price is not stored, so
+    gameStart carries one that leaves the peak as it is."""
+    game_id, peak, peak_tick = g["game_id"], g["peak_price"], g["peak_tick"]
+    times = []
+    if g["started_at"] is not None:
+        price = peak if peak_tick == g["start_tick"] else peak / 2
+        yield GameStart(game_id, g["start_tick"], price, g["started_at"])
+        times.append(g["started_at"])
+    seen_peak = peak_tick == g["start_tick"] and g["started_at"] is not None
+    for tick, price, *features, ts in conn.execute(SQL_EXPORT_SAMPLES, (game_id,)):
+        seen_peak = seen_peak or (tick == peak_tick and price == peak)
+        yield PriceUpdate(game_id, tick, price,
+                          TickFeatures(*features) if any(f is not None for f in features) else None,
+                          ts)
+        times.append(ts)
+    if g["end_tick"] is not None:
+        yield GameEnd(game_id, g["end_tick"], g["final_price"], g["start_tick"],
+                      g["treasury_remainder"], json.loads(g["patterns_detected"]) or None,
+                      peak, peak_tick, g["ended_at"])
+        times.append(g["ended_at"])
+        seen_peak = True
+    if peak is not None and (not seen_peak or g["created_at"] < min(times, default="~")):
+        # the peak (or the game's first moment) came from a tick that was not sampled
+        yield PriceUpdate(game_id, peak_tick, peak, None, g["created_at"])
 
 
 # ---------------------------------------------------------------------------
@@ -3542,6 +4252,97 @@ def tree_lines(value: dict, indent: int = 0) -> Iterator[str]:
             yield from tree_lines(item, indent + 1)
         else:
             yield f"{'  ' * indent}{key}: {'-' if item in (None, {}) else item}"
+
+
+def with_reader(command: Callable) -> Callable:
+    """--config, --db and --socket for a read command, which gets a `reader`: the database
+    file when it can be read (or --db names it), else the daemon over its socket."""
+    @functools.wraps(command)
+    def run(config: Optional[str], **options: Any) -> Any:
+        db, socket_path = options.pop("db"), options.pop("socket")
+        settings = load_settings(config, db=db, socket=socket_path)
+        use_file = db is not None or (socket_path is None and readable(settings.db))
+        reader = Reader(db_path=settings.db) if use_file else Reader(settings.socket)
+        click.get_current_context().call_on_close(reader.close)
+        return command(reader=reader, **options)
+    for name in ("socket", "db"):
+        run = SETTING_OPTIONS[name](run)
+    return CONFIG_OPTION(run)
+
+
+def readable(path: str) -> bool:
+    """Whether this user may read the database file (its WAL needs the folder, too)."""
+    return os.access(path, os.R_OK) and os.access(os.path.dirname(os.path.abspath(path)), os.X_OK)
+
+
+def window_options(hours: Optional[float] = None, days: Optional[float] = None) -> Callable:
+    """--since/--until, and --hours or --days with their default."""
+    def decorate(command: Callable) -> Callable:
+        command = click.option("--until", help="End of the window (2026-11-22T08:00, 1h) "
+                                               "[default: now].")(command)
+        command = click.option("--since", help="Start of the window (2026-11-20, 48h).")(command)
+        if days is not None:
+            command = click.option("--days", type=click.FloatRange(min=0, min_open=True),
+                                   help=f"The last N days [default: {days:g}].")(command)
+        if hours is not None:
+            command = click.option("--hours", type=click.FloatRange(min=0, min_open=True),
+                                   help=f"The last N hours [default: {hours:g}].")(command)
+        return command
+    return decorate
+
+
+def window(since: Optional[str], until: Optional[str], **span: Optional[float]) -> dict:
+    """The window parameters of a query, CLI times read as UTC."""
+    now = time.time()
+    given = {name: value for name, value in span.items() if value is not None}
+    if since is not None or until is not None:
+        if given:
+            raise ConfigError(f"give --{next(iter(given))} or --since/--until, not both")
+        return {"since": parse_when(since, now) if since else None,
+                "until": parse_when(until, now) if until else None}
+    return given
+
+
+def fmt(digits: int = 1, unit: str = "") -> Callable[[Any], str]:
+    """A number rounded to `digits`, with its unit; '-' for nothing."""
+    def show(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{value:,}{unit}"
+        return f"{value:,.{digits}f}{unit}"
+    show.numeric = True                  # type: ignore[attr-defined]
+    return show
+
+
+def text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "-"
+    return str(value)
+
+
+def moment(value: Optional[str]) -> str:
+    """Stored UTC text to the second."""
+    return value[:19] if value else "-"
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, Callable[[Any], str]]]) -> list[str]:
+    """Rows as aligned columns under their headers; numbers to the right."""
+    cells = [[show(row.get(key)) for key, _, show in columns] for row in rows]
+    headers = [header for _, header, _ in columns]
+    widths = [max([len(header)] + [len(line[i]) for line in cells])
+              for i, header in enumerate(headers)]
+    numeric = [getattr(show, "numeric", False) for _, _, show in columns]
+    def line(values: list[str]) -> str:
+        return "  ".join(value.rjust(width) if right else value.ljust(width)
+                         for value, width, right in zip(values, widths, numeric)).rstrip()
+    return [line(headers), *map(line, cells)]
+
+
+def period(result: dict) -> str:
+    return f"{moment(result['since'])} to {moment(result['until'])} UTC"
 
 
 class InputFiles:
@@ -3775,7 +4576,7 @@ def import_command(settings: Settings, files: tuple[str, ...]) -> None:
     """Replay NDJSON logs into the database.
 
     Through the daemon if it runs, else straight into the database. Replaying is
-    idempotent; afterwards run `tedstore rollup --since DATE` for the hours the logs cover.
+    idempotent, and the hourly metrics of the hours the logs cover are rolled up again.
 
     Example: tedstore import tracker-2026-11-*.ndjson
     """
@@ -3891,6 +4692,240 @@ def rollup_command(settings: Settings, since: Optional[str], output: Output) -> 
     output.show(detail, lambda detail: [
         f"rolled up {len(hours)} hour(s) from {utc_text(hours[0])} to {detail['through']}"
         if hours else "nothing to roll up"])
+
+
+PREDICTION_COLUMNS = [("predicted_at_tick", "at tick", fmt()), ("predicted_end_tick", "predicted end", fmt()),
+                      ("actual_end_tick", "actual end", fmt()), ("raw_error", "error (ticks)", fmt()),
+                      ("e40", "e40", fmt(3)), ("confidence", "confidence", fmt(2)),
+                      ("model_version", "model", text)]
+SIDE_BET_COLUMNS = [("placed_at_tick", "placed at tick", fmt()), ("window_end_tick", "window end", fmt()),
+                    ("probability", "probability", fmt(3)), ("expected_value", "EV", fmt(3)),
+                    ("recommendation", "advice", text), ("actual_outcome", "outcome", text),
+                    ("payout", "payout", fmt(2))]
+
+
+@cli.command("game")
+@with_reader
+@with_output
+@click.argument("game_id")
+def game_command(reader: Reader, output: Output, game_id: str) -> None:
+    """One game: its outcome, predictions, side bets and tick samples.
+
+    Example: tedstore game sim-1-42
+    """
+    found = reader.game(game_id)
+    if found is None:
+        raise QueryRejected(f"no game {game_id!r}")
+    def lines(found: dict) -> Iterator[str]:
+        game, ticks = found["game"], found["ticks"]
+        yield (f"game {game['game_id']}: ticks {text(game['start_tick'])} to "
+               f"{text(game['end_tick'])} ({fmt()(game['duration_ticks'])} ticks), peak "
+               f"{fmt(4)(game['peak_price'])} at tick {text(game['peak_tick'])}, final "
+               f"{fmt(4)(game['final_price'])}")
+        yield (f"started {moment(game['started_at'])}, ended {moment(game['ended_at'])} UTC; "
+               f"patterns {text(game['patterns_detected'])}; within 1 window "
+               f"{fmt(1, ' %')(None if game['prediction_accuracy'] is None else 100 * game['prediction_accuracy'])}")
+        yield ""
+        yield f"{len(found['predictions'])} prediction(s)"
+        if found["predictions"]:
+            yield from table(found["predictions"], PREDICTION_COLUMNS)
+        yield ""
+        yield f"{len(found['side_bets'])} side bet(s)"
+        if found["side_bets"]:
+            yield from table(found["side_bets"], SIDE_BET_COLUMNS)
+        yield ""
+        yield (f"{ticks['samples']} tick sample(s)" + (f", ticks {ticks['first_tick']} to "
+               f"{ticks['last_tick']}" if ticks["samples"] else ""))
+    output.show(found, lines)
+
+
+@cli.command("games")
+@with_reader
+@with_output
+@window_options(hours=24)
+@click.option("--limit", type=click.IntRange(1, MAX_ROWS), default=50, show_default=True,
+              help="The most games to show.")
+@click.option("--pattern", help="Only games with this pattern.")
+def games_command(reader: Reader, output: Output, hours: Optional[float], since: Optional[str],
+                  until: Optional[str], limit: int, pattern: Optional[str]) -> None:
+    """Games that ended in a window, newest first.
+
+    Example: tedstore games --since 2026-11-21 --pattern moonshot
+    """
+    result = reader.games(**window(since, until, hours=hours), limit=limit, pattern=pattern)
+    output.show(result, lambda result: [f"no games ended from {period(result)}"] if not
+                result["games"] else [f"{len(result['games'])} game(s) ended from {period(result)}",
+                                      *table(result["games"], [
+        ("ended_at", "ended (UTC)", moment), ("game_id", "game", text),
+        ("duration_ticks", "ticks", fmt()), ("peak_price", "peak", fmt(3)),
+        ("predictions", "predictions", fmt()), ("mean_absolute_error", "MAE (ticks)", fmt()),
+        ("prediction_accuracy", "accuracy", fmt(2)), ("side_bets_placed", "BETs", fmt()),
+        ("side_bets_won", "won", fmt()), ("side_bet_payout", "payout", fmt(1)),
+        ("patterns_detected", "patterns", text)])])
+
+
+@cli.command("metrics")
+@with_reader
+@with_output
+@window_options(hours=24)
+def metrics_command(reader: Reader, output: Output, hours: Optional[float], since: Optional[str],
+                    until: Optional[str]) -> None:
+    """The hourly metrics of a window, oldest first.
+
+    Example: tedstore metrics --hours 48
+    """
+    result = reader.ask("metrics", **window(since, until, hours=hours))
+    output.show(result, lambda result: [
+        f"no hourly metrics from {period(result)} (each hour is rolled up a minute after it "
+        f"ends)"] if not result["hours"] else [f"hourly metrics from {period(result)}", *table(
+        result["hours"], [
+            ("hour_start", "hour (UTC)", moment), ("games_analyzed", "games", fmt()),
+            ("predictions_made", "predictions", fmt()), ("median_e40", "median e40", fmt(3)),
+            ("mean_absolute_error", "MAE (ticks)", fmt()),
+            ("within_1_window", "within 1 (%)", fmt()), ("within_2_windows", "within 2 (%)", fmt()),
+            ("within_3_windows", "within 3 (%)", fmt()), ("bets_won", "won", fmt()),
+            ("bets_lost", "lost", fmt()), ("roi_percentage", "ROI (%)", fmt()),
+            ("p99_commit_latency_ms", "commit p99 (ms)", fmt(2)),
+            ("rejected_lines", "rejects", fmt())])])
+
+
+@cli.command("performance")
+@with_reader
+@with_output
+@window_options(hours=24)
+@click.option("--type", "kind", type=click.Choice(["all", "predictions", "sidebets"]),
+              default="all", show_default=True, help="Which measures.")
+def performance_command(reader: Reader, output: Output, hours: Optional[float],
+                        since: Optional[str], until: Optional[str], kind: str) -> None:
+    """How the predictions and side bets did over a window.
+
+    Example: tedstore performance --hours 24 --type predictions
+    """
+    result = reader.ask("performance", **window(since, until, hours=hours), type=kind)
+    def lines(result: dict) -> Iterator[str]:
+        yield f"from {period(result)}: {result['games_analyzed']:,} game(s) ended"
+        p, s = result["prediction_metrics"], result["sidebet_metrics"]
+        if p is not None:
+            yield (f"predictions: {p['predictions_made']:,} made, {p['resolved']:,} resolved; "
+                   f"median e40 {fmt(3)(p['median_e40'])}; mean absolute error "
+                   f"{fmt(1, ' ticks')(p['mean_absolute_error'])}; within 1/2/3 windows "
+                   f"{fmt()(p['within_1_window'])} / {fmt()(p['within_2_windows'])} / "
+                   f"{fmt(1, ' %')(p['within_3_windows'])}")
+        if s is not None:
+            yield (f"side bets: {s['recommended']:,} recommended (BET), {s['positive_ev']:,} "
+                   f"with positive EV; {s['bets_won']:,} won, {s['bets_lost']:,} lost, "
+                   f"{s['pending']:,} pending; ROI {fmt(1, ' %')(s['roi_percentage'])}; "
+                   f"total EV {fmt(2)(s['total_ev'])}")
+    output.show(result, lines)
+
+
+@cli.command("trends")
+@with_reader
+@with_output
+@click.option("--days", type=click.FloatRange(min=0, min_open=True), default=7,
+              show_default=True, help="The last N days.")
+def trends_command(reader: Reader, output: Output, days: float) -> None:
+    """Whether e40 bias, accuracy and side-bet ROI drift, hour by hour.
+
+    Example: tedstore trends --days 14
+    """
+    result = reader.trends(days)
+    rows = [{"measure": name, **trend} for name, trend in result["trends"].items()]
+    output.show(result, lambda result: [
+        f"no rolled-up hours from {period(result)}"] if not result["hourly"] else [
+        f"trends over {len(result['hourly'])} hour(s) from {period(result)}", *table(rows, [
+            ("measure", "measure", text), ("column", "column", text), ("n", "hours", fmt()),
+            ("mean", "mean", fmt(3)), ("last", "latest", fmt(3)),
+            ("slope_per_day", "slope per day", fmt(4))])])
+
+
+@cli.command("patterns")
+@with_reader
+@with_output
+@click.option("--days", type=click.FloatRange(min=0, min_open=True), default=7,
+              show_default=True, help="The last N days.")
+def patterns_command(reader: Reader, output: Output, days: float) -> None:
+    """Which patterns the games of the last days had, and how the predictions did on them.
+
+    Example: tedstore patterns --days 30
+    """
+    result = reader.patterns(days)
+    output.show(result, lambda result: [
+        f"no game with a pattern ended from {period(result)}"] if not result["patterns"] else [
+        f"{result['total_patterns_detected']:,} pattern(s) in games ended from {period(result)}",
+        *table(result["patterns"], [
+            ("pattern", "pattern", text), ("games", "games", fmt()),
+            ("avg_prediction_accuracy", "avg accuracy", fmt(3)),
+            ("avg_duration_ticks", "avg ticks", fmt()),
+            ("recent_game_ids", "newest games", text)])])
+
+
+@cli.command("rejects")
+@with_reader
+@with_output
+@window_options(hours=24)
+@click.option("--limit", type=click.IntRange(1, MAX_ROWS), default=100, show_default=True,
+              help="The most lines to show.")
+def rejects_command(reader: Reader, output: Output, hours: Optional[float], since: Optional[str],
+                    until: Optional[str], limit: int) -> None:
+    """Lines tedstore refused, newest first, and why.
+
+    Example: tedstore rejects --since 1h
+    """
+    result = reader.rejects(**window(since, until, hours=hours), limit=limit)
+    output.show(result, lambda result: [f"no rejected lines from {period(result)}"] if not
+                result["rejects"] else [f"{len(result['rejects'])} rejected line(s) from "
+                                        f"{period(result)}", *table(result["rejects"], [
+        ("received_at", "received (UTC)", moment), ("line_no", "line", fmt()),
+        ("code", "code", text), ("peer_uid", "uid", fmt()),
+        ("error", "error", lambda error: text(error)[:70]),
+        ("raw", "raw", lambda raw: text(raw)[:40])])])
+
+
+@cli.command("export")
+@with_settings("db")
+@click.option("--table", type=click.Choice(list(EXPORT_TABLES)), help="Export this table's rows.")
+@click.option("--events", is_flag=True, help="Export wire events that `tedstore import` "
+                                             "replays into the same rows.")
+@click.option("--since", help="From this time (2026-11-20, 7d), on the table's time column.")
+@click.option("--until", help="Before this time [default: no end].")
+@click.option("--format", "form", type=click.Choice(["csv", "jsonl"]),
+              help="Table rows as CSV or JSON lines [default: csv; events are always NDJSON].")
+@click.option("-o", "--output", "path", type=click.Path(dir_okay=False),
+              help="Write to this file (it appears once complete) [default: stdout].")
+def export_command(settings: Settings, table: Optional[str], events: bool, since: Optional[str],
+                   until: Optional[str], form: Optional[str], path: Optional[str]) -> None:
+    """Export a table's rows, or the events that rebuild the store, streamed.
+
+    It reads the database file (run it as the tedstore user). Rows keep their stored
+    values; a window filters on created_at (games, predictions, side bets, tick samples),
+    hour_start, day, updated_at (state) or received_at (rejects).
+
+    Example: tedstore export --table predictions --since 7d --format csv -o predictions.csv
+    """
+    if bool(table) == events:
+        raise click.UsageError("give --table NAME or --events")
+    if events and form == "csv":
+        raise click.UsageError("events are NDJSON: --format csv is for --table")
+    now = time.time()
+    start = utc_text(parse_when(since, now)) if since else ""
+    end = utc_text(parse_when(until, now)) if until else "~"
+    conn = closing(connect(settings.db, readonly=True))
+    if events:
+        blocks = (msgspec.json.encode(event) + b"\n" for event in export_events(conn, start, end))
+    else:
+        blocks = export_table(conn, table, start, end, form or "csv")
+    if path is None:
+        write_stdout(blocks, "lines", count=lambda block: block.count(b"\n"))
+        return
+    partial = Path(path).with_name(f".{Path(path).name}.partial-{os.getpid()}")
+    try:
+        with open(partial, "wb") as out:
+            written = sum(out.write(block) and block.count(b"\n") for block in blocks)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    click.echo(f"exported {written:,} lines to {path}", err=True)
 
 
 def main() -> None:

@@ -274,7 +274,7 @@ def test_reader_restores_a_trackers_buffers_while_the_daemon_writes(daemon):
         client.send({"event": "state", "key": "tracker.model", "value": {"epoch": 12}})
         assert client.flush(30)
     predictions, bets, ticks = deque(maxlen=200), deque(maxlen=200), deque(maxlen=1200)
-    with tedstore.Reader(daemon.db) as reader:
+    with tedstore.Reader(daemon.socket) as reader:       # a tracker reads over the socket
         predictions.extend(reader.recent_predictions())
         bets.extend(reader.recent_side_bets())
         ticks.extend(reader.recent_ticks())
@@ -297,15 +297,20 @@ def test_reader_restores_a_trackers_buffers_while_the_daemon_writes(daemon):
     assert all(b["actual_outcome"] in ("WON", "LOST") for b in bets)
 
 
-def test_reader_refuses_to_write(daemon):
-    with tedstore.Reader(daemon.db) as reader:
+def test_a_reader_on_the_file_refuses_to_write(daemon):
+    with tedstore.Reader(db_path=daemon.db) as reader:
         with pytest.raises(apsw.ReadOnlyError):
-            reader.conn.execute("DELETE FROM predictions")
+            reader._conn.execute("DELETE FROM predictions")
 
 
 def test_reader_of_a_missing_database_says_what_to_do(tmp):
     with pytest.raises(tedstore.StoreError, match="tedstore init"):
-        tedstore.Reader(str(tmp / "missing.db"))
+        tedstore.Reader(db_path=str(tmp / "missing.db"))
+
+
+def test_reader_without_a_daemon_says_what_to_do(tmp):
+    with pytest.raises(tedstore.ProtocolError, match="cannot reach tedstore .* tedstore serve"):
+        tedstore.Reader(str(tmp / "nobody.sock")).recent_predictions()
 
 
 # -- schema upgrades -------------------------------------------------------------------------------

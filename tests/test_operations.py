@@ -129,7 +129,8 @@ def test_a_long_catch_up_takes_the_write_lock_a_day_at_a_time(store):
 
     hours = [int(HOUR) - 3600 * n for n in range(100, 0, -1)]
     tedstore.run_rollups(store.conn, write, hours, HOUR + 7200)
-    assert saves == [24, 24, 24, 24, 4, 0]                  # four days, the rest, the job record
+    # four days of hours, the rest, the complete days among them, the job record
+    assert saves == [24, 24, 24, 24, 4, 0, 0]
 
 
 def test_hours_to_roll_catch_up_and_revisit(store):
@@ -217,7 +218,7 @@ def test_retention_dry_run_then_run_deletes_per_table(tmp):
     tedstore.run_rollups(store.conn, write, tedstore.hours_to_roll(store.conn, now, store.settings), now)
     planned = tedstore.run_retention(store.conn, write, store.settings, now, dry_run=True)
     assert planned == {"tick_samples": 6, "predictions": 2, "side_bets": 2, "games": 1,
-                       "rejects": 2, "metrics_hourly": 0}
+                       "rejects": 2, "metrics_hourly": 0, "metrics_daily": 0}
     assert store.rows("SELECT count(*) FROM predictions") == [(4,)]       # dry run kept them
     removed = tedstore.run_retention(store.conn, write, store.settings, now)
     assert removed == planned
@@ -298,7 +299,7 @@ def test_catch_up_is_bounded_by_the_horizon_and_steps_over_empty_hours(tmp):
     assert hours[0] == tedstore.rollup_floor(now, store.settings)
     assert len(hours) <= 180 * 24 + 1
     cutoff = tedstore.retention_cutoffs(store.settings, now)["predictions"]
-    assert tedstore.unrolled_hours(store.conn, cutoff, now) == \
+    assert tedstore.unrolled(store.conn, cutoff, now) == \
         [0, tedstore.hour_floor(tedstore.text_epoch("2001-09-09 01:46:40.000"))]
     removed = tedstore.run_retention(store.conn, local_write(store.conn), store.settings, now)
     assert removed["predictions"] == 2
