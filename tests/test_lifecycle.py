@@ -281,7 +281,7 @@ def test_reader_restores_a_trackers_buffers_while_the_daemon_writes(daemon):
         assert reader.load_state("tracker.model") == {"epoch": 12}
         assert reader.load_state("missing", default=[]) == []
         last_game = ticks[-1]["game_id"]
-        assert reader.game(last_game)["end_tick"] is not None
+        assert reader.game(last_game)["game"]["end_tick"] is not None
         assert reader.game("no-such-game") is None
         # the daemon keeps writing while the reader is open
         conn = daemon.connect()
@@ -309,7 +309,7 @@ def test_reader_of_a_missing_database_says_what_to_do(tmp):
 
 
 def test_reader_without_a_daemon_says_what_to_do(tmp):
-    with pytest.raises(tedstore.ProtocolError, match="cannot reach tedstore .* tedstore serve"):
+    with pytest.raises(tedstore.ProtocolError, match="cannot reach tedstore .*tedstore serve"):
         tedstore.Reader(str(tmp / "nobody.sock")).recent_predictions()
 
 
