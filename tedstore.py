@@ -93,6 +93,7 @@ MAX_ROWS = 100_000                   # the most rows one answer holds
 LOCK_WAIT_SECONDS = 1.0              # how long a starting daemon tries for the database lock
 TROUBLE_LOG_SECONDS = 60.0           # a client logs a lasting trouble at most this often
 BACKUP_PREFIX = "tedstore-"
+PRIVATE_FILE_MODE = 0o600            # the database, its WAL, the lock and backups
 
 
 def _systemd_dir(variable: str, name: str) -> str:
@@ -663,8 +664,13 @@ def connect(path: str, *, readonly: bool = False, create: bool = True, vfs: Opti
                          f"(tedstore serve) or create it (tedstore init)")
     flags = (apsw.SQLITE_OPEN_READONLY if readonly else apsw.SQLITE_OPEN_READWRITE
              | (apsw.SQLITE_OPEN_CREATE if create else 0))
+    new = not readonly and create and not os.path.exists(path)
     try:
+        if new:                          # private to its user, and so are its -wal and -shm
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE_MODE))
         conn = apsw.Connection(path, flags=flags, vfs=vfs)
+    except OSError as exc:
+        raise StoreError(f"cannot create database {path}: {exc.strerror}") from exc
     except apsw.Error as exc:
         raise StoreError(f"cannot open database {path}: {exc}", exc) from exc
     try:
@@ -1257,9 +1263,10 @@ def ingest_offline(conn: apsw.Connection, blocks: Iterable[bytes], settings: Set
                    touched: Optional[set[int]] = None) -> tuple[int, list[tuple[int, str, str]]]:
     """Apply NDJSON without a daemon, in the daemon's batches: (lines, rejections). The
     hours the events fall in are added to `touched`."""
-    lines, rejections, pending = 0, [], []
+    lines, rejections, pending, waiting = 0, [], [], 0
 
     def flush() -> None:
+        nonlocal waiting
         batch = IngestBatch(pending, settings, every_hour=True)
         with store_errors(f"cannot store the lines from line {pending[0].first_line} on"), \
                 transaction(conn):
@@ -1267,8 +1274,9 @@ def ingest_offline(conn: apsw.Connection, blocks: Iterable[bytes], settings: Set
         rejections.extend(sorted((r.line_no, r.code, r.error) for r in batch.rejects))
         if touched is not None:
             touched.update(batch.touched)
-        progress(sum(chunk.count for chunk in pending))
+        progress(waiting)
         pending.clear()
+        waiting = 0
 
     for block in blocks:
         if not block.endswith(b"\n"):
@@ -1276,7 +1284,8 @@ def ingest_offline(conn: apsw.Connection, blocks: Iterable[bytes], settings: Set
         count = block.count(b"\n")
         pending.append(Chunk(None, lines + 1, count, block, time.time()))
         lines += count
-        if sum(chunk.count for chunk in pending) >= settings.batch_size:
+        waiting += count
+        if waiting >= settings.batch_size:
             flush()
     if pending:
         flush()
@@ -2496,6 +2505,7 @@ def backup_database(db_path: str, dest: str, now: Optional[float] = None) -> dic
     started = time.monotonic()
     source = connect(db_path, readonly=True)
     try:
+        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE_MODE))
         copy = apsw.Connection(str(partial))
         try:
             with copy.backup("main", source, "main") as backup:
@@ -2778,7 +2788,7 @@ class Daemon:
         path = self.settings.db + ".lock"
         existed = os.path.exists(path)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
         except OSError as exc:
             raise DaemonError(f"cannot create {path}: {exc.strerror}; check that the folder "
                               f"exists and is writable, or set TEDSTORE_DB") from exc
@@ -3577,8 +3587,8 @@ SELECT (SELECT {row_json("games")} FROM games INDEXED BY sqlite_autoindex_games_
 # Each picked game's summary is one lookup by game_id: as the inner side of a join, the
 # planner would rather scan games whenever its statistics say it is small.
 SQL_Q_GAMES = f"""
-SELECT json_group_array((SELECT {row_json("game_summary")} FROM game_summary
-                         WHERE game_id = picked.game_id) ORDER BY ended_at DESC, game_id)
+SELECT json_group_array(json((SELECT {row_json("game_summary")} FROM game_summary
+                              WHERE game_id = picked.game_id)) ORDER BY ended_at DESC, game_id)
 FROM (SELECT game_id, ended_at FROM games INDEXED BY games_ended_at
       WHERE ended_at >= ?1 AND ended_at < ?2
         AND (?4 IS NULL OR EXISTS (SELECT 1 FROM json_each(patterns_detected) WHERE value = ?4))

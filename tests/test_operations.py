@@ -454,6 +454,20 @@ def test_restore_from_a_backup_as_the_readme_shows(daemon_factory, tmp):
     assert restored.query("SELECT game_id, count(*) FROM predictions GROUP BY 1") == [("keep", 100)]
 
 
+def test_the_database_its_files_and_backups_are_private_to_their_user(daemon, tmp):
+    """Section 3: only the daemon's user opens them (whatever the umask says)."""
+    conn = daemon.connect()
+    conn.send(prediction("private", 1, 2))
+    conn.wait_ack(1)
+    backup = tmp / "b.db"
+    assert run_cli("backup", "--db", daemon.db, str(backup)).returncode == 0
+    assert run_cli("init", "--db", str(tmp / "new.db")).returncode == 0
+    files = [daemon.db, daemon.db + "-wal", daemon.db + "-shm", daemon.db + ".lock", backup,
+             tmp / "new.db"]
+    assert {str(path): oct(os.stat(path).st_mode & 0o777) for path in files} == \
+        {str(path): oct(0o600) for path in files}
+
+
 def test_nightly_backup_keeps_the_newest(tmp):
     settings = tedstore.load_settings(db=str(tmp / "n.db"), backup_dir=str(tmp / "b"),
                                       backup_keep=3)

@@ -212,6 +212,7 @@ def test_the_units_say_what_the_daemon_needs():
     assert service["Type"] == "notify" and "WatchdogSec" in service
     assert int(service["TimeoutStopSec"]) > tedstore.STOP_GRACE_SECONDS + 10
     assert service["StateDirectory"] == service["RuntimeDirectory"] == "tedstore"
+    assert service["StateDirectoryMode"] == "0700" and service["UMask"] == "0077"  # private
     assert sock["ListenStream"] == "/run/tedstore/tedstore.sock"      # $RUNTIME_DIRECTORY/...
     assert sock["SocketMode"] == "0660" and sock["SocketGroup"] == service["Group"]
     assert service["RestrictAddressFamilies"] == "AF_UNIX"

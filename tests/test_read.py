@@ -1,0 +1,571 @@
+"""The read API: every query's answer against values computed in plain Python from the
+events themselves; the socket op, its limits, and the Reader; the read commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import apsw
+import click
+import msgspec
+import pytest
+
+import tedstore
+from conftest import (LONG_RETENTION, ROOT, Conn, Store, clean_env, prediction, run_cli,
+                      side_bet, wait_for)
+
+NOW = time.time()
+FIRST_HOUR = tedstore.hour_floor(NOW) - 8 * 3600           # eight complete hours of play
+PATTERNS = ("alpha", "beta", "gamma", "delta")
+
+
+class Play:
+    """Games, predictions and side bets with known outcomes, and what each query should say."""
+
+    def __init__(self, seed: int = 7, games: int = 48):
+        rng = random.Random(seed)
+        self.events, self.games, self.predictions, self.bets = [], [], [], []
+        for number in range(games):
+            hour = FIRST_HOUR + (number % 6) * 3600
+            start = hour + rng.randint(60, 2400) + rng.randint(0, 999) / 1000
+            end_tick = rng.randint(60, 500)
+            ends = number % 7 != 3                            # a few games never end
+            ended = start + end_tick * 0.25 if ends else None
+            game = {"id": f"g{seed}-{number:02d}", "start": start, "end_tick": end_tick,
+                    "ended": ended, "patterns": sorted(rng.sample(PATTERNS, rng.randint(0, 2))),
+                    "predictions": []}
+            self.events.append({"event": "gameStart", "gameId": game["id"], "tick": 0,
+                                "price": 1.0, "ts": start})
+            for tick in range(20, end_tick, 40):
+                ts = start + tick * 0.25
+                guess = tick + rng.randint(0, 300)
+                self.events.append(prediction(game["id"], tick, guess, ts=ts,
+                                              features_used={"epr_active": tick % 80 == 20}))
+                row = {"game": game["id"], "ts": ts, "error": guess - end_tick if ends else None}
+                self.predictions.append(row)
+                game["predictions"].append(row)
+            for tick in range(30, end_tick + 40, 60):
+                ts = start + tick * 0.25
+                if ended is not None and ts > ended:
+                    break
+                advice = "BET" if tick % 120 == 30 else "SKIP"
+                ev = round(rng.uniform(-0.5, 0.5), 3)
+                self.events.append(side_bet(game["id"], tick, advice, expected_value=ev, ts=ts))
+                outcome = None if not ends else ("WON" if tick <= end_tick <= tick + 40 else "LOST")
+                self.bets.append({"ts": ts, "advice": advice, "ev": ev, "outcome": outcome})
+            if ends:
+                self.events.append({"event": "gameEnd", "gameId": game["id"], "tick": end_tick,
+                                    "finalPrice": 0.5, "patterns": game["patterns"],
+                                    "ts": ended})
+            self.games.append(game)
+
+    def performance(self, since: float, until: float) -> dict:
+        made = [p for p in self.predictions if since <= round(p["ts"], 3) < until]
+        errors = [p["error"] for p in made if p["error"] is not None]
+        bets = [b for b in self.bets if since <= round(b["ts"], 3) < until]
+        advised = [b for b in bets if b["advice"] == "BET"]
+        settled = [b for b in advised if b["outcome"]]
+        won = sum(b["outcome"] == "WON" for b in settled)
+        payout = 5.0 * won - (len(settled) - won)
+
+        def share(windows: int) -> float | None:
+            return 100.0 * sum(abs(e) <= 40 * windows for e in errors) / len(errors) \
+                if errors else None
+        return {
+            "games_analyzed": sum(1 for g in self.games
+                                  if g["ended"] is not None and since <= round(g["ended"], 3) < until),
+            "prediction_metrics": {
+                "predictions_made": len(made), "resolved": len(errors),
+                "median_e40": statistics.median(errors) / 40 if errors else None,
+                "mean_absolute_error": sum(map(abs, errors)) / len(errors) if errors else None,
+                "within_1_window": share(1), "within_2_windows": share(2),
+                "within_3_windows": share(3)},
+            "sidebet_metrics": {
+                "recommended": len(advised), "positive_ev": sum(b["ev"] > 0 for b in bets),
+                "bets_won": won, "bets_lost": len(settled) - won,
+                "pending": len(advised) - len(settled),
+                "total_ev": sum(b["ev"] for b in settled),
+                "roi_percentage": 100.0 * payout / len(settled) if settled else None}}
+
+
+@pytest.fixture(scope="module")
+def played(tmp_path_factory):
+    """The play stored and rolled up, with a few rejects and a state key."""
+    play = Play()
+    store = Store(tmp_path_factory.mktemp("read") / "read.db")
+    assert store.send(*play.events) == []
+    store.send(b"{oops", b'{"event":"prediction","game_id":"\xff"}')
+    store.send({"event": "state", "key": "tracker.model", "value": {"weights": [1, 2]}})
+    now = time.time()
+    tedstore.run_rollups(store.conn, lambda step: step(store.conn),
+                         tedstore.hours_to_roll(store.conn, now, store.settings), now)
+    reader = tedstore.Reader(db_path=store.path)
+    yield play, store, reader
+    reader.close()
+    store.conn.close()
+
+
+def without_window(answer: dict) -> dict:
+    return {key: value for key, value in answer.items() if key not in ("since", "until")}
+
+
+# -- performance and the hourly rollup ------------------------------------------------------
+
+def test_performance_over_one_completed_hour_equals_its_rollup_and_the_events(played):
+    play, store, reader = played
+    for hour in range(FIRST_HOUR, FIRST_HOUR + 6 * 3600, 3600):
+        answer = reader.performance(since=hour, until=hour + 3600)
+        row = store.one("SELECT * FROM metrics_hourly WHERE hour_start = ?",
+                        (tedstore.utc_text(hour),))
+        p, s = answer["prediction_metrics"], answer["sidebet_metrics"]
+        for column, value in [("predictions_made", p["predictions_made"]),
+                              ("median_e40", p["median_e40"]),
+                              ("mean_absolute_error", p["mean_absolute_error"]),
+                              ("within_1_window", p["within_1_window"]),
+                              ("within_2_windows", p["within_2_windows"]),
+                              ("within_3_windows", p["within_3_windows"]),
+                              ("bets_won", s["bets_won"]), ("bets_lost", s["bets_lost"]),
+                              ("total_ev", s["total_ev"]),
+                              ("roi_percentage", s["roi_percentage"]),
+                              ("games_analyzed", answer["games_analyzed"])]:
+            assert value == row[column], (hour, column)
+        expected = play.performance(hour, hour + 3600)
+        assert s.pop("total_ev") == pytest.approx(expected["sidebet_metrics"].pop("total_ev"))
+        assert without_window(answer) == {"period_hours": 1.0, **expected}
+
+
+def test_performance_over_several_hours_takes_the_true_median_of_all(played):
+    play, _, reader = played
+    since, until = FIRST_HOUR + 1800, FIRST_HOUR + 5 * 3600 + 900      # not on hour bounds
+    answer = reader.performance(since=since, until=until)
+    expected = play.performance(since, until)
+    assert answer["sidebet_metrics"].pop("total_ev") == \
+        pytest.approx(expected["sidebet_metrics"].pop("total_ev"))
+    assert answer["period_hours"] == pytest.approx((until - since) / 3600)
+    del answer["period_hours"]
+    assert without_window(answer) == expected
+    # not the median of the hourly medians
+    hourly = [h["median_e40"] for h in reader.metrics(since=since, until=until)["hours"]
+              if h["median_e40"] is not None]
+    assert answer["prediction_metrics"]["median_e40"] != statistics.median(hourly)
+
+
+def test_performance_by_type_and_over_an_empty_window(played):
+    _, _, reader = played
+    assert reader.performance(hours=24, type="predictions")["sidebet_metrics"] is None
+    assert reader.performance(hours=24, type="sidebets")["prediction_metrics"] is None
+    empty = reader.performance(since="2020-01-01", until="2020-01-02")
+    assert empty["games_analyzed"] == 0
+    assert empty["prediction_metrics"] == {
+        "predictions_made": 0, "resolved": 0, "median_e40": None, "mean_absolute_error": None,
+        "within_1_window": None, "within_2_windows": None, "within_3_windows": None}
+    assert empty["sidebet_metrics"] == {"recommended": 0, "positive_ev": 0, "bets_won": 0,
+                                        "bets_lost": 0, "pending": 0, "total_ev": 0.0,
+                                        "roi_percentage": None}
+
+
+# -- trends, patterns, metrics -------------------------------------------------------------
+
+def test_trends_are_least_squares_over_the_hourly_rows(played):
+    _, store, reader = played
+    answer = reader.trends(days=1)
+    since = tedstore.text_epoch(answer["since"])
+    rows = store.rows("SELECT hour_start, median_e40, within_2_windows, roi_percentage "
+                      "FROM metrics_hourly WHERE hour_start >= ? ORDER BY hour_start",
+                      (answer["since"],))
+    assert [h["hour_start"] for h in answer["hourly"]] == [r[0] for r in rows]
+    for name, position in (("e40", 1), ("accuracy", 2), ("sidebet_roi", 3)):
+        points = [((tedstore.text_epoch(r[0]) - since) / 86400, r[position]) for r in rows
+                  if r[position] is not None]
+        trend = answer["trends"][name]
+        assert trend["n"] == len(points) >= 2
+        assert trend["mean"] == pytest.approx(statistics.mean(v for _, v in points))
+        assert trend["last"] == points[-1][1]
+        expected = statistics.linear_regression([x for x, _ in points], [v for _, v in points])
+        assert trend["slope_per_day"] == pytest.approx(expected.slope, rel=1e-6)
+
+
+def test_a_trend_needs_two_hours_for_a_slope(played):
+    _, _, reader = played
+    trend = reader.trends(days=1 / 48)["trends"]["e40"]            # the last half hour
+    assert trend["n"] <= 1 and trend["slope_per_day"] is None
+
+
+def test_patterns_count_each_game_once_per_pattern(played):
+    play, store, reader = played
+    answer = reader.patterns(days=1)
+    ended = sorted((g for g in play.games if g["ended"] is not None),
+                   key=lambda g: (-round(g["ended"], 3), g["id"]))
+    accuracy = dict(store.rows("SELECT game_id, prediction_accuracy FROM games"))
+    expected = []
+    for pattern in PATTERNS:
+        tagged = [g for g in ended if pattern in g["patterns"]]
+        if tagged:
+            expected.append({
+                "pattern": pattern, "games": len(tagged),
+                "avg_prediction_accuracy": pytest.approx(statistics.mean(
+                    accuracy[g["id"]] for g in tagged if accuracy[g["id"]] is not None)),
+                "avg_duration_ticks": pytest.approx(statistics.mean(g["end_tick"] for g in tagged)),
+                "recent_game_ids": [g["id"] for g in tagged[:10]]})
+    expected.sort(key=lambda p: (-p["games"], p["pattern"]))
+    assert answer["patterns"] == expected
+    assert answer["total_patterns_detected"] == sum(p["games"] for p in expected)
+
+
+def test_metrics_are_the_hourly_rows_of_the_window(played):
+    _, store, reader = played
+    answer = reader.metrics(since=FIRST_HOUR + 3600, until=FIRST_HOUR + 4 * 3600)
+    assert [h["hour_start"] for h in answer["hours"]] == \
+        [tedstore.utc_text(FIRST_HOUR + n * 3600) for n in (1, 2, 3)]
+    assert answer["hours"][0] == store.one("SELECT * FROM metrics_hourly WHERE hour_start = ?",
+                                           (tedstore.utc_text(FIRST_HOUR + 3600),))
+    assert reader.metrics(since="2020-01-01", until="2020-01-02")["hours"] == []
+
+
+# -- games, a game, rows ------------------------------------------------------------------------
+
+def test_a_game_with_its_predictions_side_bets_and_samples(played):
+    play, store, reader = played
+    game = play.games[0]
+    answer = reader.game(game["id"])
+    row = store.one("SELECT * FROM games WHERE game_id = ?", (game["id"],))
+    assert answer["game"] == {**row, "patterns_detected": game["patterns"],
+                              "had_predictions": True}
+    assert [p["predicted_at_tick"] for p in answer["predictions"]] == \
+        list(range(20, game["end_tick"], 40))
+    assert [p["raw_error"] for p in answer["predictions"]] == \
+        [p["error"] for p in game["predictions"]]
+    assert {p["epr_active"] for p in answer["predictions"]} == {True, False}
+    assert [b["placed_at_tick"] for b in answer["side_bets"]] == sorted(
+        b["placed_at_tick"] for b in answer["side_bets"])
+    assert answer["ticks"] == {"samples": 0, "first_tick": None, "last_tick": None}
+    assert reader.game("no such game") is None
+    with pytest.raises(tedstore.QueryRejected, match="no game 'no such game'"):
+        reader.ask("game", id="no such game")
+
+
+def test_games_newest_ended_first_with_a_limit_and_a_pattern(played):
+    play, _, reader = played
+    ended = sorted((g for g in play.games if g["ended"] is not None),
+                   key=lambda g: (-round(g["ended"], 3), g["id"]))
+    answer = reader.games(hours=24, limit=5)
+    assert [g["game_id"] for g in answer["games"]] == [g["id"] for g in ended[:5]]
+    assert set(answer["games"][0]) == set(tedstore.COLUMNS["game_summary"])
+    beta = reader.games(hours=24, pattern="beta", limit=1000)["games"]
+    assert [g["game_id"] for g in beta] == [g["id"] for g in ended if "beta" in g["patterns"]]
+    assert all("beta" in g["patterns_detected"] for g in beta)
+    assert reader.games(since="2020-01-01", until="2020-01-02")["games"] == []
+
+
+def test_recent_rows_are_the_newest_oldest_first(played):
+    play, store, reader = played
+    newest = sorted(play.predictions, key=lambda p: p["ts"])[-7:]
+    rows = reader.recent_predictions(7)
+    assert [(r["game_id"], r["created_at"]) for r in rows] == \
+        [(p["game"], tedstore.utc_text(p["ts"])) for p in newest]
+    assert len(reader.recent_side_bets()) == min(200, len(play.bets))
+    assert reader.recent_ticks() == []
+
+
+def test_state_and_rejects(played):
+    _, _, reader = played
+    assert reader.load_state("tracker.model") == {"weights": [1, 2]}
+    assert reader.load_state("missing", default=[]) == []
+    state = reader.ask("state", key="tracker.model")
+    assert state["found"] is True and state["updated_at"]
+    rejects = reader.rejects(hours=1)["rejects"]
+    assert [(r["code"], r["raw"]) for r in rejects] == [
+        ("bad_utf8", '{"event":"prediction","game_id":"\ufffd"}'), ("bad_json", "{oops")]
+
+
+@pytest.mark.parametrize("name, params, words", [
+    ("games", {"hours": -1}, "hours"),
+    ("games", {"limit": 0}, "limit"),
+    ("games", {"limit": tedstore.MAX_ROWS + 1}, "limit"),
+    ("games", {"hours": 2, "since": "2026-01-01"}, "one of them"),
+    ("games", {"since": "2026-02-01", "until": "2026-01-01"}, "is not before"),
+    ("games", {"since": "yesterday"}, "is not a time"),
+    ("games", {"colour": "red"}, "unknown parameter"),
+    ("performance", {"type": "everything"}, "type"),
+    ("game", {}, "missing parameter"),
+    ("trends", {"days": 0}, "days"),
+    ("recent_ticks", {"n": "many"}, "n"),
+    ("report", {}, "unknown query 'report'"),
+])
+def test_bad_parameters_are_bad_queries(played, name, params, words):
+    _, _, reader = played
+    with pytest.raises(tedstore.QueryRejected, match=words):
+        reader.ask(name, **params)
+
+
+def test_every_column_list_matches_the_schema(played):
+    _, store, _ = played
+    for source, columns in tedstore.COLUMNS.items():
+        assert columns == tuple(row[1] for row in store.rows(f"PRAGMA table_info({source})"))
+
+
+# -- the socket ---------------------------------------------------------------------------------
+
+def test_the_socket_answers_what_the_file_answers(daemon):
+    play = Play(seed=3, games=12)
+    conn = daemon.connect()
+    conn.send(*play.events)
+    conn.wait_ack(len(play.events))
+    asked = [("games", {"hours": 24}), ("performance", {"hours": 24}), ("patterns", {"days": 1}),
+             ("recent_predictions", {"n": 5}), ("state", {"key": "none"})]
+    conn.send(*[{"op": "query", "q": name, **params} for name, params in asked])
+    first = len(play.events) + 1
+    answers = {}
+    while len(answers) < len(asked):
+        reply = conn.read_reply()
+        if "result" in reply:
+            answers[reply["line"]] = reply["result"]
+    with tedstore.Reader(db_path=daemon.db) as file:
+        for line, (name, params) in enumerate(asked, first):
+            local = file.ask(name, **params)
+            for moving in ("since", "until"):                 # asked a moment apart
+                answers[line].pop(moving, None), local.pop(moving, None)
+            assert answers[line] == local, name
+    conn.wait_ack(first + len(asked) - 1)                     # queries count as lines
+
+
+def test_a_bad_query_is_rejected_on_its_line_and_not_kept(daemon):
+    conn = daemon.connect()
+    conn.send(prediction("q", 1, 2), {"op": "query", "q": "nope"}, {"op": "query"},
+              {"op": "query", "q": "games", "limit": "all"}, prediction("q", 2, 3))
+    while conn.acked < 5 or sum(r.get("code") == "bad_query" for r in conn.replies) < 3:
+        conn.read_reply()
+    assert sorted((r["rejected"], r["code"]) for r in conn.replies if "rejected" in r) == \
+        [(2, "bad_query"), (3, "bad_query"), (4, "bad_query")]
+    assert daemon.query("SELECT count(*) FROM rejects") == [(0,)]
+    assert daemon.query("SELECT count(*) FROM predictions") == [(2,)]
+
+
+def test_queries_over_their_limits_are_bad_queries(inprocess, monkeypatch):
+    daemon = inprocess()
+    conn = Conn(daemon.socket)
+    conn.send(*Play(seed=5, games=30).events)
+    conn.wait_ack(1)
+    monkeypatch.setattr(tedstore, "QUERY_MAX_BYTES", 2000)
+    conn.send({"op": "query", "q": "games", "hours": 24, "limit": 100})
+    too_big = conn.read_until("code")
+    assert "more than 0 MiB" in too_big["error"] and "lower its limit" in too_big["error"]
+    monkeypatch.setattr(tedstore, "QUERY_SECONDS", 0.0005)
+    monkeypatch.setattr(tedstore, "QUERY_MAX_BYTES", 1 << 24)
+    conn.send({"op": "query", "q": "performance", "days": 3650})
+    too_slow = conn.read_until("code")
+    assert "took more than 0.0005 s" in too_slow["error"]
+    monkeypatch.setattr(tedstore, "QUERY_SECONDS", 2.0)
+    conn.send({"op": "query", "q": "state", "key": "k"})
+    assert conn.read_until("result")["result"]["found"] is False     # the next one is fine
+    status = tedstore.request(daemon.socket, "status")["status"]["queries"]
+    assert status["refused"] == 2 and status["answered"] >= 1
+
+
+def test_a_connection_that_ends_after_a_query_still_gets_the_answer(daemon):
+    conn = daemon.connect()
+    conn.send({"op": "query", "q": "recent_ticks", "n": 3})
+    conn.sock.shutdown(2 - 1)                                  # SHUT_WR: no more lines
+    assert conn.read_until("result") == {"result": {"rows": []}, "line": 1}
+    conn.wait_ack(1)
+
+
+# -- the read commands --------------------------------------------------------------------------
+
+def test_read_commands_print_the_query_object_as_json(played):
+    _, store, reader = played
+    for args, name, params in [(["games", "--hours", "24", "--limit", "3"], "games",
+                                {"hours": 24, "limit": 3}),
+                               (["performance", "--type", "predictions"], "performance",
+                                {"type": "predictions"}),
+                               (["patterns", "--days", "1"], "patterns", {"days": 1}),
+                               (["trends", "--days", "1"], "trends", {"days": 1}),
+                               (["game", play_game(store)], "game", {"id": play_game(store)})]:
+        result = run_cli(*args, "--db", store.path, "--json")
+        assert result.returncode == 0, result.stderr
+        printed, expected = json.loads(result.stdout), reader.ask(name, **params)
+        for moving in ("since", "until"):
+            printed.pop(moving, None), expected.pop(moving, None)
+        for trend in expected.get("trends", {}).values():      # a window a moment later
+            trend["slope_per_day"] = pytest.approx(trend["slope_per_day"])
+        assert printed == expected, args
+
+
+def play_game(store: Store) -> str:
+    return store.rows("SELECT game_id FROM games ORDER BY game_id LIMIT 1")[0][0]
+
+
+def test_read_commands_print_aligned_tables_and_say_when_a_window_is_empty(played):
+    _, store, _ = played
+    table = run_cli("games", "--db", store.path, "--limit", "4").stdout.splitlines()
+    assert table[0].startswith("4 game(s) ended from ") and table[0].endswith(" UTC")
+    assert table[1].split()[:3] == ["ended", "(UTC)", "game"] and "MAE (ticks)" in table[1]
+    assert len({len(line) for line in table[2:]}) <= 2                   # aligned columns
+    performance = run_cli("performance", "--db", store.path).stdout
+    assert "mean absolute error" in performance and " ticks" in performance and " %" in performance
+    for command in (["games"], ["metrics"], ["rejects"], ["performance"]):
+        empty = run_cli(*command, "--db", store.path, "--since", "2020-01-01",
+                        "--until", "2020-01-02")
+        assert empty.returncode == 0
+        assert "2020-01-01 00:00:00 to 2020-01-02 00:00:00 UTC" in empty.stdout, command
+        if command != ["performance"]:
+            assert empty.stdout.startswith("no "), command
+    unknown = run_cli("game", "nope", "--db", store.path)
+    assert unknown.returncode == 1 and unknown.stderr.strip() == "Error: no game 'nope'"
+
+
+def test_a_read_command_asks_the_daemon_when_it_cannot_read_the_file(daemon):
+    conn = daemon.connect()
+    conn.send(prediction("over-the-socket", 1, 9))
+    conn.wait_ack(1)
+    result = run_cli("performance", "--socket", daemon.socket, "--json")
+    assert json.loads(result.stdout)["prediction_metrics"]["predictions_made"] == 1
+    missing = run_cli("performance", "--socket", daemon.socket, "--db", daemon.db + ".gone")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_export_and_import_through_msgspec_structs_share_the_wire():
+    event = tedstore.GameEnd("g", 10, 0.5, startTick=0, patterns=["a"], ts="2026-11-22 10:00:00.000")
+    assert msgspec.json.decode(msgspec.json.encode(event)) == {
+        "event": "gameEnd", "gameId": "g", "tick": 10, "finalPrice": 0.5, "startTick": 0,
+        "patterns": ["a"], "ts": "2026-11-22 10:00:00.000"}
+
+
+# -- trackers read through the socket, as a user who cannot open the files -----------------
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+NOBODY = 65534
+
+
+def other_user_python() -> str | None:
+    """A folder from which uid 65534 can import tedstore and its three dependencies with
+    the system Python, or None when that cannot be (not root, another Python)."""
+    if os.geteuid() != 0 or not os.access(SYSTEM_PYTHON, os.X_OK):
+        return None
+    version = subprocess.run([SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        return None
+    folder = tempfile.mkdtemp(prefix="ts-nobody-", dir="/tmp")
+    os.chmod(folder, 0o755)
+    for name in ("tedstore.py", "schema.sql"):
+        shutil.copy(ROOT / name, folder)
+    for module in (apsw, msgspec, click):
+        shutil.copytree(Path(module.__file__).parent, Path(folder) / module.__name__)
+    subprocess.run(["chmod", "-R", "a+rX", folder], check=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def as_nobody():
+    folder = other_user_python()
+    if folder is None:
+        pytest.skip("needs root and a system Python 3 of this version to act as uid 65534")
+
+    def run(code: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([SYSTEM_PYTHON, "-c", code, *args], user=NOBODY, cwd="/",
+                              env={"PYTHONPATH": folder, "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, timeout=60)
+    yield run
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+READ_AS_A_TRACKER = """
+import json, sys, tedstore
+try:
+    tedstore.Reader(db_path=sys.argv[2])
+except tedstore.StoreError as exc:
+    refused = str(exc)
+with tedstore.Reader(sys.argv[1]) as reader:
+    print(json.dumps({"refused": refused, "recent": reader.recent_predictions(3),
+                      "performance": reader.performance(hours=24),
+                      "state": reader.load_state("tracker.model")}))
+"""
+
+
+def test_a_tracker_that_cannot_open_the_files_reads_over_the_socket(daemon_factory, tmp,
+                                                                    as_nobody):
+    os.chmod(tmp, 0o755)
+    daemon = daemon_factory(env={"TEDSTORE_SOCKET_MODE": "0666"})
+    conn = daemon.connect()
+    conn.send(*[prediction("warm", i, i + 40) for i in range(5)],
+              {"event": "state", "key": "tracker.model", "value": {"epoch": 3}})
+    conn.wait_ack(6)
+    result = as_nobody(READ_AS_A_TRACKER, daemon.socket, daemon.db)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert "cannot open database" in answer["refused"] or "unable to open" in answer["refused"]
+    assert [r["predicted_at_tick"] for r in answer["recent"]] == [2, 3, 4]
+    assert answer["performance"]["prediction_metrics"]["predictions_made"] == 5
+    assert answer["state"] == {"epoch": 3}
+    cli = as_nobody("import sys, tedstore; sys.argv[0] = 'tedstore'; tedstore.main()",
+                    "performance", "--socket", daemon.socket, "--json")
+    assert json.loads(cli.stdout)["prediction_metrics"]["predictions_made"] == 5, cli.stderr
+
+
+@pytest.mark.skipif(not shutil.which("systemd-socket-activate"),
+                    reason="systemd-socket-activate is missing (.ci/run installs systemd)")
+def test_a_tracker_reads_while_the_daemon_is_stopped_through_socket_activation(tmp, as_nobody):
+    os.chmod(tmp, 0o755)
+    store = Store(tmp / "tedstore.db")
+    store.send(*[prediction("cold", i, i + 40) for i in range(4)])
+    store.conn.close()
+    path = tmp / "activated.sock"
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(path), "-E", f"TEDSTORE_DB={store.path}",
+         "-E", f"PYTHONPATH={ROOT}", sys.executable, "-m", "tedstore", "serve"],
+        env=clean_env(), cwd=tmp, stderr=open(tmp / "daemon.log", "wb"))
+    try:
+        wait_for(path.exists, what="systemd-socket-activate to listen")
+        os.chmod(path, 0o666)                             # as SocketMode=0666 would
+        assert not tedstore.serving(store.path)              # nothing runs yet
+        result = as_nobody(READ_AS_A_TRACKER, str(path), store.path)
+        assert result.returncode == 0, result.stderr + (tmp / "daemon.log").read_text()
+        assert [r["predicted_at_tick"] for r in json.loads(result.stdout)["recent"]] == [1, 2, 3]
+        assert tedstore.serving(store.path)                  # the connection started it
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+@pytest.mark.slow
+def test_heavy_queries_do_not_raise_the_ack_p99_of_a_steady_stream(daemon_factory, tmp):
+    """Performance over ten years of a year of predictions, asked back to back, beside a
+    stream of 1,000 events/s: the stream's acks keep a p99 within 10 ms."""
+    year = {f"{name}_RETENTION_DAYS": "36500" for name in
+            ("PREDICTION", "SIDEBET", "GAME", "TICK", "METRICS")}
+    store = Store(tmp / "tedstore.db", **LONG_RETENTION)
+    now = time.time()
+    store.send(*[prediction(f"year-{n // 100}", n % 100, n % 100 + 50,
+                            ts=now - 365 * 86400 * n / 150_000) for n in range(150_000)])
+    store.conn.close()
+    daemon = daemon_factory(env=year)
+    asked, stop = [], threading.Event()
+
+    def ask_heavy_queries() -> None:
+        with tedstore.Reader(daemon.socket) as reader:
+            while not stop.is_set():
+                asked.append(reader.performance(days=3650)["prediction_metrics"]["predictions_made"])
+
+    asker = threading.Thread(target=ask_heavy_queries)
+    asker.start()
+    wait_for(lambda: asked, what="a first heavy answer")
+    lines = [msgspec.json.encode(e) + b"\n" for e in tedstore.simulate_events(events=5000, seed=4)]
+    result = tedstore.stream_lines(daemon.socket, lines, rate=1000, measure_latency=True)
+    stop.set()
+    asker.join()
+    latencies = sorted(result.latencies_ms)
+    p99 = latencies[int(len(latencies) * 0.99) - 1]
+    assert len(asked) >= 5 and asked[0] >= 150_000
+    assert p99 <= 10.0, f"ack p99 {p99:.1f} ms while {len(asked)} heavy queries ran"
