@@ -16,7 +16,7 @@ each session its Ack through on_commit, and on the event loop Server.deliver cal
 Session.acknowledge, which writes {"ack": N}.
 
 Sections, in that order: configuration, errors, time, records, store, ingest, writer,
-server, scheduler, systemd, daemon, client, simulator, queries, checks, CLI.
+server, scheduler, systemd, daemon, client, simulator, queries, export, checks, CLI.
 """
 
 from __future__ import annotations
@@ -2141,29 +2141,35 @@ SELECT min(t) FROM (
      WHERE received_at >= ?1)"""
 
 # One window's measures, for the hourly and daily rollups and the performance query
-# alike, so that they can never disagree. Everything, the true median included (the
-# middle row, or the mean of the two middle rows), is computed inside SQLite.
+# alike, so that they can never disagree. The resolved predictions are read once, as a
+# histogram of raw_error (whole ticks, so a few hundred distinct values): the true median
+# (the middle value, or the mean of the two middle ones), the mean absolute error and the
+# shares within 1, 2 and 3 windows all follow from it exactly, inside SQLite.
 SQL_WINDOW_METRICS = """
+WITH errors AS (
+    SELECT raw_error AS v, count(*) AS c
+    FROM predictions INDEXED BY predictions_created_at
+    WHERE created_at >= ?1 AND created_at < ?2 AND raw_error IS NOT NULL
+    GROUP BY raw_error),
+ranked AS (SELECT v, c, sum(c) OVER (ORDER BY v) AS upto, sum(c) OVER () AS n FROM errors)
 SELECT
   (SELECT count(*) FROM games INDEXED BY games_ended_at WHERE ended_at >= ?1 AND ended_at < ?2),
-  p.made, p.resolved,
-  (SELECT avg(raw_error) / 40.0 FROM (
-       SELECT raw_error, row_number() OVER (ORDER BY raw_error) AS k, count(*) OVER () AS n
-       FROM predictions INDEXED BY predictions_created_at
-       WHERE created_at >= ?1 AND created_at < ?2 AND raw_error IS NOT NULL)
-   WHERE k IN ((n + 1) / 2, (n + 2) / 2)),
-  p.abs_error, p.e40, p.within_1, p.within_2, p.within_3,
+  (SELECT count(*) FROM predictions INDEXED BY predictions_created_at
+   WHERE created_at >= ?1 AND created_at < ?2),
+  e.resolved, e.median_e40, e.abs_error, e.e40, e.within_1, e.within_2, e.within_3,
   s.bets, s.positive_ev, s.resolved_bets, s.resolved_positive_ev, s.won, s.lost, s.pending,
   s.total_ev, s.payout, 100.0 * s.payout / (s.won + s.lost),
   (SELECT count(*) FROM rejects INDEXED BY rejects_received_at
    WHERE received_at >= ?1 AND received_at < ?2)
-FROM (SELECT count(*) AS made, count(raw_error) AS resolved,
-             avg(abs(raw_error)) AS abs_error, avg(e40) AS e40,
-             100.0 * sum(abs(raw_error) <= 40) / count(raw_error) AS within_1,
-             100.0 * sum(abs(raw_error) <= 80) / count(raw_error) AS within_2,
-             100.0 * sum(abs(raw_error) <= 120) / count(raw_error) AS within_3
-      FROM predictions INDEXED BY predictions_created_at
-      WHERE created_at >= ?1 AND created_at < ?2) AS p,
+FROM (SELECT coalesce(max(n), 0) AS resolved,
+             (min(v) FILTER (WHERE upto >= (n + 1) / 2)
+              + min(v) FILTER (WHERE upto >= (n + 2) / 2)) / 80.0 AS median_e40,
+             1.0 * sum(abs(v) * c) / max(n) AS abs_error,
+             sum(v * c) / 40.0 / max(n) AS e40,
+             100.0 * coalesce(sum(c) FILTER (WHERE abs(v) <= 40), 0) / max(n) AS within_1,
+             100.0 * coalesce(sum(c) FILTER (WHERE abs(v) <= 80), 0) / max(n) AS within_2,
+             100.0 * coalesce(sum(c) FILTER (WHERE abs(v) <= 120), 0) / max(n) AS within_3
+      FROM ranked) AS e,
      (SELECT coalesce(sum(recommendation = 'BET'), 0) AS bets,
              coalesce(sum(expected_value > 0), 0) AS positive_ev,
              coalesce(sum(recommendation = 'BET' AND actual_outcome <> 'PENDING'), 0)
@@ -2506,6 +2512,11 @@ def backup_database(db_path: str, dest: str, now: Optional[float] = None) -> dic
     source = connect(db_path, readonly=True)
     try:
         os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE_MODE))
+    except OSError as exc:
+        source.close()
+        raise StoreError(f"cannot write the backup in {target.parent} ({exc.strerror}): check "
+                         f"that uid {os.getuid()} may write there") from exc
+    try:
         copy = apsw.Connection(str(partial))
         try:
             with copy.backup("main", source, "main") as backup:
@@ -2517,9 +2528,6 @@ def backup_database(db_path: str, dest: str, now: Optional[float] = None) -> dic
         if verdict != "ok":
             raise StoreError(f"the copy of {db_path} failed its integrity check: {verdict}")
         _publish(partial, target)
-    except apsw.CantOpenError as exc:
-        raise StoreError(f"cannot write the backup in {target.parent}: check that uid "
-                         f"{os.getuid()} may write there", exc) from exc
     except apsw.Error as exc:
         raise StoreError(f"cannot back up {db_path} to {target}: {describe_error(exc)}",
                          exc) from exc
@@ -4193,6 +4201,9 @@ class TedstoreGroup(click.Group):
             return super().invoke(ctx)
         except TedstoreError as exc:
             raise click.ClickException(str(exc)) from None
+        except BrokenPipeError:          # `| head` left early
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error
+            raise click.ClickException("the output was closed early (broken pipe)") from None
         except OSError as exc:           # a file or pipe the user named, not a bug of ours
             where = f": {exc.filename}" if exc.filename else ""
             raise click.ClickException(f"{exc.strerror or exc}{where}") from None
@@ -4323,6 +4334,14 @@ def fmt(digits: int = 1, unit: str = "") -> Callable[[Any], str]:
         return f"{value:,.{digits}f}{unit}"
     show.numeric = True                  # type: ignore[attr-defined]
     return show
+
+
+def share(value: Optional[float]) -> str:
+    """A share 0..1 as a percentage."""
+    return fmt(1)(None if value is None else 100 * value)
+
+
+share.numeric = True                     # type: ignore[attr-defined]
 
 
 def text(value: Any) -> str:
@@ -4734,7 +4753,7 @@ def game_command(reader: Reader, output: Output, game_id: str) -> None:
                f"{fmt(4)(game['final_price'])}")
         yield (f"started {moment(game['started_at'])}, ended {moment(game['ended_at'])} UTC; "
                f"patterns {text(game['patterns_detected'])}; within 1 window "
-               f"{fmt(1, ' %')(None if game['prediction_accuracy'] is None else 100 * game['prediction_accuracy'])}")
+               f"{share(game['prediction_accuracy'])} %")
         yield ""
         yield f"{len(found['predictions'])} prediction(s)"
         if found["predictions"]:
@@ -4769,7 +4788,7 @@ def games_command(reader: Reader, output: Output, hours: Optional[float], since:
         ("ended_at", "ended (UTC)", moment), ("game_id", "game", text),
         ("duration_ticks", "ticks", fmt()), ("peak_price", "peak", fmt(3)),
         ("predictions", "predictions", fmt()), ("mean_absolute_error", "MAE (ticks)", fmt()),
-        ("prediction_accuracy", "accuracy", fmt(2)), ("side_bets_placed", "BETs", fmt()),
+        ("prediction_accuracy", "within 1 (%)", share), ("side_bets_placed", "BETs", fmt()),
         ("side_bets_won", "won", fmt()), ("side_bet_payout", "payout", fmt(1)),
         ("patterns_detected", "patterns", text)])])
 
@@ -4862,10 +4881,11 @@ def patterns_command(reader: Reader, output: Output, days: float) -> None:
     result = reader.patterns(days)
     output.show(result, lambda result: [
         f"no game with a pattern ended from {period(result)}"] if not result["patterns"] else [
-        f"{result['total_patterns_detected']:,} pattern(s) in games ended from {period(result)}",
+        f"{result['total_patterns_detected']:,} pattern detection(s) in the games ended from "
+        f"{period(result)}",
         *table(result["patterns"], [
             ("pattern", "pattern", text), ("games", "games", fmt()),
-            ("avg_prediction_accuracy", "avg accuracy", fmt(3)),
+            ("avg_prediction_accuracy", "within 1 (%)", share),
             ("avg_duration_ticks", "avg ticks", fmt()),
             ("recent_game_ids", "newest games", text)])])
 

@@ -172,7 +172,8 @@ def test_a_backup_destination_that_cannot_be_written_is_one_line(daemon):
     result = run_cli("backup", "--db", daemon.db, "/sys/tedstore-backup.db")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"Error: cannot write the backup in /sys: check that uid {os.getuid()} may write there"]
+        f"Error: cannot write the backup in /sys (Permission denied): check that uid "
+        f"{os.getuid()} may write there"]
 
 
 def test_a_backup_on_a_filesystem_without_hard_links(daemon, tmp, monkeypatch):

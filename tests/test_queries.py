@@ -100,14 +100,15 @@ def check_last_24_hours(db, answer):
 
 def check_worst_today(db, answer):
     today = time.strftime("%Y-%m-%d", time.gmtime())
+    ended = {game for (game,) in query(db, "SELECT game_id FROM games WHERE ended_at >= ?",
+                                       (today,))}
     by_game: dict[str, list[int]] = {}
-    for r in rows(db, "SELECT game_id, raw_error, created_at FROM predictions "
-                      "WHERE raw_error IS NOT NULL"):
-        if r["created_at"] >= today:
-            by_game.setdefault(r["game_id"], []).append(abs(r["raw_error"]))
-    expected = sorted(((g, len(e), round(statistics.mean(e), 1)) for g, e in by_game.items()),
-                      key=lambda t: -t[2])[:10]
-    assert [(r["game_id"], r["predictions"], r["mean_abs_error"]) for r in answer] == expected
+    for r in rows(db, "SELECT game_id, raw_error FROM predictions"):
+        if r["game_id"] in ended:
+            by_game.setdefault(r["game_id"], []).append(r["raw_error"])
+    expected = sorted(((g, len(e), round(statistics.mean(map(abs, e)), 1))
+                       for g, e in by_game.items()), key=lambda t: (-t[2], t[0]))[:10]
+    assert [(r["game_id"], r["predictions"], r["mean_absolute_error"]) for r in answer] == expected
 
 
 def check_roi_by_day(db, answer):
@@ -125,7 +126,7 @@ CHECKS = {
     "View side_bet_roi_daily": check_roi_daily,
     "View game_summary": check_game_summary,
     "How accurate were we in the last 24 hours?": check_last_24_hours,
-    "Which games had the worst predictions today?": check_worst_today,
+    "Which games that ended today had the worst predictions?": check_worst_today,
     "Side-bet ROI by day": check_roi_by_day,
     "What was rejected in the last hour, and why?": check_rejects,
 }

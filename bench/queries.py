@@ -1,0 +1,187 @@
+"""Query benchmark: a year of TED-volume data, and every read query timed three ways.
+
+Builds (or reuses, with --db) a database holding a year of the TED tracker's volume: 500
+games, 2,000 predictions and 1,000 side bets a day, the last 7 days of tick samples at
+50,000 a day, a few rejects, and the hourly and daily rollups. Then prints p50/p99 for
+every query over its default window and over 365 days: in process (targets: 20 ms and
+1 s), over the socket, and as the wall time of the CLI command; and the time of each
+README sqlite3 one-liner through the real sqlite3 CLI (target: 100 ms).
+
+    python bench/queries.py [--db /tmp/year.db] [--runs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import tedstore  # noqa: E402
+
+DAYS = 365
+YEAR = {f"{name}_retention_days": DAYS + 5 for name in ("prediction", "sidebet", "game", "metrics")}
+YEAR_ENV = {f"{name.upper()}": str(days) for name, days in YEAR.items()}
+PATTERNS = ("double_top", "slow_bleed", "moonshot", "flatline", "whipsaw")
+
+
+def year_of_events(now: float, seed: int = 1):
+    """A day at a time: 500 games, each with 4 predictions and 2 side bets, ticks for the
+    last 7 days (100 samples a game), and 10 rejects a day."""
+    rng = random.Random(seed)
+    first_day = int(now // 86400) * 86400 - (DAYS - 1) * 86400
+    for day in range(DAYS):
+        events = []
+        for n in range(500):
+            start = first_day + day * 86400 + n * 172.8 + rng.uniform(0, 30)
+            if start + 200 > now:
+                break
+            game, end = f"y{day}-{n}", rng.randint(100, 500)
+            events.append({"event": "gameStart", "gameId": game, "tick": 0, "price": 1.0,
+                           "ts": start})
+            if day >= DAYS - 7:
+                events += [{"event": "priceUpdate", "gameId": game, "tick": tick,
+                            "price": round(1 + tick / 400 + rng.random(), 4),
+                            "features": {"rsi": rng.uniform(0, 100)}, "ts": start + tick * 0.25}
+                           for tick in range(10, 1010, 10)]
+            for tick in (20, 40, 60, 80):
+                events.append({"event": "prediction", "game_id": game, "predicted_at_tick": tick,
+                               "predicted_end_tick": tick + rng.randint(0, 500),
+                               "confidence": 0.5, "features_used": {"epr_active": tick == 20},
+                               "ts": start + tick * 0.25})
+            for tick in (40, 80):
+                ev = round(rng.uniform(-0.6, 0.6), 3)
+                events.append({"event": "sideBet", "game_id": game, "placed_at_tick": tick,
+                               "probability": 0.2, "expected_value": ev, "confidence": 0.6,
+                               "recommendation": "BET" if ev > 0 else "SKIP",
+                               "ts": start + tick * 0.25})
+            events.append({"event": "gameEnd", "gameId": game, "tick": end, "finalPrice": 0.1,
+                           "startTick": 0, "patterns": rng.sample(PATTERNS, rng.randint(0, 2)),
+                           "ts": start + end * 0.25})
+        yield events
+
+
+def build_year(path: str) -> float:
+    """The year in a fresh database at `path`; the seconds it took."""
+    started = time.perf_counter()
+    now = time.time()
+    settings = tedstore.load_settings(db=path, **YEAR)
+    conn = tedstore.open_store(path)
+    for events in year_of_events(now):
+        lines = [msgspec.json.encode(e) + b"\n" for e in events]
+        blocks = [b"".join(lines[i:i + 2000]) for i in range(0, len(lines), 2000)]
+        blocks.append(b"{not json\n" * 10)
+        tedstore.ingest_offline(conn, blocks, settings)
+    hours = tedstore.hours_to_roll(conn, now, settings)
+    tedstore.run_rollups(conn, lambda step: step(conn), hours, now,
+                         days=tedstore.unrolled(conn, "~", now, 86400))
+    conn.execute("ANALYZE")
+    conn.close()
+    return time.perf_counter() - started
+
+
+ASKED = [  # (query, parameters over its default window, over 365 days)
+    ("game", {"id": "y364-100"}, None),
+    ("games", {}, {"days": DAYS}),
+    ("metrics", {}, {"days": DAYS}),
+    ("performance", {}, {"days": DAYS}),
+    ("trends", {}, {"days": DAYS}),
+    ("patterns", {}, {"days": DAYS}),
+    ("recent_predictions", {}, None),
+    ("recent_side_bets", {}, None),
+    ("recent_ticks", {}, None),
+    ("state", {"key": "tracker.model"}, None),
+    ("rejects", {}, {"days": DAYS}),
+]
+COMMAND = {"recent_predictions": None, "recent_side_bets": None, "recent_ticks": None,
+           "state": None}
+
+
+def timed(fn, runs: int) -> tuple[float, float]:
+    seconds = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        seconds.append((time.perf_counter() - started) * 1000)
+    seconds.sort()
+    return statistics.median(seconds), seconds[max(0, int(len(seconds) * 0.99) - 1)]
+
+
+def cli_args(name: str, params: dict) -> list[str]:
+    """The CLI command asking the same: trends and patterns take --days, the rest --since."""
+    args = [name] + ([params["id"]] if "id" in params else [])
+    for key, value in params.items():
+        if key == "days" and name not in ("trends", "patterns"):
+            args += ["--since", f"{value}d"]
+        elif key != "id":
+            args += [f"--{key}", str(value)]
+    return args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", help="Build the year here, or reuse it if it exists.")
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+    folder = tempfile.mkdtemp(prefix="tedstore-queries-")
+    db = args.db or os.path.join(folder, "year.db")
+    if not os.path.exists(db):
+        print(f"built a year of TED-volume data in {build_year(db):.0f} s")
+    conn = tedstore.connect(db, readonly=True)
+    counts = {table: conn.execute(f"SELECT count(*) FROM {table}").get for table in
+              ("games", "predictions", "side_bets", "tick_samples", "metrics_hourly", "rejects")}
+    print("rows: " + ", ".join(f"{n:,} {table}" for table, n in counts.items()) +
+          f"; {os.path.getsize(db) / 1e6:,.0f} MB")
+    sock = os.path.join(folder, "q.sock")
+    env = dict(os.environ, TEDSTORE_DB=db, TEDSTORE_SOCKET=sock, **YEAR_ENV)
+    daemon = subprocess.Popen([sys.executable, str(ROOT / "tedstore.py"), "serve"], env=env,
+                              stderr=subprocess.DEVNULL)
+    try:
+        while not tedstore.socket_answers(sock):
+            time.sleep(0.05)
+        remote = tedstore.Reader(sock)
+        print(f"\n{'query':<20}{'window':>8}  {'in process p50/p99':>20}  "
+              f"{'socket p50/p99':>18}  {'CLI wall':>9}")
+        for name, default, year in ASKED:
+            for label, params in (("default", default), ("365 d", year)):
+                if params is None:
+                    continue
+                runs = args.runs if label == "default" else max(3, args.runs // 4)
+                local = timed(lambda: tedstore.answer(conn, name, params, time.time()), runs)
+                over = timed(lambda: remote.ask(name, **params), runs)
+                wall = "-"
+                if name not in COMMAND:
+                    command = [sys.executable, str(ROOT / "tedstore.py"), *cli_args(name, params),
+                               "--db", db, "--json"]
+                    wall = f"{timed(lambda: subprocess.run(command, capture_output=True, check=True), 3)[0]:.0f} ms"
+                print(f"{name:<20}{label:>8}  {local[0]:>9.1f}/{local[1]:>7.1f} ms  "
+                      f"{over[0]:>8.1f}/{over[1]:>6.1f} ms  {wall:>9}")
+        remote.close()
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
+    print("\nREADME sqlite3 one-liners, through the sqlite3 CLI (median of 5):")
+    readme = (ROOT / "README.md").read_text().splitlines()
+    question = ""
+    for line in readme:
+        if line.startswith("# "):
+            question = line[2:]
+        match = re.match(r'^sqlite3 (?:-\S+ )*tedstore\.db "(.+)"$', line)
+        if match:
+            command = ["sqlite3", db, match.group(1)]
+            ms = timed(lambda: subprocess.run(command, capture_output=True, check=True), 5)[0]
+            print(f"  {ms:6.1f} ms  {question}")
+
+
+if __name__ == "__main__":
+    main()
