@@ -203,8 +203,10 @@ PRAGMA user_version = 2;
 
 CREATE TABLE IF NOT EXISTS metrics_daily (
     day                  TEXT PRIMARY KEY,                -- 'YYYY-MM-DD', UTC
+    games_analyzed       INTEGER NOT NULL,                -- games ended that day
     predictions          INTEGER NOT NULL,                -- created that day
     resolved             INTEGER NOT NULL,
+    median_e40           REAL,
     mean_absolute_error  REAL,                            -- ticks
     mean_e40             REAL,
     within_1_window      REAL,                            -- share 0..100 of the resolved
@@ -215,6 +217,8 @@ CREATE TABLE IF NOT EXISTS metrics_daily (
     bets_lost            INTEGER NOT NULL,
     bets_pending         INTEGER NOT NULL,
     total_payout         REAL,                            -- over the resolved BETs
+    roi_percentage       REAL,
+    rejected_lines       INTEGER NOT NULL,
     created_at           TEXT NOT NULL
 );
 
@@ -244,8 +248,7 @@ DROP VIEW IF EXISTS side_bet_roi_daily;
 CREATE VIEW side_bet_roi_daily AS
 SELECT day, bets, bets_won AS won, bets_lost AS lost, bets_pending AS pending,
        round(total_payout, 2)                                     AS total_payout,
-       round(100.0 * total_payout / nullif(bets_won + bets_lost, 0), 1)
-                                                                  AS roi_percentage
+       round(roi_percentage, 1)                                   AS roi_percentage
 FROM metrics_daily
 UNION ALL
 SELECT substr(created_at, 1, 10),

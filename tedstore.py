@@ -31,6 +31,7 @@ import datetime as dt
 import errno
 import fcntl
 import functools
+import html
 import io
 import itertools
 import json
@@ -46,12 +47,14 @@ import shutil
 import signal
 import socket
 import stat
+import string
 import struct
 import sys
 import threading
 import time
 import tomllib
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import (Annotated, Any, Callable, Iterable, Iterator, Literal, NamedTuple,
                     Optional, Union)
@@ -2240,11 +2243,12 @@ ON CONFLICT (hour_start) DO UPDATE SET
     rejected_lines = excluded.rejected_lines, created_at = excluded.created_at"""
 
 SQL_SAVE_DAY = """
-INSERT OR REPLACE INTO metrics_daily (day, predictions, resolved, mean_absolute_error,
-                                      mean_e40, within_1_window, within_2_windows,
-                                      within_3_windows, bets, bets_won, bets_lost,
-                                      bets_pending, total_payout, created_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"""
+INSERT OR REPLACE INTO metrics_daily (day, games_analyzed, predictions, resolved, median_e40,
+                                      mean_absolute_error, mean_e40, within_1_window,
+                                      within_2_windows, within_3_windows, bets, bets_won,
+                                      bets_lost, bets_pending, total_payout, roi_percentage,
+                                      rejected_lines, created_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"""
 
 SQL_LAST_ROLLUP = "SELECT max(hour_start) FROM metrics_hourly"
 SQL_ROLLED = {3600: "SELECT hour_start FROM metrics_hourly WHERE hour_start BETWEEN ?1 AND ?2",
@@ -2302,12 +2306,12 @@ def rollup_hour(conn: apsw.Connection, hour: int, latency: Optional[LatencyHisto
 
 
 def rollup_day(conn: apsw.Connection, day: int, now: float) -> tuple:
-    """One metrics_daily row: the day's measures behind the daily views."""
+    """One metrics_daily row: the day's measures behind the daily views and the report."""
     m = window_metrics(conn, utc_text(day), utc_text(day + 86400))
-    return (utc_text(day)[:10], m.predictions_made, m.predictions_resolved,
-            m.mean_absolute_error, m.mean_e40, m.within_1_window, m.within_2_windows,
-            m.within_3_windows, m.bets, m.bets_won, m.bets_lost, m.bets_pending,
-            m.total_payout, utc_text(now))
+    return (utc_text(day)[:10], m.games_analyzed, m.predictions_made, m.predictions_resolved,
+            m.median_e40, m.mean_absolute_error, m.mean_e40, m.within_1_window,
+            m.within_2_windows, m.within_3_windows, m.bets, m.bets_won, m.bets_lost,
+            m.bets_pending, m.total_payout, m.roi_percentage, m.rejected_lines, utc_text(now))
 
 
 def run_rollups(conn: apsw.Connection, run_step: StepRunner, hours: list[int], now: float,
@@ -3559,9 +3563,10 @@ COLUMNS = {
                        "sidebets_positive_ev", "bets_won", "bets_lost", "total_ev",
                        "roi_percentage", "avg_commit_latency_ms", "p99_commit_latency_ms",
                        "rejected_lines", "created_at"),
-    "metrics_daily": ("day", "predictions", "resolved", "mean_absolute_error", "mean_e40",
-                      "within_1_window", "within_2_windows", "within_3_windows", "bets",
-                      "bets_won", "bets_lost", "bets_pending", "total_payout", "created_at"),
+    "metrics_daily": ("day", "games_analyzed", "predictions", "resolved", "median_e40",
+                      "mean_absolute_error", "mean_e40", "within_1_window", "within_2_windows",
+                      "within_3_windows", "bets", "bets_won", "bets_lost", "bets_pending",
+                      "total_payout", "roi_percentage", "rejected_lines", "created_at"),
     "state": ("key", "value", "updated_at"),
     "rejects": ("id", "received_at", "peer_pid", "peer_uid", "line_no", "code", "error", "raw"),
     "game_summary": ("game_id", "start_tick", "end_tick", "duration_ticks", "peak_price",
@@ -3631,25 +3636,28 @@ FROM (SELECT julianday(hour_start) - julianday(?1) AS x, {column} AS v
       WHERE hour_start >= ?1 AND hour_start < ?2 AND {column} IS NOT NULL)"""
                for column in TRENDS.values()}
 
+# Each game counts once per pattern (its list is made distinct on the way in); the ten
+# newest games of a pattern come from walking games_ended_at backwards, not from a sort.
 SQL_Q_PATTERNS = """
-WITH tagged AS MATERIALIZED (
-    SELECT DISTINCT tag.value AS pattern, g.game_id, g.ended_at, g.prediction_accuracy,
-                    g.duration_ticks
-    FROM games AS g INDEXED BY games_ended_at, json_each(g.patterns_detected) AS tag
-    WHERE g.ended_at >= ?1 AND g.ended_at < ?2)
 SELECT json_group_array(json_object('pattern', pattern, 'games', games,
                                     'avg_prediction_accuracy', accuracy,
                                     'avg_duration_ticks', duration,
                                     'recent_game_ids', json(recent))
                         ORDER BY games DESC, pattern),
        coalesce(sum(games), 0)
-FROM (SELECT pattern, count(*) AS games, avg(prediction_accuracy) AS accuracy,
-             avg(duration_ticks) AS duration,
-             (SELECT json_group_array(game_id ORDER BY ended_at DESC, game_id)
-              FROM (SELECT game_id, ended_at FROM tagged AS newest
-                    WHERE newest.pattern = t.pattern
-                    ORDER BY ended_at DESC, game_id LIMIT 10)) AS recent
-      FROM tagged AS t GROUP BY pattern)"""
+FROM (SELECT tag.value AS pattern, count(*) AS games,
+             avg(g.prediction_accuracy) AS accuracy, avg(g.duration_ticks) AS duration,
+             (SELECT json_group_array(game_id)
+              FROM (SELECT newest.game_id FROM games AS newest INDEXED BY games_ended_at
+                    WHERE newest.ended_at >= ?1 AND newest.ended_at < ?2
+                      AND EXISTS (SELECT 1 FROM json_each(newest.patterns_detected)
+                                  WHERE value = tag.value)
+                    ORDER BY newest.ended_at DESC, newest.game_id LIMIT 10)) AS recent
+      FROM games AS g INDEXED BY games_ended_at,
+           json_each((SELECT json_group_array(DISTINCT value)
+                      FROM json_each(g.patterns_detected))) AS tag
+      WHERE g.ended_at >= ?1 AND g.ended_at < ?2
+      GROUP BY tag.value)"""
 
 # The newest n rows of a table, oldest first.
 SQL_Q_RECENT = {table: f"""
@@ -3665,6 +3673,31 @@ SELECT id, received_at, peer_pid, peer_uid, line_no, code, error, raw
 FROM rejects INDEXED BY rejects_received_at
 WHERE received_at >= ?1 AND received_at < ?2
 ORDER BY received_at DESC, id DESC LIMIT ?3"""
+
+# What the report adds to the queries: the games whose predictions made in the window
+# have the largest mean absolute error, the daily rollups, each day's worst hourly p99,
+# and the rejects by code.
+SQL_Q_WORST_GAMES = """
+SELECT g.game_id, g.ended_at, p.predictions, p.mae, g.prediction_accuracy, g.patterns_detected
+FROM (SELECT game_id, count(*) AS predictions, avg(abs(raw_error)) AS mae
+      FROM predictions INDEXED BY predictions_created_at
+      WHERE created_at >= ?1 AND created_at < ?2 AND raw_error IS NOT NULL
+      GROUP BY game_id ORDER BY mae DESC, game_id LIMIT 10) AS p
+     CROSS JOIN games AS g INDEXED BY sqlite_autoindex_games_1 ON g.game_id = p.game_id
+ORDER BY p.mae DESC, g.game_id"""
+SQL_Q_DAYS = f"""
+SELECT {", ".join(COLUMNS["metrics_daily"])}
+FROM metrics_daily INDEXED BY sqlite_autoindex_metrics_daily_1 WHERE day >= ?1 AND day < ?2"""
+SQL_Q_DAILY_P99 = """
+SELECT substr(hour_start, 1, 10), max(p99_commit_latency_ms)
+FROM metrics_hourly INDEXED BY sqlite_autoindex_metrics_hourly_1
+WHERE hour_start >= ?1 AND hour_start < ?2 GROUP BY 1"""
+# With one max() aggregate, SQLite takes the bare columns from the row holding the max:
+# each code's newest refusal.
+SQL_Q_REJECT_CODES = """
+SELECT code, count(*), max(received_at), error, substr(raw, 1, 120)
+FROM rejects INDEXED BY rejects_received_at
+WHERE received_at >= ?1 AND received_at < ?2 GROUP BY code ORDER BY 2 DESC, code"""
 
 Days = Annotated[float, Meta(gt=0, le=3660)]
 Hours = Annotated[float, Meta(gt=0, le=3660 * 24)]
@@ -3795,9 +3828,9 @@ def q_trends(conn: apsw.Connection, args: DaysArgs, now: float) -> dict:
             "hourly": msgspec.Raw(hourly.encode()), "trends": trends}
 
 
-def q_patterns(conn: apsw.Connection, args: DaysArgs, now: float) -> dict:
-    """The patterns of the games ended in the last days, most games first."""
-    since, until = now - args.days * 86400, now
+def q_patterns(conn: apsw.Connection, args: Window, now: float) -> dict:
+    """The patterns of the games ended in the window (7 days), most games first."""
+    since, until = args.bounds(now, 7 * 24)
     patterns, total = conn.execute(SQL_Q_PATTERNS, (utc_text(since), utc_text(until))).fetchone()
     return {**_window(since, until), "total_patterns_detected": total,
             "patterns": msgspec.Raw(patterns.encode())}
@@ -3841,7 +3874,7 @@ QUERIES = {
     "metrics": Query(Window, q_metrics),
     "performance": Query(PerformanceArgs, q_performance),
     "trends": Query(DaysArgs, q_trends),
-    "patterns": Query(DaysArgs, q_patterns),
+    "patterns": Query(Window, q_patterns),
     "recent_predictions": Query(RecentArgs, q_recent("predictions", 200)),
     "recent_side_bets": Query(RecentArgs, q_recent("side_bets", 200)),
     "recent_ticks": Query(RecentArgs, q_recent("tick_samples", 1200)),
@@ -3864,6 +3897,82 @@ def answer(conn: apsw.Connection, name: str, params: dict, now: float) -> bytes:
         raise QueryRejected(f"{name}: {problem.replace('Object missing required field', 'missing parameter')}") from None
     with store_errors(f"the {name} query failed"), transaction(conn, "DEFERRED"):
         return msgspec.json.encode(query.answer(conn, args, now))
+
+
+HOURLY_UP_TO_DAYS = 3                # longer reports are bucketed by day
+
+
+def report_data(path: str, since: float, until: float, now: float) -> dict:
+    """Everything the report shows over [since, until): the performance, patterns and
+    metrics queries, and per hour or day the same measures. Its two heavy halves run at
+    once on two read-only connections, which halves a year's time; each half reads one
+    snapshot, so on a live database the halves may be a commit apart."""
+    bounds = (utc_text(since), utc_text(until))
+    window = {"since": since, "until": until}
+
+    def tables(conn: apsw.Connection) -> tuple[dict, list[dict]]:
+        with transaction(conn, "DEFERRED"):
+            patterns = q_patterns(conn, Window(**window), now)
+            worst = [dict(zip(("game_id", "ended_at", "predictions", "mean_absolute_error",
+                               "prediction_accuracy", "patterns_detected"), row))
+                     for row in conn.execute(SQL_Q_WORST_GAMES, bounds)]
+        return msgspec.json.decode(msgspec.json.encode(patterns)), worst
+
+    hourly = until - since <= HOURLY_UP_TO_DAYS * 86400
+    with (store_errors("cannot read the report's data"),
+          contextlib.closing(connect(path, readonly=True)) as conn,
+          contextlib.closing(connect(path, readonly=True)) as other,
+          ThreadPoolExecutor(1) as pool):
+        other_half = pool.submit(tables, other)
+        with transaction(conn, "DEFERRED"):
+            performance = q_performance(conn, PerformanceArgs(**window), now)
+            buckets = _buckets(conn, since, until, 3600 if hourly else 86400)
+            codes = [dict(zip(("code", "lines", "newest_at", "newest_error", "newest_raw"), row))
+                     for row in conn.execute(SQL_Q_REJECT_CODES, bounds)]
+        patterns, worst = other_half.result()
+    for game in worst:
+        game["patterns_detected"] = json.loads(game["patterns_detected"])
+    for code in codes:
+        if isinstance(code["newest_raw"], bytes):
+            code["newest_raw"] = code["newest_raw"].decode("utf-8", "replace")
+    return {**_window(since, until), "generated_at": utc_text(now), "version": __version__,
+            "bucket": "hour" if hourly else "day", "buckets": buckets,
+            "performance": performance, "patterns": patterns, "worst_games": worst,
+            "rejects_by_code": codes}
+
+
+def _buckets(conn: apsw.Connection, since: float, until: float, period: int) -> list[dict]:
+    """The window cut at each hour or day, with the rollup's measures of each piece: read
+    from metrics_hourly or metrics_daily, or computed now for a piece not rolled up (yet)
+    or cut short by the window's ends, so that the pieces add up to the whole."""
+    boundaries = range(int(-(-since // period) * period), int(-(-until // period) * period), period)
+    starts = sorted({since, *boundaries} - {until})
+    bounds = (utc_text(since), utc_text(until))
+    rolled: dict[str, dict] = {}
+    if period == 3600:
+        for row in msgspec.json.decode(conn.execute(SQL_Q_METRICS, bounds).get):
+            rolled[row["hour_start"]] = {**row, "resolved": None}
+        p99 = {}
+    else:
+        for row in conn.execute(SQL_Q_DAYS, (bounds[0][:10], bounds[1][:10])):
+            day = dict(zip(COLUMNS["metrics_daily"], row))
+            rolled[day["day"] + " 00:00:00.000"] = {**day, "predictions_made": day["predictions"]}
+        p99 = dict(conn.execute(SQL_Q_DAILY_P99, bounds))
+    buckets = []
+    for start, end in zip(starts, starts[1:] + [until]):
+        row = rolled.get(utc_text(start))
+        if row is None or end - start < period:          # not rolled up, or cut by the window
+            m = window_metrics(conn, utc_text(start), utc_text(end))
+            row = {**m._asdict(), "resolved": m.predictions_resolved}
+        buckets.append({
+            "start": utc_text(start), "end": utc_text(end),
+            **{key: row.get(key) for key in (
+                "games_analyzed", "predictions_made", "within_1_window", "within_2_windows",
+                "within_3_windows", "median_e40", "mean_absolute_error", "bets_won",
+                "bets_lost", "roi_percentage", "rejected_lines")},
+            "p99_commit_latency_ms": row.get("p99_commit_latency_ms",
+                                             p99.get(utc_text(start)[:10]))})
+    return buckets
 
 
 def rows_as_dicts(cursor: apsw.Cursor) -> list[dict]:
@@ -3955,8 +4064,8 @@ class Reader:
     def trends(self, days: float = 7) -> dict:
         return self.ask("trends", days=days)
 
-    def patterns(self, days: float = 7) -> dict:
-        return self.ask("patterns", days=days)
+    def patterns(self, days: Optional[float] = 7, **window: Any) -> dict:
+        return self.ask("patterns", days=None if window else days, **window)
 
     def rejects(self, **window: Any) -> dict:
         return self.ask("rejects", **window)
@@ -4084,6 +4193,440 @@ def _game_events(conn: apsw.Connection, g: dict) -> Iterator[Event]:
     if peak is not None and (not seen_peak or g["created_at"] < min(times, default="~")):
         # the peak (or the game's first moment) came from a tick that was not sampled
         yield PriceUpdate(game_id, peak_tick, peak, None, g["created_at"])
+
+
+# ---------------------------------------------------------------------------
+# REPORT: one self-contained HTML page with inline SVG charts
+# ---------------------------------------------------------------------------
+# render_report(data) turns report_data()'s object into the page: no SQL, no I/O, no
+# script. The page template is a constant here, beside the code that fills it (as bottle
+# keeps its templates); every stored string passes through _page_text() on its way in.
+# Colours are the Okabe-Ito palette, which colour-blind readers tell apart, and follow
+# the reader's light or dark scheme.
+
+REPORT_PAGE = string.Template("""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>$title</title>
+<style>
+:root { --bg: #ffffff; --fg: #1a1a1a; --muted: #5a5a5a; --grid: #d9d9d9; --panel: #f6f6f6;
+        --c1: #0072b2; --c2: #d55e00; --c3: #009e73; --gain: #0072b2; --loss: #d55e00;
+        color-scheme: light dark; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #121212; --fg: #ececec; --muted: #a8a8a8; --grid: #3a3a3a; --panel: #1d1d1d;
+          --c1: #56b4e9; --c2: #e69f00; --c3: #2fbf8f; --gain: #56b4e9; --loss: #f08a4b; }
+}
+* { box-sizing: border-box; }
+body { margin: 0 auto; padding: 16px; max-width: 1240px; background: var(--bg); color: var(--fg);
+       font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+h1 { font-size: 22px; margin: 0 0 4px; }
+h2 { font-size: 17px; margin: 28px 0 8px; }
+h3 { font-size: 15px; margin: 0 0 6px; }
+p.meta { color: var(--muted); margin: 0 0 16px; }
+.summary { display: grid; grid-template-columns: repeat(4, minmax(0, 1fr)); gap: 8px; }
+.figure { background: var(--panel); border-radius: 6px; padding: 8px 10px; }
+.figure b { display: block; font-size: 18px; white-space: nowrap; }
+.figure span { color: var(--muted); font-size: 12px; }
+.panel { background: var(--panel); border-radius: 6px; padding: 12px; margin: 12px 0;
+         display: grid; grid-template-columns: minmax(0, 5fr) minmax(0, 2fr); gap: 12px;
+         break-inside: avoid; }
+@media (max-width: 900px) { .panel { grid-template-columns: minmax(0, 1fr); } }
+@media (max-width: 600px) { .summary { grid-template-columns: repeat(2, minmax(0, 1fr)); } }
+.panel > div { min-width: 0; }
+.chart { overflow-x: auto; }
+.chart svg { width: 100%; min-width: 600px; height: auto; display: block; }
+.nodata { color: var(--muted); font-style: italic; padding: 24px 0; }
+details { font-size: 12px; }
+details .scroll { max-height: 320px; overflow: auto; }
+summary { cursor: pointer; color: var(--muted); }
+.wide { overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; }
+th, td { padding: 3px 6px; border-bottom: 1px solid var(--grid); text-align: right;
+         white-space: nowrap; }
+th:first-child, td:first-child, td.text, th.text, th.long { text-align: left; }
+td.long { text-align: left; white-space: normal; min-width: 16em; overflow-wrap: anywhere; }
+svg text { fill: var(--fg); font-size: 11px; }
+svg .muted { fill: var(--muted); }
+svg .grid { stroke: var(--grid); stroke-width: 1; }
+svg .axis { stroke: var(--muted); stroke-width: 1; }
+svg .zero { stroke: var(--fg); stroke-width: 1.5; stroke-dasharray: 5 3; }
+svg .line { fill: none; stroke-width: 2; }
+svg .s1 { stroke: var(--c1); } svg .s2 { stroke: var(--c2); } svg .s3 { stroke: var(--c3); }
+svg .f1 { fill: var(--c1); } svg .f2 { fill: var(--c2); } svg .f3 { fill: var(--c3); }
+svg .gain { fill: var(--gain); } svg .loss { fill: var(--loss); }
+svg .dash { stroke-dasharray: 6 3; } svg .dot { stroke-dasharray: 2 3; }
+@page { size: A4; margin: 12mm; }
+@media print {
+  body { max-width: none; padding: 0; font-size: 11px; }
+  .panel { grid-template-columns: minmax(0, 1fr); }
+  .chart svg { min-width: 0; }
+  details { display: none; }
+}
+</style>
+</head>
+<body>
+<header>
+<h1>$title</h1>
+<p class="meta">$meta</p>
+</header>
+<section aria-label="summary">
+<div class="summary">
+$summary
+</div>
+</section>
+$charts
+<h2>Patterns</h2>
+$patterns
+<h2>The 10 games with the largest mean absolute error</h2>
+$worst
+<h2>Rejected lines by code</h2>
+$rejects
+</body>
+</html>
+""")
+
+CHART_WIDTH, CHART_HEIGHT = 720, 270
+CHART_LEFT, CHART_RIGHT, CHART_TOP, CHART_BOTTOM = 64, 64, 34, 56
+MAX_TIME_LABELS = 9
+
+
+class Series(NamedTuple):
+    """One series of a chart: a name for the legend, a value (or None: a gap) per bucket,
+    its style (s1..s3: colour; dash and dot: line pattern) and its unit."""
+
+    name: str
+    values: list[Optional[float]]
+    style: str
+    unit: str
+    digits: int = 1
+
+
+def _number(value: Optional[float], digits: int = 1, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    text = f"{value:,.0f}" if isinstance(value, int) else f"{value:,.{digits}f}"
+    return f"{text} {unit}".rstrip() if unit and unit != "%" else f"{text}{unit}"
+
+
+def _nice_step(span: float) -> float:
+    """A round step that cuts `span` into four to eight parts."""
+    raw = span / 5 if span > 0 else 1
+    power = 10 ** math.floor(math.log10(raw))
+    return next(step * power for step in (1, 2, 2.5, 5, 10) if step * power >= raw)
+
+
+def _scale(values: Iterable[Optional[float]], floor: Optional[float] = None,
+           ceiling: Optional[float] = None, zero: bool = False) -> tuple[float, float, float]:
+    """(low, high, step) of an axis that holds the values (and zero, if asked)."""
+    present = [v for v in values if v is not None]
+    low = min(present + ([0.0] if zero else [])) if present else 0.0
+    high = max(present + ([0.0] if zero else [])) if present else 1.0
+    low, high = (floor if floor is not None else low), (ceiling if ceiling is not None else high)
+    if high <= low:
+        high = low + 1
+    step = _nice_step(high - low)
+    return math.floor(low / step) * step, math.ceil(high / step) * step, step
+
+
+def _time_labels(starts: list[str], hourly: bool) -> list[tuple[int, str]]:
+    """(bucket, label) for a readable UTC time axis: round hours (a date at midnight), every
+    few days, half months, months or years; never more than MAX_TIME_LABELS, so none
+    overlap."""
+    stamps = [dt.datetime.fromisoformat(start) for start in starts]
+    if hourly:
+        stride = next(s for s in (1, 2, 3, 4, 6, 12, 24) if len(stamps) / s <= MAX_TIME_LABELS)
+        return [(i, stamp.strftime("%b %d") if stamp.hour == 0 else stamp.strftime("%H:%M"))
+                for i, stamp in enumerate(stamps) if stamp.hour % stride == 0 == stamp.minute]
+    if len(stamps) <= 70:
+        stride = math.ceil(len(stamps) / MAX_TIME_LABELS)
+        return [(i, stamp.strftime("%b %d")) for i, stamp in enumerate(stamps) if i % stride == 0]
+    if len(stamps) <= 140:
+        return [(i, stamp.strftime("%b %d")) for i, stamp in enumerate(stamps)
+                if stamp.day in (1, 16)]
+    months = [(i, stamp) for i, stamp in enumerate(stamps) if stamp.day == 1]
+    stride = math.ceil(len(months) / MAX_TIME_LABELS)
+    if stride <= 3:
+        return [(i, stamp.strftime("%b %Y" if n == 0 or stamp.month == 1 else "%b"))
+                for n, (i, stamp) in enumerate(months[::stride])]
+    years = [(i, stamp) for i, stamp in months if stamp.month == 1]
+    return [(i, stamp.strftime("%Y"))
+            for i, stamp in years[::math.ceil(len(years) / MAX_TIME_LABELS)]]
+
+
+def svg_chart(title: str, starts: list[str], hourly: bool, series: list[Series], *,
+              y_label: str, bars: bool = False, zero_line: bool = False,
+              floor: Optional[float] = None, ceiling: Optional[float] = None,
+              right: Optional[Series] = None, right_label: str = "") -> str:
+    """A line (or bar) chart of the series over the buckets, with axes, a legend and a
+    <title> tooltip on every point and bar; None values leave gaps."""
+    width = CHART_WIDTH - CHART_LEFT - CHART_RIGHT
+    height = CHART_HEIGHT - CHART_TOP - CHART_BOTTOM
+    count = max(len(starts), 1)
+    low, high, step = _scale((v for s in series for v in s.values), floor, ceiling,
+                             zero=bars or zero_line)
+
+    def x(i: float) -> float:
+        return CHART_LEFT + (i + 0.5) * width / count
+
+    def y(value: float, lo: float = low, hi: float = high) -> float:
+        return CHART_TOP + height - (value - lo) / (hi - lo) * height
+
+    when = [_bucket_name(start, hourly) for start in starts]
+    parts = [f'<svg viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" role="img" '
+             f'aria-label="{html.escape(title)}"><title>{html.escape(title)}</title>']
+    tick = low
+    while tick <= high + step / 1000:
+        parts.append(f'<line class="grid" x1="{CHART_LEFT}" x2="{CHART_LEFT + width}" '
+                     f'y1="{y(tick):.1f}" y2="{y(tick):.1f}"/>'
+                     f'<text class="muted" x="{CHART_LEFT - 6}" y="{y(tick) + 4:.1f}" '
+                     f'text-anchor="end">{_tick(tick, step)}</text>')
+        tick += step
+    if zero_line and low < 0 < high:
+        parts.append(f'<line class="zero" x1="{CHART_LEFT}" x2="{CHART_LEFT + width}" '
+                     f'y1="{y(0):.1f}" y2="{y(0):.1f}"><title>zero: no bias</title></line>')
+    parts.append(f'<line class="axis" x1="{CHART_LEFT}" x2="{CHART_LEFT + width}" '
+                 f'y1="{CHART_TOP + height}" y2="{CHART_TOP + height}"/>')
+    for i, label in _time_labels(starts, hourly):
+        parts.append(f'<line class="axis" x1="{x(i):.1f}" x2="{x(i):.1f}" '
+                     f'y1="{CHART_TOP + height}" y2="{CHART_TOP + height + 4}"/>'
+                     f'<text x="{x(i):.1f}" y="{CHART_TOP + height + 17}" '
+                     f'text-anchor="middle">{label}</text>')
+    parts.append(f'<text class="muted" x="{CHART_LEFT + width / 2}" y="{CHART_HEIGHT - 8}" '
+                 f'text-anchor="middle">time (UTC), one {"hour" if hourly else "day"} per '
+                 f'{"bar" if bars else "point"}</text>')
+    parts.append(f'<text class="muted" transform="rotate(-90)" x="{-(CHART_TOP + height / 2)}" '
+                 f'y="14" text-anchor="middle">{html.escape(y_label)}</text>')
+    slot = width / count
+    for s in series:
+        if bars:
+            zero = y(max(low, 0.0))
+            for i, value in enumerate(s.values):
+                if value is None:
+                    continue
+                top = min(y(value), zero)
+                parts.append(f'<rect class="{"gain" if value >= 0 else "loss"}" '
+                             f'x="{x(i) - slot * 0.4:.1f}" y="{top:.1f}" '
+                             f'width="{max(slot * 0.8, 0.8):.1f}" '
+                             f'height="{max(abs(y(value) - zero), 0.8):.1f}">'
+                             f'<title>{when[i]}: {html.escape(s.name)} '
+                             f'{_number(value, s.digits, s.unit)}</title></rect>')
+        else:
+            parts.append(_svg_line(s, [None if v is None else (x(i), y(v))
+                                       for i, v in enumerate(s.values)], when))
+    if right is not None:
+        r_low, r_high, r_step = _scale(right.values, floor=0)
+        tick = r_low
+        while tick <= r_high + r_step / 1000:
+            parts.append(f'<text class="muted" x="{CHART_LEFT + width + 6}" '
+                         f'y="{y(tick, r_low, r_high) + 4:.1f}">{_tick(tick, r_step)}</text>')
+            tick += r_step
+        parts.append(f'<text class="muted" transform="rotate(90)" x="{CHART_TOP + height / 2}" '
+                     f'y="{-(CHART_WIDTH - 14)}" text-anchor="middle">'
+                     f'{html.escape(right_label)}</text>')
+        parts.append(_svg_line(right, [None if v is None else (x(i), y(v, r_low, r_high))
+                                       for i, v in enumerate(right.values)], when))
+    legend = series + ([right] if right is not None else [])
+    if len(legend) > 1:
+        place = CHART_LEFT
+        for s in legend:
+            parts.append(f'<line class="line {s.style}" x1="{place}" x2="{place + 18}" '
+                         f'y1="14" y2="14"/><text x="{place + 22}" y="18">'
+                         f'{html.escape(s.name)}</text>')
+            place += 34 + 7 * len(s.name)
+    elif bars:
+        parts.append(f'<rect class="gain" x="{CHART_LEFT}" y="8" width="10" height="10"/>'
+                     f'<text x="{CHART_LEFT + 14}" y="17">gain</text>'
+                     f'<rect class="loss" x="{CHART_LEFT + 52}" y="8" width="10" height="10"/>'
+                     f'<text x="{CHART_LEFT + 66}" y="17">loss</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _svg_line(series: Series, points: list[Optional[tuple[float, float]]],
+              when: list[str]) -> str:
+    """A series as line segments between the gaps, a dot with its tooltip per value."""
+    parts, run = [], []
+    for point in points + [None]:
+        if point is None:
+            if len(run) > 1:
+                parts.append(f'<polyline class="line {series.style}" points="'
+                             + " ".join(f"{px:.1f},{py:.1f}" for px, py in run) + '"/>')
+            run = []
+        else:
+            run.append(point)
+    fill = "f" + series.style.split()[0][1:]
+    radius = 2.4 if len(points) <= 96 else 1.4              # a year of days stays legible
+    for i, point in enumerate(points):
+        if point is not None:
+            parts.append(f'<circle class="{fill}" cx="{point[0]:.1f}" cy="{point[1]:.1f}" '
+                         f'r="{radius}">'
+                         f'<title>{when[i]}: {html.escape(series.name)} '
+                         f'{_number(series.values[i], series.digits, series.unit)}'
+                         '</title></circle>')
+    return "".join(parts)
+
+
+def _tick(value: float, step: float) -> str:
+    value = 0.0 if abs(value) < step / 1000 else value       # not "-0.0" from float steps
+    digits = 0 if step >= 1 else max(0, -math.floor(math.log10(step)) + (step * 10 % 1 > 0))
+    return f"{value:,.{digits}f}"
+
+
+def _page_text(value: str) -> str:
+    """A stored string as page text: escaped, and its control and format characters
+    (a NUL, a right-to-left override) written out as \\x00 or \\u202e."""
+    return html.escape("".join(c if c.isprintable() else repr(c)[1:-1] for c in value))
+
+
+def _page_list(values: list[str]) -> str:
+    """Stored strings, one <span> each, so that a comma inside one stays unambiguous."""
+    return ", ".join(f"<span>{_page_text(value)}</span>" for value in values)
+
+
+def _bucket_name(start: str, hourly: bool) -> str:
+    """An hour or a day by its start; a piece cut by the window's start says when it began."""
+    if hourly or not start.endswith("00:00:00.000"):
+        return f"{start[:16]} UTC"
+    return start[:10]
+
+
+def html_table(headers: list[str], rows: list[list[str]], text_columns: Iterable[int] = (0,),
+               long_columns: Iterable[int] = ()) -> str:
+    """An HTML table of already escaped cells, scrolling sideways on a narrow screen; text
+    columns align left, and long ones wrap."""
+    texts, longs = set(text_columns), set(long_columns)
+
+    def css(i: int) -> str:
+        return " class=long" if i in longs else " class=text" if i in texts else ""
+    head = "".join(f"<th{css(i)}>{h}</th>" for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(f"<td{css(i)}>{cell}</td>" for i, cell in enumerate(row))
+                   + "</tr>" for row in rows)
+    return ('<div class="wide"><table><thead><tr>' + head + "</tr></thead><tbody>" + body
+            + "</tbody></table></div>")
+
+
+def _panel(title: str, question: str, chart: Optional[str], headers: list[str],
+           rows: list[list[str]]) -> str:
+    """A chart with its question, and its numbers in a collapsible table beside it."""
+    if chart is None:
+        return (f'<section class="panel"><div><h3>{title}</h3><p class="meta">{question}</p>'
+                f'<p class="nodata">no data in this period</p></div></section>')
+    return (f'<section class="panel"><div><h3>{title}</h3><p class="meta">{question}</p>'
+            f'<div class="chart">{chart}</div></div><div><details><summary>Numbers</summary>'
+            f'<div class="scroll">{html_table(headers, rows)}</div></details></div></section>')
+
+
+def render_report(data: dict, database: str) -> str:
+    """The report page for report_data()'s object."""
+    buckets, hourly = data["buckets"], data["bucket"] == "hour"
+    starts = [b["start"] for b in buckets]
+    when = [_bucket_name(s, hourly) for s in starts]
+    title = f"tedstore report: {data['since'][:16]} to {data['until'][:16]} UTC"
+    meta = (f"{len(buckets)} {'hours' if hourly else 'days'} · generated "
+            f"{data['generated_at'][:19]} UTC · database {_page_text(database)} · "
+            f"tedstore {html.escape(data['version'])}")
+    p = data["performance"]["prediction_metrics"]
+    s = data["performance"]["sidebet_metrics"]
+    rejected = sum(code["lines"] for code in data["rejects_by_code"])
+    figures = [("games ended", _number(data["performance"]["games_analyzed"])),
+               (f"predictions ({p['resolved']:,} resolved)", f"{p['predictions_made']:,}"),
+               ("within 1 window", _number(p["within_1_window"], 1, "%")),
+               ("median e40", _number(p["median_e40"], 3)),
+               ("mean absolute error", _number(p["mean_absolute_error"], 1, "ticks")),
+               ("side-bet ROI", _number(s["roi_percentage"], 1, "%")),
+               ("bets won / lost", f"{s['bets_won']:,} / {s['bets_lost']:,}"),
+               ("rejected lines", f"{rejected:,}")]
+    summary = "\n".join(f'<div class="figure"><b>{value}</b><span>{name}</span></div>'
+                        for name, value in figures)
+
+    def column(key: str) -> list[Optional[float]]:
+        return [b[key] for b in buckets]
+
+    def present(*keys: str) -> bool:
+        return any(b[key] not in (None, 0) for b in buckets for key in keys)
+
+    def numbers(*series: Series) -> list[list[str]]:
+        return [[when[i]] + [_number(x.values[i], x.digits, x.unit) for x in series]
+                for i in range(len(buckets))]
+
+    accuracy = [Series("within 1 window", column("within_1_window"), "s1", "%"),
+                Series("within 2 windows", column("within_2_windows"), "s2 dash", "%"),
+                Series("within 3 windows", column("within_3_windows"), "s3 dot", "%")]
+    e40 = Series("median e40", column("median_e40"), "s1", "", 3)
+    roi = Series("side-bet ROI", column("roi_percentage"), "s1", "%")
+    volume = [Series("games ended", column("games_analyzed"), "s1", "", 0),
+              Series("predictions", column("predictions_made"), "s2 dash", "", 0)]
+    latency = Series("p99 commit latency", column("p99_commit_latency_ms"), "s1", "ms", 2)
+    rejects = Series("rejected lines", column("rejected_lines"), "s2 dash", "", 0)
+    measured = present("p99_commit_latency_ms")      # only the daemon measures latency
+    charts = [
+        _panel("Accuracy", "How often does the predicted end fall within one, two or three "
+               "40-tick windows of the real end?",
+               svg_chart("Accuracy", starts, hourly, accuracy, floor=0, ceiling=100,
+                         y_label="share of resolved predictions (%)")
+               if present("within_1_window") else None,
+               [f"{'hour' if hourly else 'day'} (UTC)"] + [f"{x.name} (%)" for x in accuracy],
+               numbers(*accuracy)),
+        _panel("e40 bias", "Do predictions end too late (above zero) or too early (below)?",
+               svg_chart("e40 bias", starts, hourly, [e40], zero_line=True,
+                         y_label="median e40 (40-tick windows)")
+               if present("median_e40") else None,
+               [f"{'hour' if hourly else 'day'} (UTC)", "median e40"], numbers(e40)),
+        _panel("Side-bet ROI", "Did the recommended side bets gain or lose?",
+               svg_chart("Side-bet ROI", starts, hourly, [roi], bars=True,
+                         y_label="return on BETs (%)")
+               if present("bets_won", "bets_lost") else None,
+               [f"{'hour' if hourly else 'day'} (UTC)", "ROI (%)", "won", "lost"],
+               [[when[i], _number(b["roi_percentage"], 1, "%"), _number(b["bets_won"]),
+                 _number(b["bets_lost"])] for i, b in enumerate(buckets)]),
+        _panel("Volume", "How many games ended, and how many predictions were made?",
+               svg_chart("Volume", starts, hourly, volume, floor=0, y_label="count")
+               if present("games_analyzed", "predictions_made") else None,
+               [f"{'hour' if hourly else 'day'} (UTC)", "games ended", "predictions"],
+               numbers(*volume)),
+        _panel("Ingest health", "How long did commits take (p99"
+               + ("" if hourly else ", the day's worst hour") + "), and how many lines were "
+               "refused?" + ("" if measured else " (No commit latency was measured: the "
+                                                 "daemon measures it while it runs.)"),
+               (svg_chart("Ingest health", starts, hourly, [latency], floor=0,
+                          y_label="p99 commit latency (ms)", right=rejects,
+                          right_label="rejected lines") if measured else
+                svg_chart("Ingest health", starts, hourly, [rejects], floor=0,
+                          y_label="rejected lines"))
+               if present("p99_commit_latency_ms", "rejected_lines") else None,
+               [f"{'hour' if hourly else 'day'} (UTC)", "p99 commit latency (ms)",
+                "rejected lines"], numbers(latency, rejects)),
+    ]
+    patterns = data["patterns"]["patterns"]
+    return REPORT_PAGE.substitute(
+        title=html.escape(title), meta=meta, summary=summary, charts="\n".join(charts),
+        patterns=html_table(
+            ["pattern", "games", "within 1 window (%)", "mean duration (ticks)", "newest games"],
+            [[_page_text(x["pattern"]), _number(x["games"]),
+              _number(None if x["avg_prediction_accuracy"] is None
+                      else 100 * x["avg_prediction_accuracy"], 1),
+              _number(x["avg_duration_ticks"], 1),
+              _page_list(x["recent_game_ids"])] for x in patterns], (0,), (4,))
+        if patterns else '<p class="nodata">no data in this period</p>',
+        worst=html_table(
+            ["game", "ended (UTC)", "predictions", "mean absolute error (ticks)",
+             "within 1 window (%)", "patterns"],
+            [[_page_text(g["game_id"]), g["ended_at"][:19], _number(g["predictions"]),
+              _number(g["mean_absolute_error"], 1),
+              _number(None if g["prediction_accuracy"] is None
+                      else 100 * g["prediction_accuracy"], 1),
+              _page_list(g["patterns_detected"])] for g in data["worst_games"]],
+            (0, 5))
+        if data["worst_games"] else '<p class="nodata">no data in this period</p>',
+        rejects=html_table(
+            ["code", "lines", "newest (UTC)", "its error", "its line (start)"],
+            [[_page_text(c["code"]), _number(c["lines"]), c["newest_at"][:19],
+              _page_text(c["newest_error"]), f'<code>{_page_text(c["newest_raw"])}</code>']
+             for c in data["rejects_by_code"]], (0,), (3, 4))
+        if data["rejects_by_code"] else '<p class="nodata">no data in this period</p>')
 
 
 # ---------------------------------------------------------------------------
@@ -4912,6 +5455,22 @@ def rejects_command(reader: Reader, output: Output, hours: Optional[float], sinc
         ("raw", "raw", lambda raw: text(raw)[:40])])])
 
 
+@contextlib.contextmanager
+def output_file(path: str) -> Iterator[io.BufferedWriter]:
+    """A file that appears under `path` only once complete: written beside it under a
+    hidden name, renamed over it at the end, removed if anything fails."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: there is no folder {target.parent}")
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        with open(partial, "wb") as out:
+            yield out
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 @cli.command("export")
 @with_settings("db")
 @click.option("--table", type=click.Choice(list(EXPORT_TABLES)), help="Export this table's rows.")
@@ -4948,14 +5507,40 @@ def export_command(settings: Settings, table: Optional[str], events: bool, since
     if path is None:
         write_stdout(blocks, "lines", count=lambda block: block.count(b"\n"))
         return
-    partial = Path(path).with_name(f".{Path(path).name}.partial-{os.getpid()}")
-    try:
-        with open(partial, "wb") as out:
-            written = sum(out.write(block) and block.count(b"\n") for block in blocks)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with output_file(path) as out:
+        written = sum(out.write(block) and block.count(b"\n") for block in blocks)
     click.echo(f"exported {written:,} lines to {path}", err=True)
+
+
+@cli.command("report")
+@with_settings("db")
+@click.option("-o", "--output", "path", required=True, type=click.Path(dir_okay=False),
+              help="The HTML file to write.")
+@click.option("--days", type=click.FloatRange(min=0, min_open=True),
+              help="The last N days [default: 7].")
+@click.option("--since", help="Start of the period (2026-11-01, 30d).")
+@click.option("--until", help="End of the period [default: now].")
+def report_command(settings: Settings, path: str, days: Optional[float], since: Optional[str],
+                   until: Optional[str]) -> None:
+    """Write a self-contained HTML report: summary, five charts, three tables.
+
+    Hourly buckets up to 3 days, daily beyond. The page needs no network and no script.
+    It reads the database file (run it as the tedstore user).
+
+    Example: tedstore report --days 30 -o tedstore-report.html
+    """
+    now = time.time()
+    end = parse_when(until, now) if until else now
+    start = parse_when(since, now) if since else end - (days or 7) * 86400
+    if days and since:
+        raise click.UsageError("give --days or --since, not both")
+    if start >= end:
+        raise ConfigError(f"the period starts ({utc_text(start)}) after it ends ({utc_text(end)})")
+    page = render_report(report_data(settings.db, start, end, now), settings.db).encode()
+    with output_file(path) as out:
+        out.write(page)
+    click.echo(f"wrote {path} ({len(page) / 1e6:.2f} MB) for {utc_text(start)[:16]} to "
+               f"{utc_text(end)[:16]} UTC", err=True)
 
 
 def main() -> None:

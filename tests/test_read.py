@@ -223,6 +223,22 @@ def test_patterns_count_each_game_once_per_pattern(played):
     assert answer["total_patterns_detected"] == sum(p["games"] for p in expected)
 
 
+def test_a_pattern_listed_twice_in_a_stored_game_counts_once(store):
+    """As a version-1 database, or a hand edit, may hold it: unsorted, with a repeat."""
+    now = time.time()
+    store.send({"event": "gameEnd", "gameId": "g1", "tick": 90, "finalPrice": 0.5,
+                "patterns": ["alpha"], "ts": now - 60},
+               {"event": "gameEnd", "gameId": "g2", "tick": 90, "finalPrice": 0.5,
+                "patterns": ["beta"], "ts": now - 30})
+    store.conn.execute("""UPDATE games SET patterns_detected = '["beta","alpha","beta"]'
+                          WHERE game_id = 'g1'""")
+    with tedstore.Reader(db_path=store.path) as reader:
+        answer = reader.patterns(days=1)
+    assert [(p["pattern"], p["games"], p["recent_game_ids"]) for p in answer["patterns"]] == \
+        [("beta", 2, ["g2", "g1"]), ("alpha", 1, ["g1"])]
+    assert answer["total_patterns_detected"] == 3
+
+
 def test_metrics_are_the_hourly_rows_of_the_window(played):
     _, store, reader = played
     answer = reader.metrics(since=FIRST_HOUR + 3600, until=FIRST_HOUR + 4 * 3600)

@@ -1,0 +1,591 @@
+"""The report: every number on the page against the section-7 queries, stored strings
+shown as text, empty periods, the command's errors, and the page in a real Chromium."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import statistics
+import struct
+import subprocess
+import tempfile
+import time
+import zlib
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import tedstore
+from conftest import LONG_RETENTION, Store, prediction, run_cli
+
+HOUR, DAY = 3600, 86400
+NOW = math.floor(time.time())
+TODAY = NOW // DAY * DAY
+SKIPPED_DAYS = (4, 5)                  # days ago without a game: gaps in the charts
+PANELS = ("Accuracy", "e40 bias", "Side-bet ROI", "Volume", "Ingest health")
+TABLES = ("Patterns", "The 10 games with the largest mean absolute error",
+          "Rejected lines by code")
+
+
+def hostile_strings(rng: random.Random, count: int, limit: int = 60) -> list[str]:
+    """Strings made of what breaks HTML (markup, quotes, entities, comment and CDATA
+    openers), control and bidi characters, and plain text, each with a '<' in it."""
+    alphabet = list("<>&\"'`=/;!-[]{}$%\\ ,") + ["\x00", "\x07", "\n", "\u202e", "\u2028",
+                                                 "é", "😀", "script", "on", "&amp;"]
+    alphabet += list("abcdefXYZ0123")
+    made = []
+    while len(made) < count:
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, limit // 4)))
+        if "<" in text and text.strip() and len(text) <= limit and text not in made:
+            made.append(text)
+    return made
+
+
+def visible(text: str) -> str:
+    """What the page must show for a stored string: itself, with control and format
+    characters written as Python escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+# -- the page, read back ---------------------------------------------------------------------
+
+ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "header", "h1", "h2", "h3",
+                "p", "section", "div", "b", "span", "code", "details", "summary", "table",
+                "thead", "tbody", "tr", "th", "td", "svg", "line", "text", "rect", "circle",
+                "polyline"}
+
+
+class Page(HTMLParser):
+    """The report read back: its summary figures, each panel's or section's table (rows of
+    cells; a cell is its text and the texts of its <span>s), the headings that say "no
+    data", and every tag with its attributes."""
+
+    def __init__(self, page: str):
+        super().__init__(convert_charrefs=True)
+        self.figures: dict[str, str] = {}
+        self.tables: dict[str, list[list[tuple[str, list[str]]]]] = {}
+        self.nodata: list[str] = []
+        self.tags: list[tuple[str, dict]] = []
+        self.heading, self.into, self.in_span = "", None, False
+        self.cell: list = []
+        self.figure: list[str] = []
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append((tag, attrs))
+        if tag in ("h2", "h3"):
+            self.heading, self.into = "", "heading"
+        elif tag == "table":
+            self.tables[self.heading] = []
+        elif tag == "tr":
+            self.tables[self.heading].append([])
+        elif tag in ("td", "th"):
+            self.cell, self.into = ["", []], "cell"
+        elif tag == "span" and self.into == "cell":
+            self.cell[1].append("")
+            self.in_span = True
+        elif tag == "p" and attrs.get("class") == "nodata":
+            self.nodata.append(self.heading)
+        elif tag == "div" and attrs.get("class") == "figure":
+            self.figure, self.into = [], "figure"
+        elif tag in ("b", "span") and self.into == "figure":
+            self.figure.append("")
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_endtag(self, tag):
+        if tag in ("h2", "h3"):
+            self.into = None
+        elif tag == "span":
+            self.in_span = False
+        elif tag in ("td", "th"):
+            self.tables[self.heading][-1].append((self.cell[0], self.cell[1]))
+            self.into = None
+        elif tag == "div" and self.into == "figure" and len(self.figure) == 2:
+            self.figures[self.figure[1]] = self.figure[0]
+            self.into = None
+
+    def handle_data(self, data):
+        if self.into == "heading":
+            self.heading += data
+        elif self.into == "cell":
+            self.cell[0] += data
+            if self.in_span:
+                self.cell[1][-1] += data
+        elif self.into == "figure" and self.figure:
+            self.figure[-1] += data
+
+    def rows(self, heading: str) -> list[list[str]]:
+        """A table's body rows as cell texts."""
+        return [[text for text, _ in row] for row in self.tables[heading][1:]]
+
+
+def shown(text: str) -> tuple[float | None, int]:
+    """A number as the page shows it ('1,234', '54.3%', '12.50 ms', '-') and its decimals."""
+    text = text.strip()
+    if text == "-":
+        return None, 0
+    number = re.fullmatch(r"(-?[\d,]+(?:\.(\d+))?)(?:%| ms| ticks)?", text)
+    assert number, f"not a number as the page shows one: {text!r}"
+    return float(number.group(1).replace(",", "")), len(number.group(2) or "")
+
+
+def assert_shows(text: str, expected: float | None, what: str) -> None:
+    """The page's text is the expected value, rounded as far as the page rounds."""
+    value, decimals = shown(text)
+    if expected is None:
+        assert value is None, f"{what}: page shows {text}, the query says nothing"
+        return
+    assert value is not None, f"{what}: page shows -, the query says {expected}"
+    assert abs(value - expected) <= 0.5 * 10 ** -decimals + 1e-9, \
+        f"{what}: page shows {text}, the query says {expected}"
+
+
+# -- a database with ten days of play, hostile strings and rejects ---------------------------
+
+@pytest.fixture(scope="module")
+def played(tmp_path_factory):
+    """Ten days of simulated games (none 4 and 5 days ago), rolled up but for the newest
+    hours; a game whose id and patterns are hostile strings and whose predictions are the
+    worst; refused lines carrying hostile strings; a p99 recorded for some hours."""
+    folder = tmp_path_factory.mktemp("report")
+    store = Store(folder / "report.db", **LONG_RETENTION)
+    rng = random.Random(11)
+    events = []
+    for days_ago in range(10):
+        for hour in (2, 9, 17):
+            start = TODAY - days_ago * DAY + hour * HOUR + 300
+            if days_ago not in SKIPPED_DAYS and start + 3 * HOUR < NOW:
+                events += tedstore.simulate_events(3, seed=days_ago * 100 + hour, start=start)
+    names = hostile_strings(rng, 8)
+    hostile_games = [names[0], names[1] + ", " + names[2]]
+    for number, game in enumerate(hostile_games):
+        start = NOW - 2 * HOUR + number * 600
+        events.append({"event": "gameStart", "gameId": game, "tick": 0, "price": 1.0,
+                       "ts": start})
+        events += [prediction(game, tick, 5000 + tick, ts=start + tick / 4)
+                   for tick in range(20, 200, 20)]
+        events.append({"event": "gameEnd", "gameId": game, "tick": 200, "finalPrice": 0.1,
+                       "patterns": names[3:6], "ts": start + 50})
+    assert store.send(*events) == []
+    one_line = names[7].replace("\n", " ")
+    refused = [json.dumps({"event": names[6], "ts": NOW}).encode(), ("{" + one_line).encode(),
+               json.dumps({"event": "prediction", "game_id": names[6]}).encode(),
+               b"\xff" + one_line.encode()]
+    assert len(store.send(*refused)) == len(refused)
+    now = time.time()
+    hours = tedstore.hours_to_roll(store.conn, now, store.settings)
+    tedstore.run_rollups(store.conn, lambda step: step(store.conn), hours, now)
+    store.conn.execute("UPDATE metrics_hourly SET p99_commit_latency_ms = 1.25 + rowid % 7 / 4 "
+                       "WHERE rowid % 3 = 0")
+    reader = tedstore.Reader(db_path=store.path)
+    stored = math.ceil(time.time())
+    yield store, reader, {"games": hostile_games, "patterns": names[3:6], "stored": stored}
+    reader.close()
+    store.conn.close()
+
+
+def make_report(store: Store, folder: Path, *args: str) -> Page:
+    out = folder / "report.html"
+    done = run_cli("report", "--db", store.path, "-o", str(out), *args)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stderr
+    return Page(out.read_text())
+
+
+def bucket_bounds(since: int, until: int, period: int) -> list[tuple[int, int]]:
+    """The window cut at each hour or day boundary."""
+    cuts = [since] + [t for t in range(since // period * period + period, until, period)]
+    return list(zip(cuts, cuts[1:] + [until]))
+
+
+# Each window as (since, until, bucket) from the moment the play was stored.
+WINDOWS = {"two days, by hour": lambda stored: (stored - 2 * DAY, stored, HOUR),
+           "ten days, by day": lambda stored: (stored - 10 * DAY, stored, DAY),
+           "seven whole days, by day": lambda stored: (TODAY - 7 * DAY, TODAY, DAY)}
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_every_number_on_the_page_equals_the_queries(played, tmp_path, window):
+    store, reader, hostile = played
+    since, until, period = WINDOWS[window](hostile["stored"])
+    page = make_report(store, tmp_path, "--since", tedstore.utc_text(since),
+                       "--until", tedstore.utc_text(until))
+    rejects = reader.rejects(since=since, until=until, limit=10_000)["rejects"]
+
+    # The summary figures: the performance query over the whole window.
+    whole = reader.performance(since=since, until=until)
+    p, s = whole["prediction_metrics"], whole["sidebet_metrics"]
+    figures = page.figures
+    assert_shows(figures["games ended"], whole["games_analyzed"], "games ended")
+    assert_shows(figures[f"predictions ({p['resolved']:,} resolved)"], p["predictions_made"],
+                 "predictions")
+    assert_shows(figures["within 1 window"], p["within_1_window"], "within 1 window")
+    assert_shows(figures["median e40"], p["median_e40"], "median e40")
+    assert_shows(figures["mean absolute error"], p["mean_absolute_error"], "mean absolute error")
+    assert_shows(figures["side-bet ROI"], s["roi_percentage"], "side-bet ROI")
+    won, lost = figures["bets won / lost"].split(" / ")
+    assert_shows(won, s["bets_won"], "bets won")
+    assert_shows(lost, s["bets_lost"], "bets lost")
+    assert_shows(figures["rejected lines"], len(rejects), "rejected lines")
+    assert whole["games_analyzed"] > 0 and p["resolved"] > 0 and s["bets_won"] + s["bets_lost"] > 0
+
+    # Each chart's numbers: per hour or day, the same query over that piece of the window.
+    bounds = bucket_bounds(since, until, period)
+    tables = {panel: page.rows(panel) for panel in PANELS}
+    assert {panel: len(rows) for panel, rows in tables.items()} == \
+        {panel: len(bounds) for panel in PANELS}
+    hours = reader.metrics(since=since, until=until)["hours"]
+    for n, (start, end) in enumerate(bounds):
+        label = tables["Accuracy"][n][0]
+        whole_day = period == DAY and start % DAY == 0
+        assert label == (tedstore.utc_text(start)[:10] if whole_day
+                         else tedstore.utc_text(start)[:16] + " UTC")
+        piece = reader.performance(since=start, until=end)
+        pm, sm = piece["prediction_metrics"], piece["sidebet_metrics"]
+        where = f"{window}, {label}"
+        for column, key in enumerate(("within_1_window", "within_2_windows", "within_3_windows")):
+            assert_shows(tables["Accuracy"][n][1 + column], pm[key], f"{where}: {key}")
+        assert_shows(tables["e40 bias"][n][1], pm["median_e40"], f"{where}: median e40")
+        assert_shows(tables["Side-bet ROI"][n][1], sm["roi_percentage"], f"{where}: ROI")
+        assert_shows(tables["Side-bet ROI"][n][2], sm["bets_won"], f"{where}: won")
+        assert_shows(tables["Side-bet ROI"][n][3], sm["bets_lost"], f"{where}: lost")
+        assert_shows(tables["Volume"][n][1], piece["games_analyzed"], f"{where}: games")
+        assert_shows(tables["Volume"][n][2], pm["predictions_made"], f"{where}: predictions")
+        complete = [h["p99_commit_latency_ms"] for h in hours
+                    if start <= tedstore.parse_when(h["hour_start"], 0) < end
+                    and tedstore.parse_when(h["hour_end"], 0) <= end
+                    and h["p99_commit_latency_ms"] is not None]
+        assert_shows(tables["Ingest health"][n][1], max(complete, default=None), f"{where}: p99")
+        assert_shows(tables["Ingest health"][n][2],
+                     sum(start <= tedstore.parse_when(r["received_at"], 0) < end for r in rejects),
+                     f"{where}: rejected lines")
+
+    # The patterns table: the patterns query.
+    patterns = reader.patterns(since=since, until=until)["patterns"]
+    assert patterns
+    rows = page.tables["Patterns"][1:]
+    assert [visible(x["pattern"]) for x in patterns] == [row[0][0] for row in rows]
+    for x, row in zip(patterns, rows):
+        assert_shows(row[1][0], x["games"], f"{x['pattern']}: games")
+        assert_shows(row[2][0], 100 * x["avg_prediction_accuracy"], f"{x['pattern']}: accuracy")
+        assert_shows(row[3][0], x["avg_duration_ticks"], f"{x['pattern']}: duration")
+        assert row[4][1] == [visible(game) for game in x["recent_game_ids"]]
+
+    # The worst games: computed here from the predictions made in the window.
+    errors: dict[str, list[int]] = {}
+    for game, error, created in store.rows(
+            "SELECT game_id, raw_error, created_at FROM predictions WHERE raw_error IS NOT NULL"):
+        if since <= tedstore.parse_when(created, 0) < until:
+            errors.setdefault(game, []).append(error)
+    worst = sorted(errors, key=lambda g: (-statistics.mean(map(abs, errors[g])), g))[:10]
+    rows = page.tables["The 10 games with the largest mean absolute error"][1:]
+    assert [row[0][0] for row in rows] == [visible(game) for game in worst]
+    for game, row in zip(worst, rows):
+        answer = reader.game(game_id=game)["game"]
+        assert row[1][0] == answer["ended_at"][:19]
+        assert_shows(row[2][0], len(errors[game]), f"{game}: predictions")
+        assert_shows(row[3][0], statistics.mean(map(abs, errors[game])), f"{game}: error")
+        assert_shows(row[4][0], 100 * answer["prediction_accuracy"], f"{game}: accuracy")
+        assert row[5][1] == [visible(x) for x in answer["patterns_detected"]]
+
+    # Rejected lines by code: the rejects query, grouped here; each with its newest line.
+    assert ("Rejected lines by code" in page.nodata) == (not rejects)
+    rows = page.rows("Rejected lines by code") if rejects else []
+    by_code = {}
+    for reject in rejects:
+        by_code.setdefault(reject["code"], []).append(reject)
+    assert sorted(row[0] for row in rows) == sorted(by_code)
+    for code, lines, newest, error, raw in rows:
+        assert_shows(lines, len(by_code[code]), f"{code}: lines")
+        latest = max(r["received_at"] for r in by_code[code])
+        assert newest == latest[:19]
+        candidates = [r for r in by_code[code] if r["received_at"] == latest]
+        assert any(error == visible(r["error"]) and visible(r["raw"]).startswith(raw.rstrip("�"))
+                   for r in candidates), (code, error, raw)
+
+    # The pieces add up to the whole.
+    assert sum(shown(row[1])[0] for row in tables["Volume"]) == whole["games_analyzed"]
+    assert sum(shown(row[2])[0] for row in tables["Ingest health"]) == len(rejects)
+
+
+def test_stored_strings_show_as_text_and_never_as_markup(played, tmp_path):
+    store, _, hostile = played
+    page_text = make_report(store, tmp_path, "--days", "1")
+    raw = (tmp_path / "report.html").read_text()
+    assert {tag for tag, _ in page_text.tags} <= ALLOWED_TAGS
+    for tag, attrs in page_text.tags:
+        assert not any(name.startswith("on") or name in ("src", "href", "style", "xlink:href")
+                       for name in attrs), (tag, attrs)
+    assert "\x00" not in raw and "\u202e" not in raw
+    worst = page_text.tables["The 10 games with the largest mean absolute error"][1:]
+    assert {visible(g) for g in hostile["games"]} <= {row[0][0] for row in worst}
+    shown_patterns = [row[0][0] for row in page_text.tables["Patterns"][1:]]
+    assert set(map(visible, hostile["patterns"])) <= set(shown_patterns)
+    codes = page_text.rows("Rejected lines by code")
+    assert {row[0] for row in codes} >= {"bad_event", "bad_json", "bad_utf8"}
+
+
+@pytest.fixture(scope="module")
+def nothing(tmp_path_factory) -> dict:
+    """report_data()'s object for an empty database."""
+    store = Store(tmp_path_factory.mktemp("empty") / "empty.db")
+    store.conn.close()
+    return tedstore.report_data(store.path, NOW - DAY, NOW, NOW)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(strings=st.lists(st.text(min_size=1, max_size=40), min_size=6, max_size=6))
+def test_any_string_in_any_stored_field_is_shown_as_itself(nothing, strings):
+    game, pattern, other, code, error, raw = strings
+    data = json.loads(json.dumps(nothing))
+    data["patterns"]["patterns"] = [{"pattern": pattern, "games": 1,
+                                     "avg_prediction_accuracy": 0.5, "avg_duration_ticks": 10.0,
+                                     "recent_game_ids": [game, other]}]
+    data["worst_games"] = [{"game_id": game, "ended_at": "2026-01-01 00:00:00.000",
+                            "predictions": 1, "mean_absolute_error": 3.0,
+                            "prediction_accuracy": None, "patterns_detected": [pattern, other]}]
+    data["rejects_by_code"] = [{"code": code, "lines": 1, "newest_at": "2026-01-01 00:00:00.000",
+                                "newest_error": error, "newest_raw": raw}]
+    page = Page(tedstore.render_report(data, database=other))
+    assert {tag for tag, _ in page.tags} <= ALLOWED_TAGS
+    pattern_row = page.tables["Patterns"][1]
+    assert pattern_row[0][0] == visible(pattern)
+    assert pattern_row[4][1] == [visible(game), visible(other)]
+    worst_row = page.tables["The 10 games with the largest mean absolute error"][1]
+    assert worst_row[0][0] == visible(game)
+    assert worst_row[5][1] == [visible(pattern), visible(other)]
+    reject_row = page.rows("Rejected lines by code")[0]
+    assert [reject_row[0], reject_row[3], reject_row[4]] == [visible(code), visible(error),
+                                                             visible(raw)]
+
+
+@pytest.mark.parametrize("period", ["--days=2", "--days=30"])
+def test_an_empty_database_or_window_says_no_data_in_each_panel(played, tmp_path, period):
+    store, _, _ = played
+    empty = Store(tmp_path / "empty.db")
+    empty.conn.close()
+    for page in (make_report(empty, tmp_path, period),
+                 make_report(store, tmp_path, "--since", "2020-01-01",
+                             "--until", "2020-01-02" if period == "--days=2" else "2020-02-01")):
+        assert page.nodata == [*PANELS, *TABLES]
+        assert page.figures["games ended"] == "0" and page.figures["median e40"] == "-"
+        assert page.figures["side-bet ROI"] == "-" and page.figures["rejected lines"] == "0"
+
+
+# -- the charts ------------------------------------------------------------------------------
+
+CHART = re.compile(r'<svg viewBox[^>]*aria-label="([^"]+)">(.*?)</svg>', re.S)
+
+
+def charts(page: str) -> dict[str, str]:
+    return dict(CHART.findall(page))
+
+
+def test_charts_have_tooltips_on_every_point_gaps_for_missing_values_and_labelled_axes(
+        played, tmp_path):
+    store, _, _ = played
+    page = make_report(store, tmp_path, "--days", "10")
+    text = (tmp_path / "report.html").read_text()
+    drawn = charts(text)
+    assert set(drawn) == set(PANELS)
+    for title, svg in drawn.items():
+        values = [row[1:] for row in page.rows(title)]
+        if title == "Side-bet ROI":                    # the bars show the ROI column alone
+            values = [row[:1] for row in values]
+        present = sum(shown(cell)[0] is not None for row in values for cell in row)
+        marks = re.findall(r'<(circle|rect) class="(\w+)"[^>]*(?<!/)>(<title>[^<]+</title>)?',
+                           svg)
+        assert len(marks) == present, title
+        assert all(tooltip for _, _, tooltip in marks), f"{title}: a mark without a tooltip"
+        assert "time (UTC), one day per" in svg
+        assert re.search(r'rotate\(-90\)[^>]*>[^<]*\(.+\)|rotate\(-90\)[^>]*>count<', svg), title
+        if title == "Side-bet ROI":
+            for _, style, tooltip in marks:
+                value = shown(tooltip.split(" side-bet ROI ")[1][:-len("</title>")])[0]
+                assert style == ("gain" if value >= 0 else "loss"), tooltip
+            assert "gain</text>" in svg and "loss</text>" in svg
+        else:
+            assert "<polyline" in svg and "<circle" in svg
+    # Days without games are gaps: the e40 line breaks there instead of dropping to zero.
+    e40 = [shown(row[1])[0] for row in page.rows("e40 bias")]
+    runs = [len(run) for run in re.split(r"N+", "".join("N" if v is None else "v" for v in e40))
+            if len(run) > 1]
+    assert len(runs) >= 2
+    lines = re.findall(r'<polyline class="line s1" points="([^"]+)"', drawn["e40 bias"])
+    assert [len(points.split()) for points in lines] == runs
+    assert '<line class="zero"' in drawn["e40 bias"]
+    legends = {title: re.findall(r'y2="14"/><text[^>]*>([^<]+)</text>', svg)
+               for title, svg in drawn.items()}
+    assert legends["Accuracy"] == ["within 1 window", "within 2 windows", "within 3 windows"]
+    assert legends["Volume"] == ["games ended", "predictions"]
+    assert legends["Ingest health"] == ["p99 commit latency", "rejected lines"]
+
+
+@pytest.mark.parametrize("count, hourly", [(24, True), (49, True), (72, True), (7, False),
+                                           (30, False), (71, False), (365, False), (3660, False)])
+def test_time_labels_never_overlap(count, hourly):
+    period, first = (HOUR if hourly else DAY), TODAY - 5 * DAY
+    starts = [tedstore.utc_text(first + 1800)]                 # a piece cut by the window
+    starts += [tedstore.utc_text(first + i * period) for i in range(1, count)]
+    series = [tedstore.Series("x", [float(i % 5) for i in range(count)], "s1", "")]
+    svg = tedstore.svg_chart("t", starts, hourly, series, y_label="y")
+    bottom = tedstore.CHART_HEIGHT - tedstore.CHART_BOTTOM + 17
+    labels = [(float(x), text) for x, text in
+              re.findall(rf'<text x="([\d.]+)" y="{bottom}" text-anchor="middle">([^<]+)</text>', svg)]
+    assert 3 <= len(labels) <= tedstore.MAX_TIME_LABELS
+    for (x1, a), (x2, b) in zip(labels, labels[1:]):
+        assert x2 - x1 >= 7 * (len(a) + len(b)) / 2 + 6, f"{a!r} and {b!r} overlap"
+
+
+# -- the command -----------------------------------------------------------------------------
+
+def test_the_report_command_refuses_what_it_cannot_do(played, tmp_path):
+    store, _, _ = played
+    cases = [
+        (["--db", str(tmp_path / "none.db"), "-o", str(tmp_path / "r.html")],
+         "does not exist: start the daemon"),
+        (["--db", store.path, "-o", str(tmp_path / "no" / "r.html")], "there is no folder"),
+        (["--db", store.path, "-o", str(tmp_path / "r.html"), "--days", "2", "--since", "3d"],
+         "give --days or --since, not both"),
+        (["--db", store.path, "-o", str(tmp_path / "r.html"), "--since", "1d", "--until", "2d"],
+         "after it ends"),
+        (["--db", store.path, "-o", str(tmp_path / "r.html"), "--since", "last week"],
+         "cannot read time"),
+        (["--db", store.path], "Missing option '-o'"),
+    ]
+    for args, words in cases:
+        done = run_cli("report", *args)
+        assert done.returncode != 0 and words in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert sorted(os.listdir(tmp_path)) == []                 # nothing created, no partial
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_a_year_of_days_stays_small(played, tmp_path):
+    store, _, _ = played
+    make_report(store, tmp_path, "--days", "365")
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<circle") > 0 and len(page.encode()) <= 2_000_000
+
+
+# -- in a real browser -----------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium(page: Path, width: int, height: int, folder: Path, dark: bool = False) -> dict:
+    """Open the page in headless Chromium with a network log: the screenshot's path, the
+    console messages, and every network request the page made."""
+    shot, net = folder / f"{page.stem}-{width}{'-dark' if dark else ''}.png", folder / "net.json"
+    done = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--hide-scrollbars", f"--user-data-dir={folder / 'profile'}", "--enable-logging=stderr",
+         f"--log-net-log={net}", f"--window-size={width},{height}", f"--screenshot={shot}"]
+        + (["--force-dark-mode", "--blink-settings=preferredColorScheme=0"] if dark else [])
+        + [page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.exists(), done.stderr
+    console = re.findall(r":CONSOLE[^\]]*\] (.*)", done.stderr)
+    log = net.read_text().rstrip().rstrip(",")
+    events = json.loads(log if log.endswith("}") and log.count("{") == log.count("}")
+                        else log + "]}")["events"]
+    requests = sorted({e["params"]["url"] for e in events
+                       if "url" in e.get("params", {})
+                       and e["params"].get("initiator", "not an origin") != "not an origin"})
+    return {"shot": shot, "console": console, "requests": requests}
+
+
+def png_image(png: Path) -> tuple[int, int, int, bytes]:
+    """Width, height, bytes per pixel and the filtered scanlines of an 8-bit RGB(A) PNG."""
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = {}, 8
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        chunks.setdefault(kind, []).append(data[at + 8:at + 8 + length])
+        at += 12 + length
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"][0])
+    assert depth == 8 and colour in (2, 6) and interlace == 0
+    return width, height, 3 if colour == 2 else 4, zlib.decompress(b"".join(chunks[b"IDAT"]))
+
+
+def looks_blank(png: Path) -> bool:
+    """Nearly every filtered byte zero: one colour, or nearly, all over."""
+    width, height, size, lines = png_image(png)
+    return lines.count(0) > len(lines) - height - 0.002 * width * height * size
+
+
+def colours(png: Path, rows: int) -> collections.Counter:
+    """The colours of the top `rows` scanlines (every 2nd pixel), filters undone."""
+    width, height, size, lines = png_image(png)
+    stride, high = width * size, int.from_bytes(b"\x80" * width * size, "little")
+    low, above, counts = ~high, bytes(width * size), collections.Counter()
+    for y in range(min(rows, height)):
+        kind, line = lines[y * (stride + 1)], lines[y * (stride + 1) + 1:(y + 1) * (stride + 1)]
+        if kind == 1:                                   # Sub: a running sum per channel
+            out = bytearray(stride)
+            for c in range(size):
+                out[c::size] = bytes(itertools.accumulate(line[c::size],
+                                                          lambda a, b: (a + b) & 255))
+            line = bytes(out)
+        elif kind == 2:                                 # Up: bytewise sums, all at once
+            a, b = int.from_bytes(line, "little"), int.from_bytes(above, "little")
+            line = (((a & low) + (b & low)) ^ ((a ^ b) & high)).to_bytes(stride, "little")
+        elif kind in (3, 4):                            # Average, Paeth: byte by byte
+            out = bytearray(line)
+            for i in range(stride):
+                left = out[i - size] if i >= size else 0
+                up, corner = above[i], above[i - size] if i >= size else 0
+                if kind == 3:
+                    out[i] = (out[i] + (left + up) // 2) & 255
+                else:
+                    guess = left + up - corner
+                    near = min((abs(guess - left), 0, left), (abs(guess - up), 1, up),
+                               (abs(guess - corner), 2, corner))[2]
+                    out[i] = (out[i] + near) & 255
+            line = bytes(out)
+        above = line
+        counts.update(line[x:x + 3] for x in range(0, stride, 2 * size))
+    return counts
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (bash .ci/run installs it)")
+def test_the_page_renders_in_chromium_without_errors_or_requests(played, tmp_path):
+    store, _, _ = played
+    make_report(store, tmp_path, "--days", "10")
+    page = tmp_path / "report.html"
+    folder = Path(tempfile.mkdtemp(prefix="tedstore-report-shots-"))
+    for width, height, dark in ((1280, 4200, False), (390, 9000, False), (1280, 1400, True)):
+        seen = chromium(page, width, height, folder, dark)
+        assert seen["console"] == [], seen["console"]
+        assert seen["requests"] == [], seen["requests"]
+        assert not looks_blank(seen["shot"]), f"{seen['shot']} looks blank"
+        counts = colours(seen["shot"], rows=1000)          # the summary and the first chart
+        series = bytes.fromhex("56b4e9" if dark else "0072b2")
+        assert counts[series] > 20, f"{seen['shot']}: no chart line drawn in its colour"
+    print(f"screenshots in {folder}")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (bash .ci/run installs it)")
+def test_the_browser_checks_catch_a_broken_page(tmp_path):
+    """The checks above can fail: a page with a script error, a remote image and nothing
+    drawn is caught by each of them."""
+    broken = tmp_path / "broken.html"
+    broken.write_text('<!doctype html><body><img src="http://tedstore.invalid/x.png">'
+                      '<script>console.error("boom")</script></body>')
+    seen = chromium(broken, 800, 600, tmp_path)
+    assert any("boom" in message for message in seen["console"])
+    assert seen["requests"] == ["http://tedstore.invalid/x.png"]
+    assert looks_blank(seen["shot"])
