@@ -589,3 +589,19 @@ def test_the_browser_checks_catch_a_broken_page(tmp_path):
     assert any("boom" in message for message in seen["console"])
     assert seen["requests"] == ["http://tedstore.invalid/x.png"]
     assert looks_blank(seen["shot"])
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (bash .ci/run installs it)")
+def test_the_page_prints_on_a4(played, tmp_path):
+    store, _, _ = played
+    make_report(store, tmp_path, "--days", "10")
+    pdf = tmp_path / "report.pdf"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}",
+                    "--no-pdf-header-footer", f"--print-to-pdf={pdf}",
+                    (tmp_path / "report.html").as_uri()], capture_output=True, timeout=120)
+    document = pdf.read_bytes()
+    sizes = {tuple(round(float(n)) for n in box.split()[2:])
+             for box in re.findall(rb"/MediaBox \[([^\]]+)\]", document)}
+    assert sizes == {(595, 842)}                               # A4 in points
+    assert 2 <= int(re.search(rb"/Count (\d+)", document).group(1)) <= 8
