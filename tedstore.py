@@ -78,7 +78,7 @@ BUSY_TIMEOUT_MS = 5000               # how long a connection waits for the write
 OPTIMIZE_ON_OPEN = 0x10002           # PRAGMA optimize flags SQLite advises for a new connection
 JOURNAL_SIZE_LIMIT = 32 * 1024 ** 2  # the WAL is truncated back to this after a checkpoint
 WRITER_POLL_SECONDS = 0.5            # the writer wakes (and beats its heart) at least this often
-CHECKPOINT_IDLE_SECONDS = 1.0        # idle time after which the writer truncates the WAL
+CHECKPOINT_IDLE_SECONDS = 1.0        # idle time after which the writer checkpoints the WAL
 RETRY_MAX_SECONDS = 1.0              # longest pause between attempts at a failing commit
 STOP_GRACE_SECONDS = 20.0            # how long a draining daemon retries a failing commit
 ROLLUP_DELAY_SECONDS = 60            # an hour is rolled up this long after it ends ...
@@ -132,6 +132,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     queue_bytes: Annotated[int, Meta(ge=65536)] = 64 * 1024 ** 2
     socket_mode: Annotated[str, Meta(pattern="^0?[0-7]{3}$")] = "0660"
     max_clock_skew: Annotated[float, Meta(ge=0)] = 300.0
+    checkpoint: Literal["truncate", "passive", "off"] = "truncate"
 
 
 SETTING_ENV = {
@@ -140,6 +141,7 @@ SETTING_ENV = {
     "batch_size": "PERSISTENCE_BATCH_SIZE",
     "batch_interval": "PERSISTENCE_INTERVAL_SECONDS",
     "synchronous": "TEDSTORE_SYNCHRONOUS",
+    "checkpoint": "TEDSTORE_CHECKPOINT",
     "tick_sample_every": "TICK_SAMPLE_EVERY",
     "tick_retention_days": "TICK_RETENTION_DAYS",
     "prediction_retention_days": "PREDICTION_RETENTION_DAYS",
@@ -660,7 +662,7 @@ SQL_INTEGRITY_CHECK = "PRAGMA integrity_check"
 
 
 def connect(path: str, *, readonly: bool = False, create: bool = True, vfs: Optional[str] = None,
-            synchronous: str = "NORMAL") -> apsw.Connection:
+            synchronous: str = "NORMAL", checkpoint: str = "truncate") -> apsw.Connection:
     """Open a connection set up the one way tedstore uses SQLite."""
     if (readonly or not create) and not os.path.exists(path):
         raise StoreError(f"database {path} does not exist: start the daemon "
@@ -687,6 +689,9 @@ def connect(path: str, *, readonly: bool = False, create: bool = True, vfs: Opti
                                  f"put it on a local filesystem")
             conn.pragma("synchronous", synchronous)
             conn.pragma("journal_size_limit", JOURNAL_SIZE_LIMIT)
+            if checkpoint == "off":              # a replicator such as Litestream owns them
+                conn.pragma("wal_autocheckpoint", 0)
+                conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
         conn.execute(SQL_PROBE).fetchall()
     except apsw.Error as exc:
         conn.close()
@@ -734,13 +739,13 @@ def migrate(conn: apsw.Connection, path: str) -> tuple[int, int]:
 
 
 def open_store(path: str, *, vfs: Optional[str] = None, synchronous: str = "NORMAL",
-               create: bool = True) -> apsw.Connection:
+               checkpoint: str = "truncate", create: bool = True) -> apsw.Connection:
     """A read-write connection to a database at the newest schema version."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise StoreError(f"the folder of database {path} does not exist: create {folder} "
                          f"or set TEDSTORE_DB")
-    conn = connect(path, create=create, vfs=vfs, synchronous=synchronous)
+    conn = connect(path, create=create, vfs=vfs, synchronous=synchronous, checkpoint=checkpoint)
     try:
         migrate(conn, path)
     except BaseException:
@@ -1000,6 +1005,12 @@ class IngestBatch:
         self.rows_changed = 0
         for chunk in chunks:
             self._read(chunk)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to write: the lines were control lines, answered already."""
+        return not (self.ticks or self.samples or self.predictions or self.side_bets
+                    or self.states or self.lifecycle or self.decode_rejects)
 
     def _read(self, chunk: Chunk) -> None:
         if chunk.rejection is not None:
@@ -1509,6 +1520,8 @@ class Writer(threading.Thread):
         self._stopping = False
         self._last_commit_mono = 0.0
         self._checkpointed = True
+        self.checkpoints = 0                           # idle checkpoints that completed
+        self.last_checkpoint: Optional[float] = None
 
     # -- API for other threads -------------------------------------------------
 
@@ -1543,7 +1556,8 @@ class Writer(threading.Thread):
     def run(self) -> None:
         try:
             self.conn = connect(self.settings.db, vfs=self.vfs,
-                                synchronous=self.settings.synchronous)
+                                synchronous=self.settings.synchronous,
+                                checkpoint=self.settings.checkpoint)
         except StoreError as exc:
             self.start_error = exc
             self.started.set()
@@ -1578,7 +1592,9 @@ class Writer(threading.Thread):
                 self._run_task(item)
             elif item:
                 self._commit(item)
-            elif not self._checkpointed and \
+            # Idle means no commit for a while, not an empty queue: status requests and
+            # tasks arriving every few hundred ms must not keep the WAL from its checkpoint.
+            if not self._checkpointed and self.queue.events == 0 and \
                     time.monotonic() - self._last_commit_mono >= CHECKPOINT_IDLE_SECONDS:
                 self._checkpoint()
 
@@ -1594,6 +1610,9 @@ class Writer(threading.Thread):
     def _commit(self, chunks: list[Chunk]) -> None:
         try:
             batch = IngestBatch(chunks, self.settings)
+            if batch.empty:                # control lines only: no transaction, no commit
+                self._acknowledge(batch)
+                return
             committed = self._commit_retrying(batch)
         except Exception as exc:           # the data's fault: find the line and reject it
             self._bisect(chunks, exc)
@@ -1678,6 +1697,12 @@ class Writer(threading.Thread):
         if batch.touched:
             with self._late_lock:
                 self._late_hours |= batch.touched
+        self._last_commit_mono = time.monotonic()
+        self._checkpointed = False
+        self._acknowledge(batch)
+
+    def _acknowledge(self, batch: IngestBatch) -> None:
+        """Acknowledge each session's lines up to its last one, with its rejections."""
         by_session: dict[Any, Ack] = {}
         for chunk in batch.chunks:
             session = chunk.session
@@ -1692,16 +1717,26 @@ class Writer(threading.Thread):
                 ack.rejected.append((reject.line_no, reject.code, reject.error))
         for ack in by_session.values():
             ack.rejected.sort()
-        self._last_commit_mono = time.monotonic()
-        self._checkpointed = False
         self.on_commit(list(by_session.values()))
 
     def _checkpoint(self) -> None:
-        """Truncate the WAL while idle; readers holding old snapshots only postpone it."""
+        """Checkpoint the WAL while idle as TEDSTORE_CHECKPOINT says: truncate it, or copy
+        its frames into the database without waiting for anyone (passive), or leave it to
+        a replicator (off). Readers holding old snapshots only postpone it."""
+        if self.settings.checkpoint == "off":
+            self._checkpointed = True
+            return
         self.conn.set_busy_handler(None)
         try:
-            self.conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+            if self.settings.checkpoint == "truncate":
+                self.conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+            else:
+                frames, copied = self.conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+                if copied < frames:
+                    raise apsw.BusyError("a reader holds frames back")
             self._checkpointed = True
+            self.checkpoints += 1
+            self.last_checkpoint = time.time()
         except apsw.BusyError:
             self._last_commit_mono = time.monotonic()     # a reader is in the way: try later
         except apsw.Error as exc:
@@ -2773,7 +2808,8 @@ class Daemon:
             self._lock_database(created)
             created += [self.settings.db + suffix for suffix in ("", "-wal", "-shm")
                         if not os.path.exists(self.settings.db + suffix)]
-            conn = open_store(self.settings.db, vfs=self.vfs, synchronous=self.settings.synchronous)
+            conn = open_store(self.settings.db, vfs=self.vfs, synchronous=self.settings.synchronous,
+                              checkpoint=self.settings.checkpoint)
             self.schema = conn.pragma("user_version")
             conn.close()
             listener.listen(1024)                # connections are refused until now
@@ -2969,7 +3005,10 @@ class Daemon:
             "manager": {"enabled": True, "running": writer.is_alive() and not self.stopping,
                         "persist_interval": settings.batch_interval},
             "writer": {"state": "failing" if stats.failing else "ok", "error": stats.failing,
-                       "batches": stats.batches, "unsaved": stats.unsaved},
+                       "batches": stats.batches, "unsaved": stats.unsaved,
+                       "checkpoint": settings.checkpoint, "checkpoints": writer.checkpoints,
+                       "last_checkpoint": (utc_text(writer.last_checkpoint)
+                                           if writer.last_checkpoint else None)},
             "queue": {"events": writer.queue.events, "bytes": writer.queue.bytes,
                       "max_events": settings.queue_events, "max_bytes": settings.queue_bytes,
                       "full": writer.queue.blocked},
@@ -3177,7 +3216,8 @@ def replay(settings: Settings, blocks: Iterable[bytes],
                          f"{settings.db} does not exist: start the daemon (tedstore serve), "
                          f"create the database (tedstore init), or fix --socket/--db")
     with contextlib.closing(open_store(settings.db, create=False,
-                                       synchronous=settings.synchronous)) as conn:
+                                       synchronous=settings.synchronous,
+                                       checkpoint=settings.checkpoint)) as conn:
         done, touched = 0, set()
 
         def advance(lines: int) -> None:
@@ -5235,7 +5275,8 @@ def retention_command(settings: Settings, dry_run: bool, output: Output) -> None
 
     Example: tedstore retention --dry-run
     """
-    conn = closing(open_store(settings.db, create=False, synchronous=settings.synchronous))
+    conn = closing(open_store(settings.db, create=False, synchronous=settings.synchronous,
+                              checkpoint=settings.checkpoint))
     removed = run_retention(conn, yielding_steps(conn), settings, time.time(), dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     output.show({"dry_run": dry_run, "would_delete" if dry_run else "deleted": removed},
@@ -5257,7 +5298,8 @@ def rollup_command(settings: Settings, since: Optional[str], output: Output) -> 
     """
     now = time.time()
     start = parse_when(since, now) if since else None
-    conn = closing(open_store(settings.db, create=False, synchronous=settings.synchronous))
+    conn = closing(open_store(settings.db, create=False, synchronous=settings.synchronous,
+                              checkpoint=settings.checkpoint))
     hours = hours_to_roll(conn, now, settings, since=start)
     with progress_bar(len(hours), "rolling up") as bar:
         detail = run_rollups(conn, yielding_steps(conn), hours, now, progress=bar.advance)

@@ -128,15 +128,21 @@ def cli_args(name: str, params: dict) -> list[str]:
     return args
 
 
+def the_year(db: str | None, folder: str) -> str:
+    """The year's database: `db` if it exists, else built there (or in `folder`)."""
+    db = db or os.path.join(folder, "year.db")
+    if not os.path.exists(db):
+        print(f"built a year of TED-volume data in {build_year(db):.0f} s")
+    return db
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", help="Build the year here, or reuse it if it exists.")
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="tedstore-queries-")
-    db = args.db or os.path.join(folder, "year.db")
-    if not os.path.exists(db):
-        print(f"built a year of TED-volume data in {build_year(db):.0f} s")
+    db = the_year(args.db, folder)
     conn = tedstore.connect(db, readonly=True)
     counts = {table: conn.execute(f"SELECT count(*) FROM {table}").get for table in
               ("games", "predictions", "side_bets", "tick_samples", "metrics_hourly", "rejects")}

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import tedstore  # noqa: E402
-from queries import build_year  # noqa: E402
+from queries import the_year  # noqa: E402
 
 
 def main() -> None:
@@ -31,9 +31,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="tedstore-report-")
-    db = args.db or os.path.join(folder, "year.db")
-    if not os.path.exists(db):
-        print(f"built a year of TED-volume data in {build_year(db):.0f} s")
+    db = the_year(args.db, folder)
     print(f"{'period':>8}  {'data p50':>9}  {'page p50':>9}  {'in process':>10}  "
           f"{'CLI wall':>9}  {'size':>8}")
     for days in (7, 365):

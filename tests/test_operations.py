@@ -401,6 +401,58 @@ def test_the_wal_stays_bounded_under_constant_ingest(daemon):
     assert 0 < peak[0] <= tedstore.JOURNAL_SIZE_LIMIT, f"WAL peaked at {peak[0] / 1e6:.1f} MB"
 
 
+def in_database_file(db: str, folder) -> int:
+    """The predictions the database file holds without its WAL: what checkpoints copied."""
+    copy = folder / "without-wal.db"
+    shutil.copyfile(db, copy)
+    conn = apsw.Connection(str(copy))
+    try:
+        if not conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'predictions'").get:
+            return 0                                 # even the schema is only in the WAL
+        return conn.execute("SELECT count(*) FROM predictions").get
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("mode", ["truncate", "PASSIVE", "off"])
+def test_the_checkpoint_setting_decides_what_becomes_of_the_wal(daemon_factory, tmp, mode):
+    """truncate empties the WAL once idle; passive copies it into the database file and
+    leaves the file; off copies nothing, not even past SQLite's automatic threshold or at
+    exit, and leaves it all to a replicator."""
+    daemon = daemon_factory(env={"TEDSTORE_CHECKPOINT": mode})
+    count = 30_000                                   # past SQLite's 1,000-page autocheckpoint
+    conn = daemon.connect()
+    for first in range(0, count, 3000):
+        conn.send(*[prediction("c", i, i + 9) for i in range(first, first + 3000)])
+    assert conn.wait_ack(count) == []
+    folder = tmp / "copies"
+    folder.mkdir()
+
+    def status() -> dict:
+        return json.loads(run_cli("status", "--json", "--socket", daemon.socket).stdout)
+
+    def idle_for() -> float:
+        return time.time() - tedstore.parse_when(status()["repository"]["last_save"], 0)
+
+    if mode == "off":
+        wait_for(lambda: idle_for() > 3 * tedstore.CHECKPOINT_IDLE_SECONDS,
+                 what="the daemon to have been idle long enough to checkpoint")
+        seen = status()
+        assert seen["writer"]["checkpoints"] == 0 and seen["writer"]["last_checkpoint"] is None
+        assert in_database_file(daemon.db, folder) == 0
+        assert wal_size(daemon.db) > 1000 * daemon.query("PRAGMA page_size")[0][0]
+    else:
+        seen = wait_for(lambda: (s := status())["writer"]["last_checkpoint"] is not None
+                        and s["writer"]["last_checkpoint"] > s["repository"]["last_save"]
+                        and s, what="an idle checkpoint after the last commit")
+        assert in_database_file(daemon.db, folder) == count
+        assert (wal_size(daemon.db) == 0) == (mode == "truncate")
+    assert seen["writer"]["checkpoint"] == mode.lower()
+    assert daemon.stop() == 0
+    assert daemon.query("SELECT count(*) FROM predictions") == [(count,)]
+    assert (in_database_file(daemon.db, folder) == count) == (mode != "off")
+
+
 # -- backups ----------------------------------------------------------------------------------
 
 def test_backup_while_ingesting_is_consistent_and_never_overwrites(daemon, tmp):
