@@ -2620,6 +2620,68 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def restore_database(db_path: str, backup: str, now: float) -> dict:
+    """Put a checked backup in place of a stopped daemon's database.
+
+    The database it replaces is kept beside it (DB.replaced-STAMP, with its WAL, which
+    holds commits not yet copied into it), no stale -wal or -shm stays behind, and the
+    lock a daemon takes is held throughout, so none starts halfway.
+    """
+    source, target = Path(backup), Path(db_path)
+    if not source.is_file():
+        raise ConfigError(f"there is no backup at {backup}")
+    if not target.parent.is_dir():
+        raise ConfigError(f"cannot restore to {db_path}: there is no folder {target.parent}")
+    try:
+        with contextlib.closing(connect(str(source), readonly=True)) as conn:
+            verdict, version = conn.execute(SQL_INTEGRITY_CHECK).get, conn.pragma("user_version")
+    except (StoreError, apsw.Error) as exc:
+        raise StoreError(f"{backup} is not a usable tedstore backup: {exc}") from None
+    if verdict != "ok" or not 1 <= version <= schema_steps()[-1][0]:
+        raise StoreError(f"{backup} is not a usable tedstore backup (integrity: {verdict}; "
+                         f"schema version {version}): pick another backup")
+    owner = (target if target.exists() else target.parent).stat()   # whom the files belong to
+    lock = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    try:
+        if os.geteuid() == 0:             # run with sudo: the daemon's user keeps its files
+            os.fchown(lock, owner.st_uid, owner.st_gid)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, _ = serving(db_path) or ("?", "")
+            raise StoreError(f"tedstore (pid {pid}) is running on {db_path}: stop it first "
+                             f"(systemctl stop tedstore.service tedstore.socket)") from None
+        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        try:
+            shutil.copyfile(source, partial)
+            os.chmod(partial, PRIVATE_FILE_MODE)
+            if os.geteuid() == 0:
+                os.chown(partial, owner.st_uid, owner.st_gid)
+            with open(partial, "rb+") as copy:
+                os.fsync(copy.fileno())
+            kept = None
+            if target.exists():
+                kept = target.with_name(f"{target.name}.replaced-"
+                                        f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}")
+                os.rename(target, kept)
+                if os.path.exists(f"{target}-wal"):
+                    os.rename(f"{target}-wal", f"{kept}-wal")
+            Path(f"{target}-wal").unlink(missing_ok=True)
+            Path(f"{target}-shm").unlink(missing_ok=True)
+            os.rename(partial, target)
+            folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        finally:
+            partial.unlink(missing_ok=True)
+    finally:
+        os.close(lock)
+    return {"path": str(target), "backup": str(source), "kept": str(kept) if kept else None,
+            "bytes": target.stat().st_size, "schema_version": version}
+
+
 def nightly_backup(settings: Settings, now: float) -> dict:
     """A dated backup in TEDSTORE_BACKUP_DIR, keeping the newest TEDSTORE_BACKUP_KEEP."""
     folder = Path(settings.backup_dir)
@@ -5261,6 +5323,23 @@ def backup_command(settings: Settings, dest: str) -> None:
     detail = backup_database(settings.db, dest)
     click.echo(f"backed up {settings.db} to {detail['path']} ({detail['bytes']:,} bytes, "
                f"integrity ok) in {detail['seconds']:.2f} s")
+
+
+@cli.command("restore")
+@with_settings("db")
+@click.argument("backup", type=click.Path(dir_okay=False))
+def restore_command(settings: Settings, backup: str) -> None:
+    """Replace the database with BACKUP (the daemon must be stopped).
+
+    The backup is checked first; the replaced database is kept beside it as
+    DB.replaced-YYYYmmddTHHMMSSZ, and no stale -wal or -shm stays behind.
+
+    Example: tedstore restore /srv/backups/tedstore-20261122T031500Z.db
+    """
+    detail = restore_database(settings.db, backup, time.time())
+    kept = f"; the replaced database is kept as {detail['kept']}" if detail["kept"] else ""
+    click.echo(f"restored {settings.db} from {backup} ({detail['bytes']:,} bytes, integrity "
+               f"ok){kept}")
 
 
 @cli.command("retention")
