@@ -5195,11 +5195,77 @@ def status_command(settings: Settings, output: Output) -> None:
             offline["error"],
             *tree_lines({"database": offline["database"], "jobs": offline.get("jobs")})])
         sys.exit(1)
-    output.show(answer, lambda answer: [
-        f"tedstore {answer['version']} is running (pid {answer['pid']}, "
-        f"up {answer['uptime_s']:g} s)",
-        *tree_lines({k: v for k, v in answer.items()
-                     if k not in ("running", "version", "pid", "uptime_s")})])
+    output.show(answer, lambda answer: status_lines(answer, time.time()))
+
+
+def ago(when: Optional[str], now: float) -> str:
+    """'3 min ago' for a stored UTC time, 'never' for none."""
+    if not when:
+        return "never"
+    return f"{duration(max(0.0, now - parse_when(when, now)))} ago"
+
+
+def duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+def counts(by_name: dict) -> str:
+    return ", ".join(f"{name} {n:,}" for name, n in by_name.items()) or "none"
+
+
+def status_lines(status: dict, now: float) -> list[str]:
+    """The daemon's status for people: a one-line summary, then a line per subject, in
+    units; `status --json` has every field."""
+    writer, queue, db = status["writer"], status["queue"], status["database"]
+    repository, latency = status["repository"], status["commit_latency_ms"]
+    events = sum(status["events"].values())
+    trouble = (f"; WRITER FAILING: {writer['error']}" if writer["state"] != "ok" else
+               "; QUEUE FULL: clients wait" if queue["full"] else "")
+    ms = fmt(1, " ms")
+    rollup, retention, backup = (status["last_rollup"] or {}, status["last_retention"] or {},
+                                 status["last_backup"] or {})
+    deleted = sum((retention.get("deleted") or {}).values())
+    return [
+        f"tedstore {status['version']} is running (pid {status['pid']}, up "
+        f"{duration(status['uptime_s'])}): {events / max(status['uptime_s'], 1) * 60:,.0f} "
+        f"events/min, last commit {ago(repository['last_save'], now)}, queue "
+        f"{queue['events']:,}, WAL {megabytes(db['wal_bytes'])}{trouble}",
+        f"writer:       {writer['state']}, {repository['records_saved']:,} rows saved in "
+        f"{writer['batches']:,} commits, {repository['errors']:,} commit errors, "
+        f"{writer['unsaved']:,} lines unsaved",
+        f"checkpoints:  {writer['checkpoint']}, {writer['checkpoints']:,} idle checkpoints, "
+        f"last {ago(writer['last_checkpoint'], now)}",
+        f"queue:        {queue['events']:,} of {queue['max_events']:,} events, "
+        f"{megabytes(queue['bytes'])} of {megabytes(queue['max_bytes'])}"
+        + (" (full)" if queue["full"] else ""),
+        f"commits:      avg {ms(latency['avg'])}, p50 {ms(latency['p50'])}, "
+        f"p99 {ms(latency['p99'])}, batches wait at most "
+        f"{status['manager']['persist_interval'] * 1000:g} ms",
+        f"events:       {counts(status['events'])}",
+        f"duplicates:   {counts(status['duplicates'])}",
+        f"rejects:      {counts(status['rejects'])}",
+        f"connections:  {status['connections']['open']:,} open, "
+        f"{status['connections']['total']:,} since start, refused: "
+        f"{counts(status['connections']['refused'])}",
+        f"queries:      {status['queries']['answered']:,} answered, "
+        f"{status['queries']['refused']:,} refused, {status['queries']['waiting']:,} waiting",
+        f"rollup:       {ago(rollup.get('at'), now)}"
+        + (f", through {rollup['through']}" if rollup.get("through") else ""),
+        f"retention:    {ago(retention.get('at'), now)}"
+        + (f", {deleted:,} rows deleted" if retention else ""),
+        f"backup:       {ago(backup.get('at'), now)}"
+        + (f", {backup['path']}" if backup.get("path") else ""),
+        f"database:     {db['path']}, {megabytes(db['size_bytes'])}, WAL "
+        f"{megabytes(db['wal_bytes'])}, schema {db['schema_version']}",
+        f"socket:       {status['socket']}",
+    ]
 
 
 @cli.command("doctor")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import threading
@@ -453,6 +454,30 @@ def test_the_checkpoint_setting_decides_what_becomes_of_the_wal(daemon_factory, 
     assert (in_database_file(daemon.db, folder) == count) == (mode != "off")
 
 
+def test_status_for_people_starts_with_a_summary_and_speaks_in_units(daemon):
+    conn = daemon.connect()
+    events = list(tedstore.simulate_events(2, seed=3))
+    conn.send(*events, b"{not json")
+    assert [r["code"] for r in conn.wait_ack(len(events) + 1)] == ["bad_json"]
+    done = run_cli("status", "--socket", daemon.socket)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert re.fullmatch(r"tedstore \S+ is running \(pid \d+, up \d+ (s|min|h|d)\): [\d,]+ "
+                        r"events/min, last commit \d+ (s|min) ago, queue \d+, WAL [\d.]+ MB",
+                        lines[0]), lines[0]
+    text = "\n".join(lines)
+    for literal in ("True", "False", "None", "{", "[", "'", "_bytes", "uptime_s"):
+        assert literal not in text, f"{literal!r} in the status for people:\n{text}"
+    assert re.search(r"^commits: +avg [\d.]+ ms, p50 [\d.]+ ms, p99 [\d.]+ ms", text, re.M)
+    assert re.search(r"^rejects: +bad_json 1$", text, re.M)
+    assert re.search(rf"^events: .*prediction {sum(e['event'] == 'prediction' for e in events)}",
+                     text, re.M)
+    assert re.search(r"^database: .*, [\d.]+ MB, WAL [\d.]+ MB, schema \d+$", text, re.M)
+    machine = json.loads(run_cli("status", "--json", "--socket", daemon.socket).stdout)
+    assert machine["rejects"] == {"bad_json": 1} and machine["running"] is True
+    assert machine["repository"]["records_saved"] > 0 and machine["database"]["size_bytes"] > 0
+
+
 # -- backups ----------------------------------------------------------------------------------
 
 def test_backup_while_ingesting_is_consistent_and_never_overwrites(daemon, tmp):
@@ -580,7 +605,7 @@ def test_status_reports_every_field(daemon):
     result = run_cli("status", "--socket", daemon.socket, "--json")
     assert result.returncode == 0 and json.loads(result.stdout)["running"] is True
     human = run_cli("status", "--socket", daemon.socket)
-    assert "is running" in human.stdout and "records_saved: 1" in human.stdout
+    assert "is running" in human.stdout and "1 rows saved" in human.stdout
 
 
 def test_status_when_the_daemon_is_down(daemon_factory):
