@@ -5180,8 +5180,11 @@ def init_command(settings: Settings, check: bool) -> None:
 
 @cli.command("status")
 @with_settings("db", "socket")
+@click.option("--format", "form", type=click.Choice(["prometheus"]),
+              help="prometheus: the counters in Prometheus's text format (tedstore_up 0 when "
+                   "the daemon does not answer; exit status 0 either way).")
 @with_output
-def status_command(settings: Settings, output: Output) -> None:
+def status_command(settings: Settings, output: Output, form: Optional[str]) -> None:
     """Show what the daemon is doing.
 
     If the daemon is not running, it says so, shows what the database knows and exits 1.
@@ -5191,11 +5194,85 @@ def status_command(settings: Settings, output: Output) -> None:
     try:
         answer = {"running": True, **request(settings.socket, "status")["status"]}
     except ProtocolError as exc:
+        if form == "prometheus":
+            click.echo("\n".join(prometheus_lines(None)))
+            return
         output.show(offline_status(settings, exc), lambda offline: [
             offline["error"],
             *tree_lines({"database": offline["database"], "jobs": offline.get("jobs")})])
         sys.exit(1)
+    if form == "prometheus":
+        click.echo("\n".join(prometheus_lines(answer)))
+        return
     output.show(answer, lambda answer: status_lines(answer, time.time()))
+
+
+def _label(value: str) -> str:
+    """A label value as the Prometheus text format writes it."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prometheus_lines(status: Optional[dict]) -> list[str]:
+    """The status's counters in the Prometheus text exposition format (for node_exporter's
+    textfile collector); None means the daemon did not answer."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, about: str, samples: Iterable[tuple[dict, Any]]) -> None:
+        lines.extend([f"# HELP tedstore_{name} {about}", f"# TYPE tedstore_{name} {kind}"])
+        for labels, value in samples:
+            inside = ",".join(f'{key}="{_label(str(v))}"' for key, v in labels.items())
+            number = int(value) if isinstance(value, (bool, int)) or value is None \
+                else repr(float(value))                      # exact: no 1.79e+09 for a time
+            lines.append(f"tedstore_{name}{{{inside}}} {number}" if inside
+                         else f"tedstore_{name} {number}")
+
+    family("up", "gauge", "1 if the daemon answered.", [({}, status is not None)])
+    if status is None:
+        return lines
+
+    def when(text: Optional[str]) -> float:
+        return parse_when(text, 0) if text else 0
+
+    writer, queue, db = status["writer"], status["queue"], status["database"]
+    latency, connections = status["commit_latency_ms"], status["connections"]
+    family("info", "gauge", "The version and the checkpoint mode.",
+           [({"version": status["version"], "checkpoint": writer["checkpoint"]}, 1)])
+    family("uptime_seconds", "gauge", "Seconds since the daemon started.",
+           [({}, status["uptime_s"])])
+    family("events_total", "counter", "Lines that changed rows, by event type.",
+           [({"type": k}, v) for k, v in status["events"].items()])
+    family("duplicates_total", "counter", "Lines that changed nothing, by event type.",
+           [({"type": k}, v) for k, v in status["duplicates"].items()])
+    family("rejects_total", "counter", "Refused lines, by code.",
+           [({"code": k}, v) for k, v in status["rejects"].items()])
+    family("records_saved_total", "counter", "Rows inserted or updated.",
+           [({}, status["repository"]["records_saved"])])
+    family("commits_total", "counter", "Committed batches.", [({}, writer["batches"])])
+    family("commit_errors_total", "counter", "Failed commit attempts.",
+           [({}, status["repository"]["errors"])])
+    family("writer_failing", "gauge", "1 while commits are failing and being retried.",
+           [({}, writer["state"] != "ok")])
+    family("commit_latency_seconds", "gauge", "Commit latency since start, by quantile.",
+           [({"quantile": q}, (latency[key] or 0) / 1000) for q, key in
+            (("0.5", "p50"), ("0.99", "p99"))])
+    family("queue_events", "gauge", "Lines waiting for a commit.", [({}, queue["events"])])
+    family("queue_bytes", "gauge", "Bytes waiting for a commit.", [({}, queue["bytes"])])
+    family("queue_full", "gauge", "1 while clients wait for room.", [({}, queue["full"])])
+    family("connections_open", "gauge", "Open client connections.",
+           [({}, connections["open"])])
+    family("connections_total", "counter", "Client connections since start.",
+           [({}, connections["total"])])
+    family("database_bytes", "gauge", "Size of the database file.", [({}, db["size_bytes"])])
+    family("wal_bytes", "gauge", "Size of the WAL file.", [({}, db["wal_bytes"])])
+    family("checkpoints_total", "counter", "Idle checkpoints completed.",
+           [({}, writer["checkpoints"])])
+    family("last_timestamp_seconds", "gauge", "When each job last ran, in Unix time (0: never).",
+           [({"job": "rollup"}, when((status["last_rollup"] or {}).get("at"))),
+            ({"job": "retention"}, when((status["last_retention"] or {}).get("at"))),
+            ({"job": "backup"}, when((status["last_backup"] or {}).get("at"))),
+            ({"job": "checkpoint"}, when(writer["last_checkpoint"])),
+            ({"job": "commit"}, when(status["repository"]["last_save"]))])
+    return lines
 
 
 def ago(when: Optional[str], now: float) -> str:

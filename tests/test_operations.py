@@ -478,6 +478,73 @@ def test_status_for_people_starts_with_a_summary_and_speaks_in_units(daemon):
     assert machine["repository"]["records_saved"] > 0 and machine["database"]["size_bytes"] > 0
 
 
+METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{((?:[a-zA-Z_]\w*="(?:[^"\\\n]|\\[\\"n])*",?)*)\})? '
+                    r'(\S+)')
+
+
+def parse_prometheus(text: str) -> dict[tuple, float]:
+    """Samples by (name, labels), checked against the text format's rules: names, one HELP
+    and one TYPE per family before its samples, label values escaped, numbers floats."""
+    samples, typed, helped = {}, {}, set()
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split(" ")[2]
+            assert METRIC_NAME.fullmatch(name) and name not in helped, line
+            helped.add(name)
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name not in typed and kind in ("counter", "gauge"), line
+            typed[name] = kind
+        else:
+            match = SAMPLE.fullmatch(line)
+            assert match, f"not a sample line: {line!r}"
+            name, labels, value = match.groups()
+            assert name in typed and name in helped, f"{name} has no TYPE or HELP before it"
+            assert not typed[name] == "counter" or name.endswith("_total"), name
+            pairs = tuple(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels or ""))
+            samples[(name, pairs)] = float(value)
+    return samples
+
+
+def test_status_for_prometheus_follows_the_text_format(daemon, tmp):
+    conn = daemon.connect()
+    conn.send(prediction("p", 1, 2), prediction("p", 1, 2), b"{oops")
+    conn.wait_ack(3)
+    done = run_cli("status", "--format", "prometheus", "--socket", daemon.socket)
+    assert done.returncode == 0, done.stderr
+    samples = parse_prometheus(done.stdout)
+    assert samples[("tedstore_up", ())] == 1
+    assert samples[("tedstore_events_total", (("type", "prediction"),))] == 1
+    assert samples[("tedstore_duplicates_total", (("type", "prediction"),))] == 1
+    assert samples[("tedstore_rejects_total", (("code", "bad_json"),))] == 1
+    assert samples[("tedstore_database_bytes", ())] > 0
+    assert samples[("tedstore_last_timestamp_seconds", (("job", "commit"),))] == \
+        pytest.approx(time.time(), abs=120)
+    assert samples[("tedstore_writer_failing", ())] == 0
+    assert daemon.stop() == 0
+    down = run_cli("status", "--format", "prometheus", "--socket", daemon.socket,
+                   "--db", daemon.db)
+    assert down.returncode == 0 and parse_prometheus(down.stdout) == {("tedstore_up", ()): 0}
+
+
+def test_prometheus_label_values_are_escaped():
+    status = json.loads(json.dumps({
+        "version": 'v"1\\2\n', "uptime_s": 1.5, "events": {'we"ird\\type\n': 3},
+        "duplicates": {}, "rejects": {}, "repository": {"records_saved": 3, "errors": 0,
+                                                        "last_save": None},
+        "writer": {"batches": 1, "state": "ok", "checkpoint": "off", "checkpoints": 0,
+                   "last_checkpoint": None},
+        "commit_latency_ms": {"p50": None, "p99": None},
+        "queue": {"events": 0, "bytes": 0, "full": False},
+        "connections": {"open": 0, "total": 0}, "database": {"size_bytes": 1, "wal_bytes": 0},
+        "last_rollup": None, "last_retention": None, "last_backup": None}))
+    text = "\n".join(tedstore.prometheus_lines(status))
+    samples = parse_prometheus(text)
+    assert samples[("tedstore_events_total", (("type", 'we\\"ird\\\\type\\n'),))] == 3
+    assert ("tedstore_info", (("version", 'v\\"1\\\\2\\n'), ("checkpoint", "off"))) in samples
+
+
 # -- backups ----------------------------------------------------------------------------------
 
 def test_backup_while_ingesting_is_consistent_and_never_overwrites(daemon, tmp):
