@@ -3,11 +3,13 @@ events themselves; the socket op, its limits, and the Reader; the read commands.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -596,3 +598,63 @@ def test_heavy_queries_do_not_raise_the_ack_p99_of_a_steady_stream(daemon_factor
     p99 = latencies[int(len(latencies) * 0.99) - 1]
     assert len(asked) >= 5 and asked[0] >= 150_000
     assert p99 <= 10.0, f"ack p99 {p99:.1f} ms while {len(asked)} heavy queries ran"
+
+
+# -- Datasette, beside a live daemon --------------------------------------------------------
+
+DATASETTE = shutil.which("datasette", path=os.path.dirname(sys.executable))
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket: Datasette listens on one (--uds), so the test needs no port."""
+
+    def __init__(self, path: str):
+        super().__init__("localhost", timeout=30)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(self.path)
+
+
+@pytest.mark.skipif(DATASETTE is None, reason="datasette is not installed (the test extra has it)")
+def test_datasette_browses_the_live_database_while_acks_keep_flowing(daemon, tmp):
+    events = list(tedstore.simulate_events(40, seed=8))
+    conn = daemon.connect()
+    conn.send(*events[:500])
+    conn.wait_ack(500)
+    where = tmp / "datasette.sock"
+    server = subprocess.Popen([DATASETTE, "serve", daemon.db, "--uds", str(where),
+                               "--setting", "sql_time_limit_ms", "1000"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: where.exists() or server.poll() is not None, timeout=60,
+                 what="datasette to listen")
+        assert server.poll() is None, server.stderr.read().decode()
+
+        def fetch(path: str) -> list:
+            http = UnixHTTPConnection(str(where))
+            try:
+                http.request("GET", path)
+                reply = http.getresponse()
+                assert reply.status == 200, (path, reply.status, reply.read()[:300])
+                return json.loads(reply.read())
+            finally:
+                http.close()
+
+        sent = 500
+        for first in range(500, len(events), 500):            # ingest goes on between reads
+            conn.send(*events[first:first + 500])
+            views = fetch("/tedstore/prediction_accuracy_daily.json?_shape=array")
+            games = fetch("/tedstore/games.json?_shape=array&_size=5&_sort_desc=id")
+            sent = min(first + 500, len(events))
+            assert conn.wait_ack(sent) == []
+            assert views and {"day", "resolved"} <= set(views[0])
+            assert games and {"game_id", "patterns_detected"} <= set(games[0])
+        assert conn.acked == len(events)
+        stored = fetch("/tedstore.json?sql=select+count(*)+as+n+from+predictions&_shape=array")
+        assert stored[0]["n"] == sum(e["event"] == "prediction" for e in events)
+    finally:
+        server.terminate()
+        server.wait(30)
