@@ -5655,11 +5655,14 @@ def performance_command(reader: Reader, output: Output, hours: Optional[float],
     output.show(result, lines)
 
 
+last_days = click.option("--days", type=click.FloatRange(min=0, min_open=True), default=7,
+                         show_default=True, help="The last N days.")
+
+
 @cli.command("trends")
 @with_reader
 @with_output
-@click.option("--days", type=click.FloatRange(min=0, min_open=True), default=7,
-              show_default=True, help="The last N days.")
+@last_days
 def trends_command(reader: Reader, output: Output, days: float) -> None:
     """Whether e40 bias, accuracy and side-bet ROI drift, hour by hour.
 
@@ -5678,8 +5681,7 @@ def trends_command(reader: Reader, output: Output, days: float) -> None:
 @cli.command("patterns")
 @with_reader
 @with_output
-@click.option("--days", type=click.FloatRange(min=0, min_open=True), default=7,
-              show_default=True, help="The last N days.")
+@last_days
 def patterns_command(reader: Reader, output: Output, days: float) -> None:
     """Which patterns the games of the last days had, and how the predictions did on them.
 
