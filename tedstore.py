@@ -79,6 +79,9 @@ OPTIMIZE_ON_OPEN = 0x10002           # PRAGMA optimize flags SQLite advises for 
 JOURNAL_SIZE_LIMIT = 32 * 1024 ** 2  # the WAL is truncated back to this after a checkpoint
 WRITER_POLL_SECONDS = 0.5            # the writer wakes (and beats its heart) at least this often
 CHECKPOINT_IDLE_SECONDS = 1.0        # idle time after which the writer checkpoints the WAL
+WAL_WARNING_BYTES = 4 * JOURNAL_SIZE_LIMIT  # a WAL this large means something holds it back
+REPLICATOR_WAL_LIMIT = 1024 ** 3     # with checkpoints off, a WAL past this is checkpointed
+                                     # anyway: the replicator (whose own limit is ~500 MB) is down
 RETRY_MAX_SECONDS = 1.0              # longest pause between attempts at a failing commit
 STOP_GRACE_SECONDS = 20.0            # how long a draining daemon retries a failing commit
 ROLLUP_DELAY_SECONDS = 60            # an hour is rolled up this long after it ends ...
@@ -1722,13 +1725,21 @@ class Writer(threading.Thread):
     def _checkpoint(self) -> None:
         """Checkpoint the WAL while idle as TEDSTORE_CHECKPOINT says: truncate it, or copy
         its frames into the database without waiting for anyone (passive), or leave it to
-        a replicator (off). Readers holding old snapshots only postpone it."""
-        if self.settings.checkpoint == "off":
-            self._checkpointed = True
-            return
+        a replicator (off) unless nothing has for a long while, rather than fill the disk.
+        Readers holding old snapshots only postpone it."""
+        mode = self.settings.checkpoint
+        if mode == "off":
+            wal = database_facts(self.settings.db)["wal_bytes"] or 0
+            if wal <= REPLICATOR_WAL_LIMIT:
+                self._checkpointed = True
+                return
+            log.warning("the WAL has grown to %s with TEDSTORE_CHECKPOINT=off, so nothing has "
+                        "checkpointed it: truncating it here (start the replicator; it will "
+                        "take a new snapshot)", megabytes(wal))
+            mode = "truncate"
         self.conn.set_busy_handler(None)
         try:
-            if self.settings.checkpoint == "truncate":
+            if mode == "truncate":
                 self.conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
             else:
                 frames, copied = self.conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
@@ -4809,9 +4820,8 @@ def diagnose(settings: Settings, now: float) -> Iterator[tuple[bool, str]]:
     except ProtocolError as exc:
         yield False, why_unreachable(settings, exc)[1]
     wal = database_facts(settings.db)["wal_bytes"] or 0
-    yield (wal <= 4 * JOURNAL_SIZE_LIMIT,
-           f"WAL is {wal / 1e6:.1f} MB" + ("" if wal <= 4 * JOURNAL_SIZE_LIMIT else
-           ": a long-open reader (a sqlite3 session?) holds it back; close it"))
+    yield (wal <= WAL_WARNING_BYTES, f"WAL is {wal / 1e6:.1f} MB" + (
+        "" if wal <= WAL_WARNING_BYTES else f": {wal_held_back(settings.checkpoint)}"))
     usage = shutil.disk_usage(folder)
     free_ok = usage.free >= 1e9 and usage.free >= 0.05 * usage.total
     yield (free_ok, f"{usage.free / 1e9:.1f} GB free on the database's disk"
@@ -5297,6 +5307,13 @@ def counts(by_name: dict) -> str:
     return ", ".join(f"{name} {n:,}" for name, n in by_name.items()) or "none"
 
 
+def wal_held_back(checkpoint: str) -> str:
+    """What to do about a WAL past WAL_WARNING_BYTES, given TEDSTORE_CHECKPOINT."""
+    if checkpoint == "off":
+        return "checkpoints are left to a replicator (TEDSTORE_CHECKPOINT=off): is it running?"
+    return "a long-open reader (a sqlite3 session?) holds it back; close it"
+
+
 def status_lines(status: dict, now: float) -> list[str]:
     """The daemon's status for people: a one-line summary, then a line per subject, in
     units; `status --json` has every field."""
@@ -5304,7 +5321,9 @@ def status_lines(status: dict, now: float) -> list[str]:
     repository, latency = status["repository"], status["commit_latency_ms"]
     events = sum(status["events"].values())
     trouble = (f"; WRITER FAILING: {writer['error']}" if writer["state"] != "ok" else
-               "; QUEUE FULL: clients wait" if queue["full"] else "")
+               "; QUEUE FULL: clients wait" if queue["full"] else
+               f"; WAL LARGE: {wal_held_back(writer['checkpoint'])}"
+               if (db["wal_bytes"] or 0) > WAL_WARNING_BYTES else "")
     ms = fmt(1, " ms")
     rollup, retention, backup = (status["last_rollup"] or {}, status["last_retention"] or {},
                                  status["last_backup"] or {})

@@ -43,6 +43,12 @@ def wait_for(predicate, timeout: float = 15.0, interval: float = 0.02, what: str
         time.sleep(interval)
 
 
+def idle_for(socket_path: str) -> float:
+    """Seconds since the daemon's last commit, as it reports them."""
+    status = tedstore.request(socket_path, "status")["status"]
+    return time.time() - tedstore.parse_when(status["repository"]["last_save"], 0)
+
+
 def clean_env(extra: dict | None = None) -> dict:
     """The environment without tedstore's settings or systemd's variables, plus `extra`."""
     env = {k: v for k, v in os.environ.items()

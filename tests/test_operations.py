@@ -14,8 +14,8 @@ import apsw
 import pytest
 
 import tedstore
-from conftest import (LONG_RETENTION, Conn, Store, WatchedVFS, prediction, query, run_cli,
-                      side_bet, wait_for)
+from conftest import (LONG_RETENTION, Conn, Store, WatchedVFS, idle_for, prediction, query,
+                      run_cli, side_bet, wait_for)
 
 HOUR = tedstore.text_epoch("2026-11-20 10:00:00.000")
 
@@ -432,11 +432,8 @@ def test_the_checkpoint_setting_decides_what_becomes_of_the_wal(daemon_factory, 
     def status() -> dict:
         return json.loads(run_cli("status", "--json", "--socket", daemon.socket).stdout)
 
-    def idle_for() -> float:
-        return time.time() - tedstore.parse_when(status()["repository"]["last_save"], 0)
-
     if mode == "off":
-        wait_for(lambda: idle_for() > 3 * tedstore.CHECKPOINT_IDLE_SECONDS,
+        wait_for(lambda: idle_for(daemon.socket) > 3 * tedstore.CHECKPOINT_IDLE_SECONDS,
                  what="the daemon to have been idle long enough to checkpoint")
         seen = status()
         assert seen["writer"]["checkpoints"] == 0 and seen["writer"]["last_checkpoint"] is None
@@ -452,6 +449,46 @@ def test_the_checkpoint_setting_decides_what_becomes_of_the_wal(daemon_factory, 
     assert daemon.stop() == 0
     assert daemon.query("SELECT count(*) FROM predictions") == [(count,)]
     assert (in_database_file(daemon.db, folder) == count) == (mode != "off")
+
+
+def test_with_checkpoints_off_a_wal_nobody_checkpoints_is_flagged_then_truncated(
+        inprocess, monkeypatch, caplog):
+    """With TEDSTORE_CHECKPOINT=off and no replicator running, the WAL only grows: status
+    and doctor say so past WAL_WARNING_BYTES, and past REPLICATOR_WAL_LIMIT the idle
+    writer truncates it anyway rather than fill the disk."""
+    monkeypatch.setattr(tedstore, "WAL_WARNING_BYTES", 1_000_000)
+    monkeypatch.setattr(tedstore, "REPLICATOR_WAL_LIMIT", 6_000_000)
+    daemon = inprocess(checkpoint="off")
+    conn = Conn(daemon.socket)
+    sent = 0
+
+    def grow_past(size: int) -> None:
+        nonlocal sent
+        while wal_size(daemon.db) <= size:
+            conn.send(*[prediction("w", i, i + 9) for i in range(sent, sent + 500)])
+            sent += 500
+            assert conn.wait_ack(sent) == []
+
+    def summary() -> str:
+        return tedstore.status_lines(tedstore.request(daemon.socket, "status")["status"],
+                                     time.time())[0]
+
+    grow_past(1_000_000)
+    assert wal_size(daemon.db) < 6_000_000
+    assert summary().endswith("; WAL LARGE: checkpoints are left to a replicator "
+                              "(TEDSTORE_CHECKPOINT=off): is it running?")
+    verdicts = dict((line, ok) for ok, line in tedstore.diagnose(daemon.settings, time.time())
+                    if line.startswith("WAL is"))
+    assert list(verdicts.values()) == [False] and "is it running?" in list(verdicts)[0]
+    wait_for(lambda: idle_for(daemon.socket) > 3 * tedstore.CHECKPOINT_IDLE_SECONDS,
+             what="an idle writer")
+    assert wal_size(daemon.db) > 1_000_000                     # below the limit: left alone
+    grow_past(6_000_000)
+    wait_for(lambda: tedstore.request(daemon.socket, "status")["status"]["writer"]
+             ["checkpoints"] == 1, what="the writer to checkpoint the WAL itself")
+    assert wal_size(daemon.db) == 0 and "WAL LARGE" not in summary()
+    assert "with TEDSTORE_CHECKPOINT=off, so nothing has checkpointed it" in caplog.text
+    assert query(daemon.db, "SELECT count(*) FROM predictions") == [(sent,)]
 
 
 def test_status_for_people_starts_with_a_summary_and_speaks_in_units(daemon):

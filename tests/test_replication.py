@@ -9,14 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import apsw
 import pytest
 
 import tedstore
-from conftest import run_cli, wait_for
+from conftest import idle_for, run_cli, wait_for
 
 LITESTREAM = shutil.which("litestream", path=os.path.dirname(sys.executable)) \
     or shutil.which("litestream")
@@ -106,11 +105,6 @@ def contents(db: str) -> dict[str, list]:
                 for table in tables}
     finally:
         conn.close()
-
-
-def idle_for(socket: str) -> float:
-    status = tedstore.request(socket, "status")["status"]
-    return time.time() - tedstore.parse_when(status["repository"]["last_save"], 0)
 
 
 def send_with_pauses(daemon, events: list[dict], batches: int) -> None:
