@@ -1525,6 +1525,7 @@ class Writer(threading.Thread):
         self._checkpointed = True
         self.checkpoints = 0                           # idle checkpoints that completed
         self.last_checkpoint: Optional[float] = None
+        self._runaway_wal_logged = False               # with checkpoints off: said once
 
     # -- API for other threads -------------------------------------------------
 
@@ -1732,10 +1733,13 @@ class Writer(threading.Thread):
             wal = database_facts(self.settings.db)["wal_bytes"] or 0
             if wal <= REPLICATOR_WAL_LIMIT:
                 self._checkpointed = True
+                self._runaway_wal_logged = False
                 return
-            log.warning("the WAL has grown to %s with TEDSTORE_CHECKPOINT=off, so nothing has "
-                        "checkpointed it: truncating it here (start the replicator; it will "
-                        "take a new snapshot)", megabytes(wal))
+            if not self._runaway_wal_logged:
+                log.warning("the WAL has grown to %s with TEDSTORE_CHECKPOINT=off, so nothing "
+                            "has checkpointed it: truncating it here (start the replicator; it "
+                            "will take a new snapshot)", megabytes(wal))
+                self._runaway_wal_logged = True
             mode = "truncate"
         self.conn.set_busy_handler(None)
         try:

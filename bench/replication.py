@@ -3,9 +3,10 @@
 For tedstore alone and for Litestream beside it in each TEDSTORE_CHECKPOINT mode: a client
 sends the game mix at --rate events/s for --seconds, then --burst events as fast as it can;
 the largest WAL seen in each phase and the WAL once idle are printed, with the ack latency.
-With Litestream, it is then stopped for --outage seconds while the client goes on at
---rate, and restarted: printed are the WAL when it returns and whether it had to copy the
-whole database again (a snapshot) instead of going on from the WAL.
+With Litestream, it is stopped before the burst for --outage seconds while the client goes
+on at --rate, and restarted: printed are how fast the WAL grew, the WAL when it returns,
+and whether it had to copy the whole database again (a snapshot) instead of going on from
+the WAL.
 
     python bench/replication.py [--rate 1000] [--seconds 30] [--burst 300000] [--outage 20]
 """
@@ -110,18 +111,10 @@ def run(folder: str, replicated: bool, mode: str, args) -> dict:
         steady = tedstore.stream_lines(sock, lines(int(args.rate * args.seconds), 1),
                                        rate=args.rate, measure_latency=True)
         found["steady p99"] = p99(steady.latencies_ms)
-        watch.phase = "burst"
-        started = time.monotonic()
-        burst = tedstore.stream_lines(sock, lines(args.burst, 2), measure_latency=True)
-        found["burst rate"] = args.burst / (time.monotonic() - started)
-        found["burst p99"] = p99(burst.latencies_ms)
-        watch.phase = "idle"
-        idle(sock, 3 * tedstore.CHECKPOINT_IDLE_SECONDS)
-        found["idle"] = watch.size()
         if replicated:
-            found["snapshots before"] = snapshots(config)
             replicator.send_signal(signal.SIGTERM)
             replicator.wait(60)
+            found["before outage"] = watch.size()
             watch.phase = "outage"
             tedstore.stream_lines(sock, lines(int(args.rate * args.outage), 3), rate=args.rate)
             idle(sock, 3 * tedstore.CHECKPOINT_IDLE_SECONDS)
@@ -132,6 +125,14 @@ def run(folder: str, replicated: bool, mode: str, args) -> dict:
             tedstore.stream_lines(sock, lines(int(args.rate * 5), 4), rate=args.rate)
             idle(sock, 3 * tedstore.CHECKPOINT_IDLE_SECONDS)
             found["snapshots on return"] = snapshots(config) - before
+        watch.phase = "burst"
+        started = time.monotonic()
+        burst = tedstore.stream_lines(sock, lines(args.burst, 2), measure_latency=True)
+        found["burst rate"] = args.burst / (time.monotonic() - started)
+        found["burst p99"] = p99(burst.latencies_ms)
+        watch.phase = "idle"
+        idle(sock, 3 * tedstore.CHECKPOINT_IDLE_SECONDS)
+        found["idle"] = watch.size()
     finally:
         daemon.terminate()
         daemon.wait(60)
@@ -166,11 +167,12 @@ def main() -> None:
               f"ack p99 {found['steady p99']:.1f} ms steady, {found['burst p99']:.1f} ms "
               f"burst ({found['burst rate']:,.0f} events/s)")
         if replicated == "litestream":
-            print(f"{'':>20}  Litestream down {args.outage:.0f} s: WAL "
-                  f"{mb(found['largest outage'])} at most, {mb(found['after outage'])} when it "
-                  f"returns; on return: {found['snapshots on return']} full snapshot(s), WAL "
+            grown = found["largest outage"] - found["before outage"]
+            print(f"{'':>20}  Litestream down {args.outage:.0f} s (before the burst): WAL "
+                  f"{mb(found['before outage'])} -> {mb(found['largest outage'])} "
+                  f"({grown / args.outage / 1e3:,.0f} kB/s), {mb(found['after outage'])} when "
+                  f"it returns; on return: {found['snapshots on return']} full snapshot(s), WAL "
                   f"{mb(found['largest catch-up'])} at most while catching up")
-
 
 if __name__ == "__main__":
     main()

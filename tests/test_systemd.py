@@ -232,6 +232,49 @@ def test_the_readme_deployment_section_matches_the_units():
         assert fact in section, fact
 
 
+@needs_systemd_tools
+def test_the_litestream_unit_and_drop_in_verify_and_rate_safe(tmp):
+    """Laid out as installed: litestream.service beside tedstore.service, and the drop-in
+    in tedstore.service.d/, which systemd-analyze reads from there."""
+    for name in ("tedstore.service", "tedstore.socket", "litestream.service"):
+        shutil.copy(UNITS / name, tmp)
+    (tmp / "tedstore.service.d").mkdir()
+    shutil.copy(UNITS / "tedstore-litestream.conf", tmp / "tedstore.service.d" / "litestream.conf")
+    result = subprocess.run(["systemd-analyze", "verify", "litestream.service",
+                             "tedstore.service", "tedstore.socket"],
+                            cwd=tmp, capture_output=True, text=True, timeout=60)
+    complaints = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert complaints and all("/opt/tedstore/bin/" in line and "is not executable" in line
+                              for line in complaints), complaints
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true",
+                             "litestream.service"],
+                            cwd=tmp, capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for litestream\.service: ([0-9.]+)", result.stdout)
+    assert match and float(match.group(1)) <= 2.0, result.stdout + result.stderr
+
+
+def test_litestream_starts_before_tedstore_as_its_user_and_owns_the_checkpoints():
+    drop_in, litestream = unit("tedstore-litestream.conf"), unit("litestream.service")
+    service = unit("tedstore.service")["Service"]
+    assert drop_in["Unit"]["After"] == drop_in["Unit"]["Wants"] == "litestream.service"
+    assert "Requires" not in drop_in["Unit"] and "BindsTo" not in drop_in["Unit"]
+    assert drop_in["Service"]["Environment"] == f"{tedstore.SETTING_ENV['checkpoint']}=off"
+    replicator = litestream["Service"]
+    assert (replicator["User"], replicator["Group"], replicator["StateDirectory"]) == \
+        (service["User"], service["Group"], service["StateDirectory"])
+    assert replicator["StateDirectoryMode"] == "0700" and replicator["UMask"] == "0077"
+    assert "After" not in litestream["Unit"] or "tedstore" not in litestream["Unit"]["After"]
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Replication with Litestream"):]
+    section = section[:section.index("\n## ", 5)]
+    for fact in ("systemd/litestream.service", "tedstore-litestream.conf",
+                 "/etc/systemd/system/tedstore.service.d/", "/etc/litestream.yml",
+                 replicator["ExecStart"].split()[0], "TEDSTORE_CHECKPOINT=off",
+                 ".tedstore.db-litestream", "litestream restore", "tedstore restore",
+                 "_litestream_seq"):
+        assert fact in section, fact
+
+
 # -- peer credentials --------------------------------------------------------------------------
 
 def test_allowed_uid_is_served(daemon_factory):
