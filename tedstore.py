@@ -4860,9 +4860,9 @@ class TedstoreGroup(click.Group):
             return super().invoke(ctx)
         except TedstoreError as exc:
             raise click.ClickException(str(exc)) from None
-        except BrokenPipeError:          # `| head` left early
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error
-            raise click.ClickException("the output was closed early (broken pipe)") from None
+        except BrokenPipeError:          # `| head` has what it wanted: stop quietly, as
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # SIGPIPE would
+            ctx.exit(128 + signal.SIGPIPE)
         except OSError as exc:           # a file or pipe the user named, not a bug of ours
             where = f": {exc.filename}" if exc.filename else ""
             raise click.ClickException(f"{exc.strerror or exc}{where}") from None
@@ -5092,20 +5092,13 @@ class InputFiles:
             click.echo(f"{self.where(line)}: {code}: {error}", err=True)
 
 
-def write_stdout(blocks: Iterable[bytes], what: str, count: Callable[[bytes], int] = lambda b: 1
-                 ) -> int:
+def write_stdout(blocks: Iterable[bytes]) -> None:
     """Write blocks to stdout; a reader that leaves early (`| head`) ends the command
-    with one line saying how far it got, not with a traceback."""
-    out, written = sys.stdout.buffer, 0
-    try:
-        for block in blocks:
-            out.write(block)
-            written += count(block)
-        out.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error
-        raise TedstoreError(f"the output was closed after {written:,} {what}") from None
-    return written
+    quietly (TedstoreGroup)."""
+    out = sys.stdout.buffer
+    for block in blocks:
+        out.write(block)
+    out.flush()
 
 
 class Progress:
@@ -5463,7 +5456,7 @@ def simulate_command(settings: Settings, games: Optional[int], events: Optional[
         raise ConfigError(str(exc)) from None
     lines = (msgspec.json.encode(event) + b"\n" for event in played)
     if to_stdout:
-        write_stdout(lines, "events")
+        write_stdout(lines)
         return
     started = time.monotonic()
     result = stream_lines(settings.socket, lines, rate=rate)
@@ -5794,7 +5787,7 @@ def export_command(settings: Settings, table: Optional[str], events: bool, since
     else:
         blocks = export_table(conn, table, start, end, form or "csv")
     if path is None:
-        write_stdout(blocks, "lines", count=lambda block: block.count(b"\n"))
+        write_stdout(blocks)
         return
     with output_file(path) as out:
         written = sum(out.write(block) and block.count(b"\n") for block in blocks)

@@ -175,3 +175,18 @@ def test_the_daemon_rolls_up_again_the_hours_that_late_events_changed(inprocess)
     conn.wait_ack(2)
     scheduler.run_due(time.time())
     assert query(daemon.db, rolled, (tedstore.utc_text(hour),)) == [(2,)]
+
+
+def test_output_cut_short_by_head_ends_quietly(filled):
+    """`tedstore export ... | head` is what people type: once the reader has gone, the
+    command stops, says nothing, and exits as a command killed by SIGPIPE does."""
+    proc = subprocess.Popen([sys.executable, "-m", "tedstore", "export", "--db", filled.path,
+                             "--events"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=clean_env())
+    first = proc.stdout.readline()
+    proc.stdout.close()                                 # more than a pipe's 64 KiB remains
+    _, err = proc.communicate(timeout=60)
+    assert json.loads(first)["event"]
+    assert err == b"" and proc.returncode == 141
+    everything = run_cli("export", "--db", filled.path, "--events")
+    assert len(everything.stdout.encode()) > 2 * 65536
