@@ -20,9 +20,10 @@ from conftest import idle_for, run_cli, wait_for
 LITESTREAM = shutil.which("litestream", path=os.path.dirname(sys.executable)) \
     or shutil.which("litestream")
 
-# What the game mix's events become: one row each (every tick is sampled, see TRACKER).
+# What the game mix's events become: one row each, when every tick is sampled.
 ROWS_BY_EVENT = {"prediction": "predictions", "sideBet": "side_bets",
                  "priceUpdate": "tick_samples"}
+EVERY_TICK = {"TICK_SAMPLE_EVERY": "1"}
 
 
 class Litestream:
@@ -42,9 +43,9 @@ class Litestream:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Litestream":
-        self.proc = subprocess.Popen([LITESTREAM, "replicate", "-config", str(self.config)],
-                                     stdout=open(self.log_path, "ab"),
-                                     stderr=subprocess.STDOUT)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([LITESTREAM, "replicate", "-config", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: self.proc.poll() is not None or "replicating to" in self.log(),
                  timeout=30, what="litestream to start")
         assert self.proc.poll() is None, self.log()
@@ -73,11 +74,8 @@ class Litestream:
         assert done.returncode == 0, done.stderr
 
 
-TRACKER = {"TICK_SAMPLE_EVERY": "1"}
-
-
 @pytest.fixture
-def litestream(tmp, daemon_factory):
+def litestream(tmp):
     started: list[Litestream] = []
 
     def make(db: str) -> Litestream:
@@ -148,7 +146,7 @@ def test_litestream_replicates_a_live_database_and_restores_every_acknowledged_l
     acknowledged line, whichever checkpoint mode tedstore used."""
     db = str(tmp / "tedstore.db")
     replicator = litestream(db)
-    daemon = daemon_factory(env={"TEDSTORE_CHECKPOINT": mode, **TRACKER})
+    daemon = daemon_factory(env={"TEDSTORE_CHECKPOINT": mode, **EVERY_TICK})
     events = list(tedstore.simulate_events(40, seed=12))
     send_with_pauses(daemon, events, batches=3)
     assert daemon.stop() == 0
@@ -166,7 +164,7 @@ def test_litestream_stopped_mid_ingest_catches_up_and_restores_everything(
     checkpoints the WAL was reset meanwhile and it must copy the whole database again."""
     db = str(tmp / "tedstore.db")
     replicator = litestream(db)
-    daemon = daemon_factory(env={"TEDSTORE_CHECKPOINT": mode, **TRACKER})
+    daemon = daemon_factory(env={"TEDSTORE_CHECKPOINT": mode, **EVERY_TICK})
     events = list(tedstore.simulate_events(60, seed=13))
     third = len(events) // 3
     send_with_pauses(daemon, events[:third], batches=1)
@@ -199,7 +197,7 @@ def test_after_a_restore_the_replica_follows_the_restored_database(daemon_factor
     ingested after that reaches the replica on top of the restored database."""
     db = str(tmp / "tedstore.db")
     replicator = litestream(db)
-    daemon = daemon_factory(env={"TEDSTORE_CHECKPOINT": "off", **TRACKER})
+    daemon = daemon_factory(env={"TEDSTORE_CHECKPOINT": "off", **EVERY_TICK})
     events = list(tedstore.simulate_events(50, seed=14))
     third = len(events) // 3
     send_with_pauses(daemon, events[:third], batches=1)
