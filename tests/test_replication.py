@@ -17,6 +17,8 @@ import pytest
 import tedstore
 from conftest import idle_for, run_cli, wait_for
 
+pytestmark = pytest.mark.slow                # each runs Litestream and the daemon for seconds
+
 LITESTREAM = shutil.which("litestream", path=os.path.dirname(sys.executable)) \
     or shutil.which("litestream")
 
@@ -154,7 +156,6 @@ def test_litestream_replicates_a_live_database_and_restores_every_acknowledged_l
     assert_every_line_restored(daemon, replicator, events, tmp / "restored.db")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["off", "truncate"])
 def test_litestream_stopped_mid_ingest_catches_up_and_restores_everything(
         daemon_factory, litestream, tmp, mode):
@@ -188,7 +189,7 @@ def test_litestream_stopped_mid_ingest_catches_up_and_restores_everything(
     assert_every_line_restored(daemon, replicator, events, tmp / "restored.db")
 
 
-@pytest.mark.parametrize("source", ["replica", pytest.param("backup", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("source", ["replica", "backup"])
 def test_after_a_restore_the_replica_follows_the_restored_database(daemon_factory, litestream,
                                                                     tmp, source):
     """The README's procedures: after losing the host, restore the replica to a new file;
