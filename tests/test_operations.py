@@ -816,12 +816,15 @@ def test_disk_full_acks_nothing_uncommitted_and_recovers_by_itself(inprocess, ca
                                               for i in range(0, len(lines), 1000)])
     sender.start()
     wait_for(lambda: writer.stats.failing, what="the disk to fill up")
-    conn.poll(0.5)
-    time.sleep(0.5)
-    conn.poll(0)
-    acked = conn.acked
-    stored = {row[0] for row in query(daemon.db, "SELECT predicted_at_tick FROM predictions")}
-    assert set(range(acked)) <= stored and len(stored) == acked   # acked exactly what committed
+
+    def acks_cover_exactly_what_committed() -> bool:
+        conn.poll(0.05)
+        acked = conn.acked                                # read before the rows: never more
+        stored = {row[0] for row in query(daemon.db, "SELECT predicted_at_tick FROM predictions")}
+        assert set(range(acked)) <= stored, "acknowledged a line that did not commit"
+        return len(stored) == acked
+
+    wait_for(acks_cover_exactly_what_committed, what="the acks of every committed line")
     status = tedstore.request(daemon.socket, "status")["status"]
     assert status["writer"]["state"] == "failing" and "full" in status["writer"]["error"]
     assert status["repository"]["errors"] > 0

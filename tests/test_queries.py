@@ -13,7 +13,7 @@ import apsw
 import pytest
 
 import tedstore
-from conftest import query
+from conftest import query, wait_for
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ONE_LINER = re.compile(r'^sqlite3 (?:-\S+ )*tedstore\.db "(.+)"$')
@@ -37,12 +37,21 @@ def sqlite3_cli(db: str, sql: str) -> list[dict]:
     return json.loads(result.stdout) if result.stdout.strip() else []
 
 
+def utc_day(at: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(at))
+
+
 @pytest.fixture
 def live(daemon):
-    """A daemon that has played a few games that ended in the last few minutes, with rejects."""
-    started = time.time() - 600
+    """A daemon that has played a few games, the last ending seconds ago, with rejects.
+
+    Within half a minute of midnight UTC it first waits, so that "today" in the README's
+    questions holds that last game both when it is sent and when the sqlite3 CLI asks.
+    """
+    wait_for(lambda: utc_day(time.time() - 30) == utc_day(time.time() + 30), timeout=90,
+             what="midnight UTC to be half a minute past")
     with tedstore.Client(daemon.socket) as client:
-        for event in tedstore.simulate_events(6, seed=21, start=started):
+        for event in tedstore.simulate_events(6, seed=21):
             client.send(event)
         client.send({"event": "nonsense"})
         assert client.flush(30)
@@ -99,7 +108,7 @@ def check_last_24_hours(db, answer):
 
 
 def check_worst_today(db, answer):
-    today = time.strftime("%Y-%m-%d", time.gmtime())
+    today = utc_day(time.time())
     ended = {game for (game,) in query(db, "SELECT game_id FROM games WHERE ended_at >= ?",
                                        (today,))}
     by_game: dict[str, list[int]] = {}
