@@ -92,14 +92,16 @@ SCHEDULER_MAX_SLEEP = 30.0
 IDLE_SWEEP_SECONDS = 5.0
 STATUS_NOTIFY_SECONDS = 5.0
 QUERY_THREADS = 2                    # threads answering queries over the socket
-QUERY_BACKLOG = 64                   # queries that may wait for them at once
 QUERY_SECONDS = 2.0                  # the most work one query over the socket may take
 QUERY_MAX_BYTES = 16 * 1024 ** 2     # the largest answer over the socket
 MAX_ROWS = 100_000                   # the most rows one answer holds
 LOCK_WAIT_SECONDS = 1.0              # how long a starting daemon tries for the database lock
 TROUBLE_LOG_SECONDS = 60.0           # a client logs a lasting trouble at most this often
+CLIENT_BACKOFF_MIN_SECONDS = 0.05    # a client's first wait after a failed connection,
+CLIENT_BACKOFF_MAX_SECONDS = 2.0     # doubled after each, up to this
 BACKUP_PREFIX = "tedstore-"
 PRIVATE_FILE_MODE = 0o600            # the database, its WAL, the lock and backups
+MAX_SOCKET_PATH_BYTES = 107          # sun_path holds 108 bytes on Linux, the last a NUL
 
 
 def _systemd_dir(variable: str, name: str) -> str:
@@ -108,33 +110,37 @@ def _systemd_dir(variable: str, name: str) -> str:
     return str(Path(base) / name) if base else f"./{name}"
 
 
+RetentionDays = Annotated[float, Meta(ge=1, le=36_500)]  # a day to a century
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Every knob of tedstore; see SETTING_ENV for the environment names."""
+    """Every knob of tedstore; see SETTING_ENV for the environment names. Every number has
+    both bounds, so that nothing absurd (inf, 1e308) is accepted now and kills a thread later."""
 
     db: str = ""
     socket: str = ""
     batch_size: Annotated[int, Meta(ge=1, le=100_000)] = 5000
     batch_interval: Annotated[float, Meta(gt=0, le=60)] = 0.05
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
-    tick_sample_every: Annotated[int, Meta(ge=1)] = 10
-    tick_retention_days: Annotated[float, Meta(gt=0)] = 7
-    prediction_retention_days: Annotated[float, Meta(gt=0)] = 90
-    sidebet_retention_days: Annotated[float, Meta(gt=0)] = 90
-    game_retention_days: Annotated[float, Meta(gt=0)] = 180
-    metrics_retention_days: Annotated[float, Meta(gt=0)] = 365
+    tick_sample_every: Annotated[int, Meta(ge=1, le=1_000_000)] = 10
+    tick_retention_days: RetentionDays = 7
+    prediction_retention_days: RetentionDays = 90
+    sidebet_retention_days: RetentionDays = 90
+    game_retention_days: RetentionDays = 180
+    metrics_retention_days: RetentionDays = 365
     cleanup_hour_utc: Annotated[int, Meta(ge=0, le=23)] = 3
     backup_dir: Optional[str] = None
-    backup_keep: Annotated[int, Meta(ge=1)] = 7
-    allow_uids: Optional[list[Annotated[int, Meta(ge=0)]]] = None
+    backup_keep: Annotated[int, Meta(ge=1, le=100_000)] = 7
+    allow_uids: Optional[list[Annotated[int, Meta(ge=0, le=2 ** 32 - 1)]]] = None
     persistence_enabled: bool = True
-    payout_multiplier: Annotated[float, Meta(gt=0)] = 5.0
-    max_line_bytes: Annotated[int, Meta(ge=64)] = 1024 * 1024
-    max_connections: Annotated[int, Meta(ge=1)] = 256
-    idle_timeout: Annotated[float, Meta(gt=0)] = 300.0
-    queue_events: Annotated[int, Meta(ge=1)] = 50_000
-    queue_bytes: Annotated[int, Meta(ge=65536)] = 64 * 1024 ** 2
+    payout_multiplier: Annotated[float, Meta(gt=0, le=1_000_000)] = 5.0
+    max_line_bytes: Annotated[int, Meta(ge=64, le=64 * 1024 ** 2)] = 1024 * 1024
+    max_connections: Annotated[int, Meta(ge=1, le=65_536)] = 256
+    idle_timeout: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
+    queue_events: Annotated[int, Meta(ge=1, le=10_000_000)] = 50_000
+    queue_bytes: Annotated[int, Meta(ge=65536, le=16 * 1024 ** 3)] = 64 * 1024 ** 2
     socket_mode: Annotated[str, Meta(pattern="^0?[0-7]{3}$")] = "0660"
-    max_clock_skew: Annotated[float, Meta(ge=0)] = 300.0
+    max_clock_skew: Annotated[float, Meta(ge=0, le=86_400)] = 300.0
     checkpoint: Literal["truncate", "passive", "off"] = "truncate"
 
 
@@ -204,7 +210,7 @@ def load_settings(config: Optional[str] = None, **flags: Any) -> Settings:
         if isinstance(values[name], str):
             values[name] = _SETTING_SPELLINGS[name].get(values[name].strip().lower(), values[name])
     try:
-        return msgspec.convert(values, Settings, strict=False)
+        settings = msgspec.convert(values, Settings, strict=False)
     except msgspec.ValidationError as exc:
         match = re.search(r"\$\.(\w+)", str(exc))
         if not match or match.group(1) not in SETTING_ENV:
@@ -213,6 +219,12 @@ def load_settings(config: Optional[str] = None, **flags: Any) -> Settings:
         raise ConfigError(f"invalid value {shown.get(name, values[name])!r} for {name} "
                           f"({sources.get(name, 'default')}): expected "
                           f"{_accepted(name)}") from None
+    length = len(os.fsencode(settings.socket))
+    if length > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(f"socket path {settings.socket!r} ({sources.get('socket', 'default')}) "
+                          f"is {length} bytes, longer than the {MAX_SOCKET_PATH_BYTES} a Unix "
+                          f"socket path may have: choose a shorter path")
+    return settings
 
 
 def _split_list(raw: str) -> list[str]:
@@ -741,6 +753,60 @@ def migrate(conn: apsw.Connection, path: str) -> tuple[int, int]:
     return current, target
 
 
+# Objects of tedstore's own schema: SQLite's (sqlite_*) and Litestream's (_litestream_*)
+# bookkeeping are theirs.
+SQL_SCHEMA_OBJECTS = r"""
+SELECT name, type, tbl_name, sql FROM sqlite_schema
+WHERE name NOT LIKE 'sqlite\_%' ESCAPE '\' AND name NOT LIKE '\_litestream\_%' ESCAPE '\'"""
+_SQL_COMMENT = re.compile(r"--[^\n]*")
+
+
+def schema_objects(conn: apsw.Connection) -> dict[str, tuple[str, str, str]]:
+    """name -> (type, table, SQL with comments and spacing normalised) of each object."""
+    return {name: (kind, table, " ".join(_SQL_COMMENT.sub(" ", sql or "").split()))
+            for name, kind, table, sql in conn.execute(SQL_SCHEMA_OBJECTS)}
+
+
+@functools.lru_cache(maxsize=None)
+def fresh_schema(version: int) -> dict[str, tuple[str, str, str]]:
+    """The objects of a new database at schema `version`."""
+    conn = apsw.Connection(":memory:")
+    try:
+        for step, sql in schema_steps():
+            if step <= version:
+                conn.execute(sql)
+        return schema_objects(conn)
+    finally:
+        conn.close()
+
+
+def schema_differences(conn: apsw.Connection) -> list[str]:
+    """How the database's schema differs from a new database's of the same version: an
+    object added (a trigger that deletes rows, say), missing, or changed."""
+    expected, actual = fresh_schema(conn.pragma("user_version")), schema_objects(conn)
+    differences = []
+    for name, (kind, table, sql) in sorted(actual.items()):
+        want = expected.get(name)
+        if want is None:
+            differences.append(f"an extra {kind} {name}" + (f" on {table}" if table != name else ""))
+        elif want[0] != kind:
+            differences.append(f"{name} is a {kind} where tedstore has a {want[0]}")
+        elif want != (kind, table, sql):
+            differences.append(f"the {kind} {name} is not tedstore's")
+    differences += [f"the {kind} {name} is missing"
+                    for name, (kind, _, _) in sorted(expected.items()) if name not in actual]
+    return differences
+
+
+def check_schema(conn: apsw.Connection, path: str) -> None:
+    """Refuse a database whose schema is not exactly tedstore's (StoreError, naming how)."""
+    differences = schema_differences(conn)
+    if differences:
+        raise StoreError(f"database {path} has a schema tedstore did not make: "
+                         f"{'; '.join(differences)}. Undo that with sqlite3 (DROP ...), or "
+                         f"restore a backup (tedstore restore)")
+
+
 def open_store(path: str, *, vfs: Optional[str] = None, synchronous: str = "NORMAL",
                checkpoint: str = "truncate", create: bool = True) -> apsw.Connection:
     """A read-write connection to a database at the newest schema version."""
@@ -751,6 +817,8 @@ def open_store(path: str, *, vfs: Optional[str] = None, synchronous: str = "NORM
     conn = connect(path, create=create, vfs=vfs, synchronous=synchronous, checkpoint=checkpoint)
     try:
         migrate(conn, path)
+        with store_errors(f"cannot read the schema of {path}"):
+            check_schema(conn, path)
     except BaseException:
         conn.close()
         raise
@@ -1003,8 +1071,10 @@ class IngestBatch:
         self.lifecycle: list[tuple[Event, Chunk, int]] = []
         self.decode_rejects: list[Reject] = []
         self.rejects: list[Reject] = []
+        self.runs: list[tuple[Any, tuple]] = []  # (session, where its rows start in each list)
         self.stored: collections.Counter = collections.Counter()      # lines that changed rows
         self.duplicates: collections.Counter = collections.Counter()  # lines that changed none
+        self.by_session: dict[Any, list[int]] = {}                    # [stored, duplicates]
         self.rows_changed = 0
         for chunk in chunks:
             self._read(chunk)
@@ -1057,6 +1127,9 @@ class IngestBatch:
         """
         received, latest, oldest, oldest_sample, late = limits
         predictions, side_bets, peaks = self.predictions, self.side_bets, self.peaks
+        if not self.runs or self.runs[-1][0] is not chunk.session:
+            self.runs.append((chunk.session, (self.ticks, len(self.samples), len(predictions),
+                                              len(side_bets), len(self.states))))
         every = self.settings.tick_sample_every
         for event in events:
             ts, kind = event.ts, type(event)
@@ -1147,10 +1220,8 @@ class IngestBatch:
     def apply(self, conn: apsw.Connection, now: float) -> None:
         """Apply the batch inside the caller's transaction; safe to call again after a rollback."""
         self.rejects = list(self.decode_rejects)
-        stored = collections.Counter({
-            "priceUpdate": self.ticks, "prediction": len(self.predictions),
-            "sideBet": len(self.side_bets), "state": len(self.states)})
-        duplicates: collections.Counter = collections.Counter()
+        self.stored, self.duplicates = collections.Counter(), collections.Counter()
+        self.by_session = {}
         bet_on = {row[0] for row in self.predictions}.union(row[0] for row in self.side_bets)
         games = self._load_games(conn, bet_on)
         ended: set[str] = set()
@@ -1164,7 +1235,8 @@ class IngestBatch:
                 self.rejects.append(Reject(chunk, line_no, exc.code, str(exc),
                                            chunk.line(line_no)))
                 continue
-            (stored if changed else duplicates)[type(event).__struct_config__.tag] += 1
+            self._tally(chunk.session, type(event).__struct_config__.tag, int(changed),
+                        int(not changed))
         for game_id, (price, tick, ts) in self.peaks.items():
             game = games.get(game_id)
             if game is None:
@@ -1175,17 +1247,22 @@ class IngestBatch:
         changed = [game.row() for game in games.values() if game.dirty]
         if changed:
             conn.execute(SQL_SAVE_GAMES, (encode(changed), utc_text(now)))
-        for sql, rows, kind in ((SQL_SAVE_TICKS, self.samples, "priceUpdate"),
-                                (SQL_SAVE_PREDICTIONS, self.predictions, "prediction"),
-                                (SQL_SAVE_SIDE_BETS, self.side_bets, "sideBet")):
-            if rows:
+        for session, start, end in self._runs(0, self.ticks):
+            self._tally(session, "priceUpdate", end - start, 0)    # less the duplicate samples
+        for sql, rows, kind, column in ((SQL_SAVE_TICKS, self.samples, "priceUpdate", 1),
+                                        (SQL_SAVE_PREDICTIONS, self.predictions, "prediction", 2),
+                                        (SQL_SAVE_SIDE_BETS, self.side_bets, "sideBet", 3)):
+            for session, start, end in self._runs(column, len(rows)):
                 before = changes()
-                conn.executemany(sql, rows)
-                duplicates[kind] += len(rows) - (changes() - before)
-        if self.states:
+                conn.executemany(sql, rows[start:end])
+                unchanged = end - start - (changes() - before)
+                self._tally(session, kind, end - start - unchanged if kind != "priceUpdate"
+                            else -unchanged, unchanged)
+        for session, start, end in self._runs(4, len(self.states)):
             before = changes()
-            conn.execute(SQL_SAVE_STATE, (encode(self.states),))
-            duplicates["state"] += len(self.states) - (changes() - before)
+            conn.execute(SQL_SAVE_STATE, (encode(self.states[start:end]),))
+            unchanged = end - start - (changes() - before)
+            self._tally(session, "state", end - start - unchanged, unchanged)
         self.rows_changed = changes() - first
         # Resolve games that ended now, and ended games that got late predictions or bets.
         resolve = [(game_id,) for game_id in ended.union(bet_on)
@@ -1201,8 +1278,26 @@ class IngestBatch:
                  getattr(r.chunk.session, "peer_uid", None), r.line_no, r.code, r.error,
                  _raw_for_rejects(r.raw))
                 for r in self.rejects])
-        stored.subtract(duplicates)
-        self.stored, self.duplicates = +stored, +duplicates
+        self.stored, self.duplicates = +self.stored, +self.duplicates
+
+    def _runs(self, column: int, total: int) -> Iterator[tuple[Any, int, int]]:
+        """(session, start, end) of each session's run of rows in one of the batch's lists
+        (column: 0 ticks, 1 samples, 2 predictions, 3 side bets, 4 states)."""
+        starts = self.runs + [(None, (self.ticks, len(self.samples), len(self.predictions),
+                                      len(self.side_bets), len(self.states)))]
+        for (session, first), (_, after) in zip(starts, starts[1:]):
+            if first[column] < after[column]:
+                yield session, first[column], after[column]
+
+    def _tally(self, session: Any, kind: str, stored: int, unchanged: int) -> None:
+        """Lines that changed rows and lines that changed none, by type and by session."""
+        self.stored[kind] += stored
+        self.duplicates[kind] += unchanged
+        counts = self.by_session.get(session)
+        if counts is None:
+            counts = self.by_session[session] = [0, 0]
+        counts[0] += stored
+        counts[1] += unchanged
 
     def _load_games(self, conn: apsw.Connection, bet_on: set[str]) -> dict[str, GameRow]:
         """The stored rows of every game this batch touches, or bets on."""
@@ -1275,12 +1370,24 @@ def _raw_for_rejects(raw: bytes) -> Union[str, bytes]:
         return raw
 
 
+class IngestResult(msgspec.Struct):
+    """What became of lines sent or imported: each is stored (it changed rows), a duplicate
+    (it changed nothing), rejected, or a control line."""
+
+    lines: int = 0
+    acked: int = 0
+    stored: Optional[int] = None     # None: the daemon could not say
+    duplicates: Optional[int] = None
+    rejections: list = msgspec.field(default_factory=list)   # [(line, code, error)]
+    latencies_ms: list = msgspec.field(default_factory=list)
+
+
 def ingest_offline(conn: apsw.Connection, blocks: Iterable[bytes], settings: Settings,
                    progress: Callable[[int], None] = lambda lines: None,
-                   touched: Optional[set[int]] = None) -> tuple[int, list[tuple[int, str, str]]]:
-    """Apply NDJSON without a daemon, in the daemon's batches: (lines, rejections). The
-    hours the events fall in are added to `touched`."""
-    lines, rejections, pending, waiting = 0, [], [], 0
+                   touched: Optional[set[int]] = None) -> IngestResult:
+    """Apply NDJSON without a daemon, in the daemon's batches. The hours the events fall in
+    are added to `touched`."""
+    result, pending, waiting = IngestResult(stored=0, duplicates=0), [], 0
 
     def flush() -> None:
         nonlocal waiting
@@ -1288,7 +1395,10 @@ def ingest_offline(conn: apsw.Connection, blocks: Iterable[bytes], settings: Set
         with store_errors(f"cannot store the lines from line {pending[0].first_line} on"), \
                 transaction(conn):
             batch.apply(conn, time.time())
-        rejections.extend(sorted((r.line_no, r.code, r.error) for r in batch.rejects))
+        result.rejections.extend(sorted((r.line_no, r.code, r.error) for r in batch.rejects))
+        result.stored += sum(batch.stored.values())
+        result.duplicates += sum(batch.duplicates.values())
+        result.acked += waiting
         if touched is not None:
             touched.update(batch.touched)
         progress(waiting)
@@ -1299,14 +1409,14 @@ def ingest_offline(conn: apsw.Connection, blocks: Iterable[bytes], settings: Set
         if not block.endswith(b"\n"):
             block += b"\n"
         count = block.count(b"\n")
-        pending.append(Chunk(None, lines + 1, count, block, time.time()))
-        lines += count
+        pending.append(Chunk(None, result.lines + 1, count, block, time.time()))
+        result.lines += count
         waiting += count
         if waiting >= settings.batch_size:
             flush()
     if pending:
         flush()
-    return lines, rejections
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -1485,12 +1595,15 @@ class WriterStats:
 
 
 class Ack(NamedTuple):
-    """What one session gets after a COMMIT: its rejects, then an ack through last_line.
-    last_line None means the writer gave up on some of its lines: no more acks."""
+    """What one session gets after a COMMIT: its rejects, then an ack through last_line,
+    and how many of its lines changed rows (stored) or none (duplicates). last_line None
+    means the writer gave up on some of its lines: no more acks."""
 
     session: Any
     rejected: list[tuple[int, str, str]]
     last_line: Optional[int]
+    stored: int = 0
+    duplicates: int = 0
 
 
 class Writer(threading.Thread):
@@ -1719,9 +1832,12 @@ class Writer(threading.Thread):
             ack = by_session.get(reject.chunk.session)
             if ack is not None:
                 ack.rejected.append((reject.line_no, reject.code, reject.error))
-        for ack in by_session.values():
+        acks = []
+        for session, ack in by_session.items():
             ack.rejected.sort()
-        self.on_commit(list(by_session.values()))
+            stored, duplicates = batch.by_session.get(session, (0, 0))
+            acks.append(ack._replace(stored=stored, duplicates=duplicates))
+        self.on_commit(acks)
 
     def _checkpoint(self) -> None:
         """Checkpoint the WAL while idle as TEDSTORE_CHECKPOINT says: truncate it, or copy
@@ -1777,10 +1893,22 @@ _PONG = b'{"pong":true}\n'
 _BOM = b"\xef\xbb\xbf"
 _PEERCRED = struct.Struct("3i")
 FORBIDDEN_LOG_SECONDS = 10.0       # one log line and rejects row per refused uid this often
+CONTROL_LINES_PER_TURN = 64        # control lines a session answers before the others' turn
+QUERIES_PER_CONNECTION = 16        # queries waiting on one connection before it is not read
+ANSWER_BYTES_PER_CONNECTION = 1024 ** 2       # its unread replies before its next query waits
+ANSWER_BYTES_TOTAL = 64 * 1024 ** 2           # everyone's unread replies before any query waits
+STATUS_CACHE_SECONDS = 0.05        # a flood of status lines is answered from one snapshot
 
 
 class Session(asyncio.Protocol):
-    """One client connection: numbers its lines, answers control lines, queues the rest."""
+    """One client connection: numbers its lines, answers control lines, queues the rest.
+
+    Complete lines it cannot take yet wait in `backlog`, unnumbered, and the connection is
+    not read meanwhile: while the client does not read its replies, while it has
+    QUERIES_PER_CONNECTION queries waiting, and until its next turn once it has answered
+    CONTROL_LINES_PER_TURN control lines. So no client, reading or not, holds up another's
+    acks or grows the daemon's memory (reads cannot hurt ingest).
+    """
 
     def __init__(self, server: "Server"):
         self.server = server
@@ -1790,11 +1918,16 @@ class Session(asyncio.Protocol):
         self.line_no = 0          # lines received and numbered
         self.acked = 0            # lines acknowledged
         self.partial = b""        # the start of a line still arriving
+        self.backlog = b""        # complete lines read but not taken yet
         self.discarding = False   # inside a line that was too long
         self.eof = False
         self.closed = False
         self.fresh = True         # nothing read yet: a byte order mark may come first
-        self.queries = 0          # queries asked and not answered yet
+        self.queries: collections.deque = collections.deque()   # (line, query, args) waiting
+        self.running = 0          # its queries on a query thread now
+        self.in_turn = False      # in the server's ring of sessions with queries waiting
+        self.turn = 0             # control lines answered in this turn
+        self.stored = self.duplicates = self.rejected = 0   # of its lines, once committed
         self.abandoned = False    # the writer gave up on some of its lines: no more acks
         self.write_paused = False # the client does not read its replies
         self.queue_paused = False # it queued lines while the queue was full
@@ -1813,6 +1946,8 @@ class Session(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.closed = True
+        self.queries.clear()
+        self.backlog = b""
         self.server.forget(self)
 
     def pause_writing(self) -> None:
@@ -1822,7 +1957,8 @@ class Session(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.update_reading()
+        self.server.dispatch()
+        self.resume()
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
@@ -1844,7 +1980,8 @@ class Session(asyncio.Protocol):
                 data = data[len(_BOM):]
         end = data.rfind(b"\n") + 1
         if end:
-            self._lines(data if end == len(data) else data[:end])
+            self.turn = 0
+            self._take(data if end == len(data) else data[:end])
         if end < len(data):
             self._hold(data[end:])
 
@@ -1852,30 +1989,51 @@ class Session(asyncio.Protocol):
         """The client finished sending: take a last unterminated line, then ack and close."""
         self.eof = True
         if self.partial:
-            self._lines(self.partial + b"\n")
+            self._take(self.partial + b"\n")
             self.partial = b""
         self._close_when_done()
         return True
 
     # -- lines ---------------------------------------------------------------------
 
+    def _take(self, data: bytes) -> None:
+        """Complete lines: numbered and queued now, or after those already waiting."""
+        if self.backlog:
+            self.backlog += data
+        else:
+            self._lines(data)
+
+    def resume(self) -> None:
+        """Take the lines that waited, as far as the budgets allow; read again once all are."""
+        if self.closed:
+            return
+        self.turn = 0
+        if self.backlog:
+            data, self.backlog = self.backlog, b""
+            self._lines(data)
+        self.update_reading()
+        self._close_when_done()
+
     def _lines(self, data: bytes) -> None:
         """Queue complete lines, cutting out any longer than the limit."""
         limit = self.server.settings.max_line_bytes
         if len(data) <= limit + 1:
-            self._submit(data, data.count(b"\n"))
+            self._submit(data)
             return
         start = good = 0
         while start < len(data):
             end = data.index(b"\n", start) + 1
             if end - start - 1 > limit:
                 if good < start:
-                    self._submit(data[good:start], data.count(b"\n", good, start))
+                    self._submit(data[good:start])
+                    if self.backlog:                   # over a budget: the rest waits too
+                        self.backlog += data[start:]
+                        return
                 self._too_long(data[start:end - 1])
                 good = end
             start = end
         if good < len(data):
-            self._submit(data[good:], data.count(b"\n", good))
+            self._submit(data[good:])
 
     def _hold(self, rest: bytes) -> None:
         if len(rest) > self.server.settings.max_line_bytes:
@@ -1891,49 +2049,78 @@ class Session(asyncio.Protocol):
                                  ("too_long", f"line is longer than {limit} bytes "
                                               f"(TEDSTORE_MAX_LINE_BYTES); it was discarded")))
 
-    def _submit(self, data: bytes, count: int) -> None:
-        first = self.line_no + 1
+    def _submit(self, data: bytes) -> None:
+        """Number the lines and queue them for the writer, control lines answered first; the
+        lines after a control line the session has no budget for wait in the backlog."""
         if b'"op"' in data:
-            self._answer_control_lines(data, first)
+            taken = self._answer_control_lines(data, self.line_no + 1)
+            if taken < len(data):
+                data, self.backlog = data[:taken], data[taken:]
+                self.update_reading()
+                if not data:
+                    return
+        first = self.line_no + 1
+        count = data.count(b"\n")
         self.line_no += count
         self.server.submit(Chunk(self, first, count, data, time.time()))
 
-    def _answer_control_lines(self, data: bytes, first: int) -> None:
-        """Control lines are answered at once (a query when it is done); the writer still
-        counts them for the ack."""
-        for offset, line in enumerate(data.split(b"\n")):
-            if b'"op"' not in line:
-                continue
-            try:
-                op = decode_line(line)
-            except LineRejected:
-                continue                 # the writer rejects and records it in line order
-            if op == "ping":
-                self.transport.write(_PONG)
-            elif op == "status":
-                self.transport.write(msgspec.json.encode({"status": self.server.status()}) + b"\n")
-            elif op == "query":
-                self.server.ask(self, first + offset, line)
+    def _answer_control_lines(self, data: bytes, first: int) -> int:
+        """Answer the control lines among data's lines (a query when it is done; the writer
+        still counts them for the ack). Returns how many bytes of data were taken: all of
+        them, unless the session ran out of budget at a control line."""
+        taken = 0
+        for offset, line in enumerate(data.split(b"\n")[:-1]):
+            if b'"op"' in line:
+                if self._over_budget():
+                    return taken
+                self.turn += 1
+                try:
+                    op = decode_line(line)
+                except LineRejected:
+                    op = None            # the writer rejects and records it in line order
+                if op == "ping":
+                    self.transport.write(_PONG)
+                elif op == "status":
+                    self.transport.write(self.server.status_reply(self))
+                elif op == "query":
+                    self.server.ask(self, first + offset, line)
+            taken += len(line) + 1
+        return taken
+
+    def _over_budget(self) -> bool:
+        if self.write_paused or len(self.queries) + self.running >= QUERIES_PER_CONNECTION:
+            return True                  # resume_writing or an answer takes the rest
+        if self.turn >= CONTROL_LINES_PER_TURN:
+            asyncio.get_running_loop().call_soon(self.resume)   # the rest in its next turn
+            return True
+        return False
 
     def answered(self, line_no: int, reply: bytes) -> None:
         """The answer to the query on line `line_no` (or why there is none)."""
-        self.queries -= 1
+        self.running -= 1
         self.last_active = time.monotonic()
         if not self.closed:
             self.transport.write(reply)
-            self._close_when_done()
+            self.resume()
+
+    def unread(self) -> int:
+        """Bytes of replies written to this connection that the client has not read yet."""
+        return 0 if self.closed else self.transport.get_write_buffer_size()
 
     # -- replies and flow control --------------------------------------------------
 
-    def acknowledge(self, rejected: list[tuple[int, str, str]], last_line: int) -> None:
+    def acknowledge(self, ack: "Ack") -> None:
         if self.closed or self.abandoned:
             return
         encode = msgspec.json.encode
         replies = [encode({"rejected": line, "code": code, "error": error}) + b"\n"
-                   for line, code, error in rejected]
-        replies.append(_ACK % last_line)
+                   for line, code, error in ack.rejected]
+        replies.append(_ACK % ack.last_line)
         self.transport.write(b"".join(replies))
-        self.acked = last_line
+        self.acked = ack.last_line
+        self.stored += ack.stored
+        self.duplicates += ack.duplicates
+        self.rejected += len(ack.rejected)
         self._close_when_done()
 
     def give_up(self) -> None:
@@ -1948,7 +2135,8 @@ class Session(asyncio.Protocol):
         self.transport.close()
 
     def update_reading(self) -> None:
-        want = not (self.write_paused or self.queue_paused or self.server.draining)
+        want = not (self.write_paused or self.queue_paused or self.server.draining
+                    or self.backlog)
         if want != self.reading and not self.closed:
             self.reading = want
             if want:
@@ -1957,34 +2145,33 @@ class Session(asyncio.Protocol):
                 self.transport.pause_reading()
 
     def _close_when_done(self) -> None:
-        if self.eof and self.acked >= self.line_no and self.queries <= 0 and not self.closed:
+        if self.eof and self.acked >= self.line_no and not (self.queries or self.running
+                                                            or self.backlog or self.closed):
             self.transport.close()
 
 
 class QueryPool:
     """Threads that answer the socket's queries, off the event loop and off the writer
-    thread, each on its own read-only connection; a query works QUERY_SECONDS at most."""
+    thread, each on its own read-only connection. The server starts a query only on an
+    idle thread, so nothing queues here; a query works QUERY_SECONDS at most and its
+    answer may not pass QUERY_MAX_BYTES, checked while SQLite builds it."""
 
     def __init__(self, settings: Settings, deliver: Callable[[Any, int, bytes], None],
                  threads: int = QUERY_THREADS):
         self.settings = settings
-        self.deliver = deliver              # (session, line, reply line), on any thread
-        self.answered = self.refused = self.pending = 0
+        self.deliver = deliver              # (session, line, reply line), on a query thread
+        self.idle = threads
+        self.answered = self.refused = 0
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, name=f"tedstore-query-{n}",
                                           daemon=True) for n in range(threads)]
         for thread in self._threads:
             thread.start()
 
-    def submit(self, session: Any, line_no: int, name: Any, params: dict) -> bool:
-        """Queue a query; False when QUERY_BACKLOG queries wait already."""
-        with self._lock:
-            if self.pending >= QUERY_BACKLOG:
-                return False
-            self.pending += 1
-        self._jobs.put((session, line_no, name, params))
-        return True
+    def run(self, session: Any, line_no: int, name: str, args: Any) -> None:
+        """Answer a query on an idle thread (the caller counts them: `idle`)."""
+        self.idle -= 1
+        self._jobs.put((session, line_no, name, args))
 
     def stop(self) -> None:
         for _ in self._threads:
@@ -1995,42 +2182,32 @@ class QueryPool:
     def _run(self) -> None:
         conn: Optional[apsw.Connection] = None
         while (job := self._jobs.get()) is not None:
-            session, line_no, name, params = job
+            session, line_no, name, args = job
             try:
                 if conn is None:
                     conn = connect(self.settings.db, readonly=True)
-                reply = b'{"result":%b,"line":%d}\n' % (self._answer(conn, name, params), line_no)
+                reply = b'{"result":%b,"line":%d}\n' % (answer_within_limits(conn, name, args),
+                                                         line_no)
                 self.answered += 1
-            except TedstoreError as exc:
-                reply = msgspec.json.encode({"rejected": line_no, "code": "bad_query",
-                                             "error": str(exc)[:MAX_ERROR_CHARS]}) + b"\n"
+            except Exception as exc:        # whatever it is, this query's and only its
+                if not isinstance(exc, TedstoreError):
+                    log.error("the %s query failed: %s: %s", name, type(exc).__name__, exc)
+                    if conn is not None:
+                        conn.close()
+                        conn = None         # a fresh connection for the next one
+                reply = bad_query_reply(line_no, exc)
                 self.refused += 1
-            with self._lock:
-                self.pending -= 1
             self.deliver(session, line_no, reply)
         if conn is not None:
             conn.close()
 
-    @staticmethod
-    def _answer(conn: apsw.Connection, name: Any, params: dict) -> bytes:
-        if not isinstance(name, str):
-            raise QueryRejected('a query line names its query: {"op":"query","q":"games"}')
-        limit = threading.Timer(QUERY_SECONDS, conn.interrupt)   # no callback per step
-        limit.start()
-        try:
-            result = answer(conn, name, params, time.time())
-        except StoreError as exc:
-            if isinstance(exc.orig, apsw.InterruptError):
-                raise QueryRejected(f"{name} took more than {QUERY_SECONDS:g} s: narrow its "
-                                    f"window or lower its limit") from None
-            raise
-        finally:
-            limit.cancel()
-        if len(result) > QUERY_MAX_BYTES:
-            raise QueryRejected(f"the answer to {name} is {len(result) / 2**20:.0f} MiB, more "
-                                f"than {QUERY_MAX_BYTES // 2**20} MiB: narrow its window or "
-                                f"lower its limit")
-        return result
+
+def bad_query_reply(line_no: int, exc: BaseException) -> bytes:
+    """The reply to a query that cannot be answered: one line that says why."""
+    error = str(exc) if isinstance(exc, TedstoreError) else \
+        f"tedstore cannot answer this query: {type(exc).__name__}: {exc}"
+    return msgspec.json.encode({"rejected": line_no, "code": "bad_query",
+                                "error": error[:MAX_ERROR_CHARS]}) + b"\n"
 
 
 class Server:
@@ -2039,22 +2216,27 @@ class Server:
     While the queue is full, each session that queues a line stops being read until the
     writer makes room. Sessions that queue nothing keep being read, so a status request
     on a fresh connection is still answered; each session overshoots by one read at most.
+    Queries wait on their session and start in turn, one session's query after another's.
     """
 
     def __init__(self, settings: Settings, writer: Writer, status: Callable[[], dict],
-                 queries: Optional[QueryPool] = None):
+                 queries: QueryPool):
         self.settings = settings
         self.writer = writer
         self.status = status
         self.queries = queries
         self.sessions: set[Session] = set()
         self.held: set[Session] = set()         # paused until the queue has room
+        self.asking: collections.deque = collections.deque()   # sessions with queries waiting
         self.draining = False
         self.connections_total = 0
         self.refused: collections.Counter = collections.Counter()
         self._forbidden_noted: dict[Optional[int], float] = {}
+        self._status: Optional[bytes] = None    # the encoded status, STATUS_CACHE_SECONDS
+        self._status_at = 0.0
 
     def admit(self, session: Session) -> None:
+        self._status = None
         allowed = self.settings.allow_uids
         if allowed is not None and session.peer_uid not in allowed:
             self._forbid(session)
@@ -2081,8 +2263,10 @@ class Server:
         session.refuse({"rejected": 0, "code": "forbidden", "error": message})
 
     def forget(self, session: Session) -> None:
+        self._status = None
         self.sessions.discard(session)
         self.held.discard(session)
+        self.dispatch()                      # its unread answers no longer count
 
     def submit(self, chunk: Chunk) -> None:
         session = chunk.session
@@ -2100,29 +2284,76 @@ class Server:
             session.update_reading()
         self.held.clear()
 
-    def ask(self, session: "Session", line_no: int, line: bytes) -> None:
-        """A query line: answered by the query pool, whenever it is done."""
-        request = msgspec.json.decode(line)
-        name, params = request.pop("q", None), request
-        params.pop("op", None)
-        session.queries += 1
-        if self.queries is None or not self.queries.submit(session, line_no, name, params):
-            session.answered(line_no, msgspec.json.encode({
-                "rejected": line_no, "code": "bad_query",
-                "error": f"tedstore is busy with {QUERY_BACKLOG} queries; ask again later"}) + b"\n")
+    def status_reply(self, session: Session) -> bytes:
+        """The status line for one session: the daemon's status (computed at most every
+        STATUS_CACHE_SECONDS) and what became of this connection's lines so far."""
+        now = time.monotonic()
+        if self._status is None or now - self._status_at > STATUS_CACHE_SECONDS:
+            self._status, self._status_at = msgspec.json.encode(self.status()), now
+        mine = msgspec.json.encode({"acked": session.acked, "stored": session.stored,
+                                    "duplicates": session.duplicates,
+                                    "rejected": session.rejected})
+        return b'{"status":%b,"connection":%b}}\n' % (self._status[:-1], mine)
+
+    def ask(self, session: Session, line_no: int, line: bytes) -> None:
+        """A query line: checked now, answered by the query pool in the session's turn."""
+        try:
+            name, args = read_query_line(line)
+        except QueryRejected as exc:
+            self.queries.refused += 1
+            session.transport.write(bad_query_reply(line_no, exc))
+            return
+        session.queries.append((line_no, name, args))
+        if not session.in_turn:
+            session.in_turn = True
+            self.asking.append(session)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Start waiting queries on idle query threads, one per session in turn, passing
+        over sessions whose unread replies are over their budget; none starts while the
+        unread replies of all sessions together are over theirs."""
+        while self.queries.idle > 0 and self.asking:
+            if sum(session.unread() for session in self.sessions) > ANSWER_BYTES_TOTAL:
+                return                   # a session that reads or closes calls again
+            for _ in range(len(self.asking)):
+                session = self.asking.popleft()
+                if session.closed or not session.queries:
+                    session.in_turn = False
+                    continue
+                if session.unread() > ANSWER_BYTES_PER_CONNECTION:
+                    self.asking.append(session)
+                    continue
+                line_no, name, args = session.queries.popleft()
+                session.running += 1
+                if session.queries:
+                    self.asking.append(session)
+                else:
+                    session.in_turn = False
+                self.queries.run(session, line_no, name, args)
+                break
+            else:
+                return                   # every waiting session is over its budget
+
+    def answered(self, session: Session, line_no: int, reply: bytes) -> None:
+        """A query thread is done (on the event loop): deliver, and start the next query."""
+        self.queries.idle += 1
+        session.answered(line_no, reply)
+        self.dispatch()
 
     def deliver(self, acks: list[Ack]) -> None:
+        self._status = None
         for ack in acks:
             if ack.last_line is None:
                 ack.session.give_up()
             else:
-                ack.session.acknowledge(ack.rejected, ack.last_line)
+                ack.session.acknowledge(ack)
 
     def sweep_idle(self) -> None:
         deadline = time.monotonic() - self.settings.idle_timeout
         for session in list(self.sessions):
             if session.last_active < deadline and session.acked >= session.line_no \
-                    and not session.queries:
+                    and not (session.queries or session.running or session.backlog):
                 session.refuse({"error": f"idle for {self.settings.idle_timeout:g} s "
                                          f"(TEDSTORE_IDLE_TIMEOUT); reconnect to send more"})
 
@@ -2607,11 +2838,7 @@ def _publish(partial: Path, target: Path) -> None:
         if os.path.lexists(target):            # no hard links here: check, then rename
             raise StoreError(f"{target} appeared during the backup; it was left alone") from None
         os.rename(partial, target)
-    folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)                       # the new name survives a power cut
-    finally:
-        os.close(folder)
+    _fsync_folder(target.parent)
 
 
 def remove_partial_backups(folder: Path) -> list[str]:
@@ -2638,23 +2865,20 @@ def _process_exists(pid: int) -> bool:
 def restore_database(db_path: str, backup: str, now: float) -> dict:
     """Put a checked backup in place of a stopped daemon's database.
 
-    The database it replaces is kept beside it (DB.replaced-STAMP, with its WAL, which
-    holds commits not yet copied into it), no stale -wal or -shm stays behind, and the
-    lock a daemon takes is held throughout, so none starts halfway.
+    What it checks is what it installs: the backup, with the -wal beside it if there is
+    one, is copied under a hidden name, its WAL folded in, and that copy is checked
+    (integrity, and exactly tedstore's schema for its version). The database it replaces
+    is made whole first (its WAL folded in) and kept beside it under a name no restore took
+    before (DB.replaced-STAMP, -2, -3...); then one rename puts the copy in its place. A
+    restore killed at any point leaves the old database in place, whole, and the next
+    restore or daemon start removes what it left. The lock a daemon takes is held
+    throughout, so none starts halfway.
     """
     source, target = Path(backup), Path(db_path)
     if not source.is_file():
         raise ConfigError(f"there is no backup at {backup}")
     if not target.parent.is_dir():
         raise ConfigError(f"cannot restore to {db_path}: there is no folder {target.parent}")
-    try:
-        with contextlib.closing(connect(str(source), readonly=True)) as conn:
-            verdict, version = conn.execute(SQL_INTEGRITY_CHECK).get, conn.pragma("user_version")
-    except (StoreError, apsw.Error) as exc:
-        raise StoreError(f"{backup} is not a usable tedstore backup: {exc}") from None
-    if verdict != "ok" or not 1 <= version <= schema_steps()[-1][0]:
-        raise StoreError(f"{backup} is not a usable tedstore backup (integrity: {verdict}; "
-                         f"schema version {version}): pick another backup")
     owner = (target if target.exists() else target.parent).stat()   # whom the files belong to
     lock = os.open(f"{db_path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
     try:
@@ -2666,35 +2890,136 @@ def restore_database(db_path: str, backup: str, now: float) -> dict:
             pid, _ = serving(db_path) or ("?", "")
             raise StoreError(f"tedstore (pid {pid}) is running on {db_path}: stop it first "
                              f"(systemctl stop tedstore.service tedstore.socket)") from None
+        remove_restore_leftovers(target)
         partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
         try:
-            shutil.copyfile(source, partial)
-            os.chmod(partial, PRIVATE_FILE_MODE)
-            if os.geteuid() == 0:
-                os.chown(partial, owner.st_uid, owner.st_gid)
-            with open(partial, "rb+") as copy:
-                os.fsync(copy.fileno())
-            kept = None
-            if target.exists():
-                kept = target.with_name(f"{target.name}.replaced-"
-                                        f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}")
-                os.rename(target, kept)
-                if os.path.exists(f"{target}-wal"):
-                    os.rename(f"{target}-wal", f"{kept}-wal")
-            Path(f"{target}-wal").unlink(missing_ok=True)
-            Path(f"{target}-shm").unlink(missing_ok=True)
-            os.rename(partial, target)
-            folder = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+            version = _checked_copy(source, partial, owner)
+            kept = _keep_replaced(target, now) if target.exists() else None
+            for suffix in ("-wal", "-shm"):                # the old database's, now folded in
+                Path(f"{target}{suffix}").unlink(missing_ok=True)
+            os.replace(partial, target)
+            _fsync_folder(target.parent)
         finally:
-            partial.unlink(missing_ok=True)
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{partial}{suffix}").unlink(missing_ok=True)
     finally:
         os.close(lock)
     return {"path": str(target), "backup": str(source), "kept": str(kept) if kept else None,
             "bytes": target.stat().st_size, "schema_version": version}
+
+
+def _checked_copy(source: Path, copy: Path, owner: os.stat_result) -> int:
+    """Copy a backup (and its -wal) to `copy`, fold the WAL in, and check the result: its
+    schema version, or StoreError saying why it is not a usable backup."""
+    unusable = f"{source} is not a usable tedstore backup"
+    wal = Path(f"{source}-wal")
+    shutil.copyfile(source, copy)
+    if wal.exists() and wal.stat().st_size:
+        shutil.copyfile(wal, f"{copy}-wal")
+    for path in (copy, Path(f"{copy}-wal")):
+        if path.exists():
+            os.chmod(path, PRIVATE_FILE_MODE)
+            if os.geteuid() == 0:
+                os.chown(path, owner.st_uid, owner.st_gid)
+    try:
+        conn = apsw.Connection(str(copy), flags=apsw.SQLITE_OPEN_READWRITE)
+        try:
+            conn.execute(SQL_PROBE).fetchall()
+            if Path(f"{copy}-wal").exists() and conn.pragma("journal_mode") != "wal":
+                raise StoreError(f"{unusable}: {wal} lies beside it, but it is not a WAL "
+                                 f"database, so that WAL belongs to another: move it away")
+            verdict, version = conn.execute(SQL_INTEGRITY_CHECK).get, conn.pragma("user_version")
+            differences = schema_differences(conn) if 1 <= version <= schema_version() else []
+            conn.pragma("journal_mode", "delete")     # folds the WAL in: one file to install
+        finally:
+            conn.close()
+    except apsw.Error as exc:
+        raise StoreError(f"{unusable}: {describe_error(exc)}") from None
+    if verdict != "ok" or not 1 <= version <= schema_version():
+        raise StoreError(f"{unusable} (integrity: {verdict}; schema version {version}): "
+                         f"pick another backup")
+    if differences:
+        raise StoreError(f"{unusable}: its schema is not tedstore's: {'; '.join(differences)}")
+    if Path(f"{copy}-wal").exists():
+        raise StoreError(f"{unusable}: its WAL could not be folded in")
+    with open(copy, "rb+") as file:
+        os.fsync(file.fileno())
+    return version
+
+
+def _keep_replaced(target: Path, now: float) -> Path:
+    """Fold the WAL of the database about to be replaced into it, and keep it beside it
+    under a name nothing has yet (a hard link, so the database stays in place until the
+    copy replaces it). A database too damaged to fold keeps its WAL beside the kept copy."""
+    try:
+        conn = apsw.Connection(str(target), flags=apsw.SQLITE_OPEN_READWRITE)
+        try:
+            if conn.pragma("journal_mode") == "wal":
+                conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+        finally:
+            conn.close()
+    except apsw.Error as exc:
+        log.warning("cannot fold the WAL of %s into it (%s): kept as it is", target,
+                    describe_error(exc))
+    stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))
+    for attempt in itertools.count(1):
+        kept = target.with_name(f"{target.name}.replaced-{stamp}"
+                                + (f"-{attempt}" if attempt > 1 else ""))
+        try:
+            _link_or_copy(target, kept)
+        except FileExistsError:
+            continue
+        break
+    wal = Path(f"{target}-wal")
+    if wal.exists() and wal.stat().st_size:
+        _link_or_copy(wal, Path(f"{kept}-wal"))
+    return kept
+
+
+def _link_or_copy(source: Path, name: Path) -> None:
+    """A second name for a file (FileExistsError if taken): a hard link, or a copy where
+    the filesystem has none."""
+    try:
+        os.link(source, name)
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        with open(source, "rb") as old, \
+                open(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE_MODE),
+                     "wb") as new:
+            shutil.copyfileobj(old, new)
+            new.flush()
+            os.fsync(new.fileno())
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the names just given in `folder` survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_restore_leftovers(target: Path) -> list[str]:
+    """What a killed restore left beside the database: its hidden copy (the process is
+    gone), and a kept name of the database it did not get to replace (the same file)."""
+    removed = []
+    try:
+        inode = target.stat().st_ino
+    except FileNotFoundError:
+        inode = None
+    for path in target.parent.iterdir():
+        match = _PARTIAL.match(path.name)
+        stale = (match is not None and path.name.startswith(f".{target.name}.partial-")
+                 and not _process_exists(int(match.group(1))))
+        if not stale and inode is not None and path.name.startswith(f"{target.name}.replaced-"):
+            with contextlib.suppress(FileNotFoundError):
+                stale = path.stat().st_ino == inode
+        if stale:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 def nightly_backup(settings: Settings, now: float) -> dict:
@@ -2728,6 +3053,7 @@ class Scheduler(threading.Thread):
         self.stopped = threading.Event()
         self.last: dict[str, dict] = {}
         self.rolled_through: Optional[int] = None
+        self.failing: Optional[str] = None     # why the last round of jobs failed
         self._conn: Optional[apsw.Connection] = None
 
     def run(self) -> None:
@@ -2735,11 +3061,15 @@ class Scheduler(threading.Thread):
             while not self.stopped.is_set():
                 try:
                     pause = self.run_due(time.time())
-                except TedstoreError as exc:
+                    self.failing = None
+                except Exception as exc:       # a job fails, the scheduler lives on
                     if self.stopped.is_set():
                         log.info("a scheduled job was interrupted by the shutdown: %s", exc)
                         return
-                    log.error("a scheduled job failed: %s; trying again in a minute", exc)
+                    self.failing = (str(exc) if isinstance(exc, TedstoreError)
+                                    else f"{type(exc).__name__}: {exc}")
+                    log.error("a scheduled job failed: %s; trying again in a minute",
+                              self.failing, exc_info=not isinstance(exc, TedstoreError))
                     pause = 60.0
                 self.stopped.wait(min(pause, SCHEDULER_MAX_SLEEP))
         finally:
@@ -2879,10 +3209,15 @@ class Daemon:
     def run(self) -> int:
         """Serve until asked to stop; 0 after a clean drain, 1 if lines were given up on or
         the writer died (so that systemd's Restart=on-failure applies)."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):   # never fatal
+                signal.signal(signum, signal.SIG_IGN)
         created: list[str] = []                  # files this start made, gone if it fails
         try:
             listener = self._bind()              # first, so that a taken socket creates nothing
             self._lock_database(created)
+            for name in remove_restore_leftovers(Path(self.settings.db)):
+                log.info("removed %s, left by an interrupted restore", name)
             created += [self.settings.db + suffix for suffix in ("", "-wal", "-shm")
                         if not os.path.exists(self.settings.db + suffix)]
             conn = open_store(self.settings.db, vfs=self.vfs, synchronous=self.settings.synchronous,
@@ -2999,7 +3334,8 @@ class Daemon:
             listener.close()
             raise self.writer.start_error
         self.queries = QueryPool(self.settings, deliver=lambda session, line_no, reply:
-                                 loop.call_soon_threadsafe(session.answered, line_no, reply))
+                                 loop.call_soon_threadsafe(self.server.answered, session,
+                                                           line_no, reply))
         self.server = Server(self.settings, self.writer, self.status, self.queries)
         aserver = await loop.create_unix_server(lambda: Session(self.server), sock=listener)
         self.scheduler = Scheduler(self.settings, self.writer)
@@ -3007,6 +3343,11 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, log.info,
+                                    "SIGHUP: nothing to reload; tedstore reads its settings at start")
+            loop.add_signal_handler(signal.SIGUSR1, lambda: log.info(
+                "%s", status_lines(self.status(), time.time())[0]))
+            loop.add_signal_handler(signal.SIGUSR2, log.info, "SIGUSR2: ignored")
         log.info("tedstore %s serving %s with database %s (schema %d, WAL, synchronous=%s)",
                  __version__, self.settings.socket, self.settings.db, self.schema,
                  self.settings.synchronous)
@@ -3092,16 +3433,19 @@ class Daemon:
             "connections": {"open": len(server.sessions), "total": server.connections_total,
                             "refused": dict(server.refused)},
             "queries": {"answered": self.queries.answered, "refused": self.queries.refused,
-                        "waiting": self.queries.pending},
+                        "waiting": sum(len(s.queries) + s.running for s in server.sessions)},
             "events": dict(stats.events_by_type),
             "duplicates": dict(stats.duplicates_by_type),
             "rejects": dict(stats.rejects_by_code),
             "commit_latency_ms": {"avg": latency.mean, "p50": latency.quantile(0.5),
                                   "p99": latency.quantile(0.99)},
+            "scheduler": {"state": "failing" if self.scheduler.failing else "ok",
+                          "error": self.scheduler.failing},
             "last_rollup": self.scheduler.last.get("rollup"),
             "last_retention": self.scheduler.last.get("retention"),
             "last_backup": self.scheduler.last.get("backup"),
-            "database": database_facts(settings.db) | {"schema_version": self.schema},
+            "database": database_facts(os.path.abspath(settings.db))
+                        | {"schema_version": self.schema},
             "socket": settings.socket,
         }
 
@@ -3157,6 +3501,36 @@ def parse_reply(line: bytes, path: str) -> dict:
     return reply
 
 
+class Replies:
+    """The daemon's replies on one connection, for every client in this module: bytes in
+    (feed, for clients that select), or read from the socket (next, for those that block),
+    reply objects out."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._rest = b""
+        self._ready: collections.deque = collections.deque()
+
+    def feed(self, data: bytes) -> list[dict]:
+        """The replies completed by data (the rest of a line waits for more)."""
+        *complete, self._rest = (self._rest + data).split(b"\n")
+        return [parse_reply(line, self.path) for line in complete]
+
+    def next(self, sock: socket.socket, waiting_for: str = "an answer") -> dict:
+        """The next reply, waiting for it; ProtocolError if the daemon hangs up first."""
+        while not self._ready:
+            try:
+                data = sock.recv(1 << 20)
+            except OSError as exc:
+                raise ProtocolError(f"tedstore at {self.path} did not send {waiting_for}: "
+                                    f"{exc.strerror or exc}") from exc
+            if not data:
+                raise ProtocolError(f"tedstore at {self.path} closed the connection instead "
+                                    f"of sending {waiting_for}")
+            self._ready.extend(self.feed(data))
+        return self._ready.popleft()
+
+
 def request(path: str, op: str, timeout: float = 5.0) -> dict:
     """Send one control line (ping, status) and return the answer."""
     with connect_socket(path, timeout) as sock:
@@ -3164,40 +3538,24 @@ def request(path: str, op: str, timeout: float = 5.0) -> dict:
             sock.sendall(msgspec.json.encode({"op": op}) + b"\n")
         except OSError:
             pass                 # it hung up at once: what it said first tells why
-        reply = b""
-        while not reply.endswith(b"\n"):
-            try:
-                data = sock.recv(65536)
-            except OSError as exc:
-                raise ProtocolError(f"tedstore at {path} did not answer {op}: "
-                                    f"{exc.strerror or exc}") from exc
-            if not data:
-                raise ProtocolError(f"tedstore at {path} closed the connection instead of "
-                                    f"answering {op}")
-            reply += data
-    return parse_reply(reply.split(b"\n")[0], path)
-
-
-class StreamResult(msgspec.Struct):
-    lines: int = 0
-    acked: int = 0
-    rejections: list = msgspec.field(default_factory=list)   # [(line, code, error)]
-    latencies_ms: list = msgspec.field(default_factory=list)
+        return Replies(path).next(sock, f"an answer to {op}")
 
 
 def stream_lines(path: str, blocks: Iterable[bytes], *, rate: Optional[float] = None,
                  measure_latency: bool = False, idle_timeout: float = 60.0,
-                 progress: Callable[[int], None] = lambda acked: None) -> StreamResult:
-    """Pipeline NDJSON over one connection and wait until every line is acknowledged.
+                 progress: Callable[[int], None] = lambda acked: None) -> IngestResult:
+    """Pipeline NDJSON over one connection and wait until every line is acknowledged; then
+    ask what became of them (stored, duplicates).
 
     Each block holds one or more complete lines. With `rate`, lines leave at that many
     per second; with `measure_latency`, each line's send-to-ack time is recorded.
     """
     sock = connect_socket(path)
     sock.setblocking(False)
-    result = StreamResult()
+    result = IngestResult()
+    replies = Replies(path)
     source, exhausted = iter(blocks), False
-    outgoing, replies = bytearray(), b""
+    outgoing = bytearray()
     hung_up: Optional[OSError] = None
     sent_at: collections.deque = collections.deque()       # (last line of block, time)
     started = last_heard = time.monotonic()
@@ -3251,11 +3609,9 @@ def stream_lines(path: str, blocks: Iterable[bytes], *, rate: Optional[float] = 
                             f"{result.acked:,} of the {result.lines:,} lines sent{reason}; "
                             f"send the rest again, duplicates are harmless")
                     last_heard = now
-                    replies += data
-                    *complete, replies = replies.split(b"\n")
                     try:
-                        for reply in complete:
-                            _take_reply(parse_reply(reply, path), result, sent_at, now)
+                        for reply in replies.feed(data):
+                            _take_reply(reply, result, sent_at, now)
                     except Refused as exc:
                         raise ProtocolError(f"tedstore refused the connection after "
                                             f"acknowledging {result.acked:,} of the "
@@ -3264,13 +3620,14 @@ def stream_lines(path: str, blocks: Iterable[bytes], *, rate: Optional[float] = 
             if result.acked < result.lines and not outgoing and now - last_heard > idle_timeout:
                 raise ProtocolError(f"tedstore acknowledged nothing for {idle_timeout:g} s "
                                     f"({result.acked} of {result.lines} lines acknowledged)")
+        _count_outcomes(sock, replies, result)
     finally:
         selector.close()
         sock.close()
     return result
 
 
-def _take_reply(reply: dict, result: StreamResult, sent_at: collections.deque, now: float) -> None:
+def _take_reply(reply: dict, result: IngestResult, sent_at: collections.deque, now: float) -> None:
     if "ack" in reply:
         result.acked = reply["ack"]
         while sent_at and sent_at[0][0] <= result.acked:
@@ -3280,18 +3637,47 @@ def _take_reply(reply: dict, result: StreamResult, sent_at: collections.deque, n
         result.rejections.append((reply["rejected"], reply.get("code"), reply.get("error")))
 
 
+def _count_outcomes(sock: socket.socket, replies: Replies, result: IngestResult) -> None:
+    """Once every line is acknowledged, the connection's status line says how many of
+    them changed rows (stored) and how many changed nothing (duplicates)."""
+    sock.setblocking(True)
+    sock.settimeout(30.0)
+    try:
+        sock.sendall(b'{"op":"status"}\n')
+        while "status" not in (reply := replies.next(sock, "its status")):
+            pass
+    except (OSError, ProtocolError):
+        return                           # everything is acknowledged; the split stays unknown
+    counts = reply["status"].get("connection") or {}
+    result.stored, result.duplicates = counts.get("stored"), counts.get("duplicates")
+
+
+def daemon_serving(settings: Settings) -> Optional[str]:
+    """The socket of the daemon that serves settings.db, if one runs: the one its lock file
+    names, or settings.socket if the daemon answering there says it serves that file."""
+    running = serving(settings.db)
+    if running is not None and running[1] and socket_answers(running[1]):
+        return running[1]
+    try:
+        status = request(settings.socket, "status")["status"]
+    except ProtocolError:
+        return None
+    served = status.get("database", {}).get("path") or ""
+    return settings.socket if os.path.realpath(served) == os.path.realpath(settings.db) else None
+
+
 def replay(settings: Settings, blocks: Iterable[bytes],
-           progress: Callable[[int], None] = lambda lines: None) -> tuple[int, list, str]:
-    """NDJSON through the daemon if it answers, else straight into an existing database,
-    rolling up the hours it touched (the daemon does that itself): (lines, rejections,
-    where they went)."""
-    if socket_answers(settings.socket):
-        result = stream_lines(settings.socket, blocks, progress=progress)
-        return result.lines, result.rejections, "the daemon"
+           progress: Callable[[int], None] = lambda lines: None) -> tuple[IngestResult, str]:
+    """NDJSON into settings.db and nowhere else: through the daemon that serves it (it rolls
+    up what it takes), else straight into the file, rolling up the hours it touched.
+    (the result, where the lines went)."""
+    socket_path = daemon_serving(settings)
+    if socket_path is not None:
+        return stream_lines(socket_path, blocks, progress=progress), "the daemon"
     if not os.path.exists(settings.db):
-        raise StoreError(f"no tedstore answers at {settings.socket}, and database "
-                         f"{settings.db} does not exist: start the daemon (tedstore serve), "
-                         f"create the database (tedstore init), or fix --socket/--db")
+        raise StoreError(f"database {settings.db} does not exist, and no tedstore serving it "
+                         f"answers at {settings.socket}: start the daemon (tedstore serve), "
+                         f"create the database (tedstore init), or fix --db/--socket")
     with contextlib.closing(open_store(settings.db, create=False,
                                        synchronous=settings.synchronous,
                                        checkpoint=settings.checkpoint)) as conn:
@@ -3301,12 +3687,12 @@ def replay(settings: Settings, blocks: Iterable[bytes],
             nonlocal done
             done += lines
             progress(done)
-        lines, rejections = ingest_offline(conn, blocks, settings, advance, touched)
+        result = ingest_offline(conn, blocks, settings, advance, touched)
         now = time.time()
         hours = sorted(hour for hour in touched
                        if rollup_floor(now, settings) <= hour <= newest_complete_hour(now))
         run_rollups(conn, lambda step: step(conn), hours, now)
-    return lines, rejections, settings.db
+    return result, settings.db
 
 
 class Trouble:
@@ -3453,7 +3839,7 @@ class Client:
             self._wake_w.send(b"\0")
 
     def _run(self) -> None:
-        backoff, sock = 0.05, None
+        backoff, sock = CLIENT_BACKOFF_MIN_SECONDS, None
         trouble = self._troubles["connection"]
         while True:
             with self._settled:
@@ -3467,16 +3853,18 @@ class Client:
                 except ProtocolError as exc:
                     trouble.happened(f"{exc}; events wait in the client's buffer")
                     self._sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    backoff = min(backoff * 2, CLIENT_BACKOFF_MAX_SECONDS)
                     continue
                 sock.setblocking(False)
                 with self._settled:
                     self._in_flight, self._first_line, self._rejected_unacked = 0, 1, 0
                 self.connected = True
+            heard = self.acked + self.rejected
             try:
                 self._exchange(sock)
-                backoff = 0.05
             except (OSError, ProtocolError) as exc:
+                if self.acked + self.rejected > heard:  # it worked for a while: retry soon
+                    backoff = CLIENT_BACKOFF_MIN_SECONDS
                 trouble.happened(str(exc) if isinstance(exc, ProtocolError) else
                                  f"lost the connection to tedstore at {self.socket_path} "
                                  f"({exc.strerror or exc}); reconnecting")
@@ -3484,14 +3872,14 @@ class Client:
                 sock.close()
                 sock = None
                 self._sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, CLIENT_BACKOFF_MAX_SECONDS)
         self.connected = False
         if sock is not None:
             sock.close()
 
     def _exchange(self, sock: socket.socket) -> None:
         """Run one connection until it breaks or the client closes."""
-        outgoing, replies, hung_up = b"", b"", None
+        outgoing, replies, hung_up = b"", Replies(self.socket_path), None
         while True:
             with self._settled:
                 if self._closing:
@@ -3522,10 +3910,8 @@ class Client:
                 if not data:
                     raise hung_up or ProtocolError(f"tedstore at {self.socket_path} closed "
                                                    f"the connection; reconnecting")
-                replies += data
-                *complete, replies = replies.split(b"\n")
-                for reply in complete:
-                    self._take(parse_reply(reply, self.socket_path))
+                for reply in replies.feed(data):
+                    self._take(reply)
 
     def _take(self, reply: dict) -> None:
         if "ack" in reply:
@@ -3547,7 +3933,15 @@ class Client:
                                                 f"({reply.get('code')}): {reply.get('error')}")
 
     def _sleep(self, seconds: float) -> None:
-        select.select([self._wake_r], [], [], seconds)
+        """Back off for `seconds`: new events do not bring the daemon back, so only close()
+        cuts it short (a wake-up byte left unread would otherwise end every sleep at once)."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([self._wake_r], [], [], left)[0]:
+                self._wake_r.recv(4096)
+                with self._settled:
+                    if self._closing:
+                        return
 
 
 # ---------------------------------------------------------------------------
@@ -3846,15 +4240,14 @@ class Window(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 def _moment(value: When, now: float, name: str) -> float:
-    if isinstance(value, str):
-        try:
-            return parse_when(value, now)
-        except ConfigError:
-            raise QueryRejected(f"{name} {value!r} is not a time: use ISO-8601 (2026-11-20, "
-                                f"2026-11-20T08:00) or a span (48h, 7d)") from None
-    if not 0 <= value <= MAX_EPOCH:
-        raise QueryRejected(f"{name} {value!r} is not a time in Unix seconds")
-    return value
+    try:
+        moment = parse_when(value, now) if isinstance(value, str) else value
+    except ConfigError:
+        raise QueryRejected(f"{name} {value!r} is not a time: use ISO-8601 (2026-11-20, "
+                            f"2026-11-20T08:00) or a span (48h, 7d)") from None
+    if not 0 <= moment <= MAX_EPOCH:
+        raise QueryRejected(f"{name} {value!r} is not a time between 1970 and 9999")
+    return moment
 
 
 class GameArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -3970,13 +4363,19 @@ def q_state(conn: apsw.Connection, args: StateArgs, now: float) -> dict:
 
 
 def q_rejects(conn: apsw.Connection, args: RejectsArgs, now: float) -> dict:
-    """Refused lines of the window, newest first, with their raw text."""
+    """Refused lines of the window, newest first, with their raw text. Raw lines may be
+    bytes, so the rows are built here, within the connection's length limit (the socket's
+    answer limit on the query threads), like the JSON SQLite builds for other answers."""
     since, until = args.bounds(now, 24)
-    rows = [dict(zip(COLUMNS["rejects"], row)) for row in conn.execute(
-        SQL_Q_REJECTS, (utc_text(since), utc_text(until), args.limit))]
-    for row in rows:
+    budget, size, rows = conn.limit(apsw.SQLITE_LIMIT_LENGTH), 0, []
+    for row in conn.execute(SQL_Q_REJECTS, (utc_text(since), utc_text(until), args.limit)):
+        row = dict(zip(COLUMNS["rejects"], row))
         if isinstance(row["raw"], bytes):
             row["raw"] = row["raw"].decode("utf-8", "replace")
+        size += len(row["raw"] or "") + len(row["error"]) + 200
+        if size > budget:
+            raise apsw.TooBigError("the answer is over the length limit")
+        rows.append(row)
     return {**_window(since, until), "rejects": rows}
 
 
@@ -4000,20 +4399,61 @@ QUERIES = {
 }
 
 
-def answer(conn: apsw.Connection, name: str, params: dict, now: float) -> bytes:
-    """The answer to query `name` as JSON, from one consistent snapshot; QueryRejected
-    (bad_query) for an unknown name or a bad parameter."""
+def query_args(name: Any, params: dict) -> tuple[str, Any]:
+    """A query's name and its parameters as its struct; QueryRejected (bad_query) for an
+    unknown name or a bad parameter."""
+    if not isinstance(name, str):
+        raise QueryRejected('a query line names its query: {"op":"query","q":"games"}')
     query = QUERIES.get(name)
     if query is None:
-        raise QueryRejected(f"unknown query {name!r}; known: {', '.join(QUERIES)}")
+        raise QueryRejected(f"unknown query {name[:64]!r}; known: {', '.join(QUERIES)}")
     try:
-        args = msgspec.convert(params, query.args, strict=False)
+        return name, msgspec.convert(params, query.args, strict=False)
     except msgspec.ValidationError as exc:
         problem = re.sub(r" - at `\$\.(\w+)`", r" (parameter \1)", str(exc))
         problem = problem.replace("Object contains unknown field", "unknown parameter")
-        raise QueryRejected(f"{name}: {problem.replace('Object missing required field', 'missing parameter')}") from None
+        problem = problem.replace("Object missing required field", "missing parameter")
+        raise QueryRejected(f"{name}: {problem}") from None
+
+
+def read_query_line(line: bytes) -> tuple[str, Any]:
+    """The query a {"op":"query","q":NAME,...} line asks, checked: (name, parameters)."""
+    try:
+        request = msgspec.json.decode(line)
+    except (msgspec.MsgspecError, RecursionError, ValueError) as exc:
+        raise QueryRejected(f"cannot read this query: {exc}") from None
+    request.pop("op", None)
+    return query_args(request.pop("q", None), request)
+
+
+def run_query(conn: apsw.Connection, name: str, args: Any, now: float) -> bytes:
+    """The answer to a checked query (query_args) as JSON, from one consistent snapshot."""
     with store_errors(f"the {name} query failed"), transaction(conn, "DEFERRED"):
-        return msgspec.json.encode(query.answer(conn, args, now))
+        return msgspec.json.encode(QUERIES[name].answer(conn, args, now))
+
+
+def answer_within_limits(conn: apsw.Connection, name: str, args: Any) -> bytes:
+    """run_query for the socket: QUERY_SECONDS of work and QUERY_MAX_BYTES of answer at
+    most, both enforced while the answer is built (QueryRejected beyond)."""
+    limit = threading.Timer(QUERY_SECONDS, conn.interrupt)   # no callback per step
+    conn.limit(apsw.SQLITE_LIMIT_LENGTH, QUERY_MAX_BYTES)
+    too_big = QueryRejected(f"the answer to {name} is more than {QUERY_MAX_BYTES // 2**20} "
+                            f"MiB: narrow its window or lower its limit")
+    limit.start()
+    try:
+        result = run_query(conn, name, args, time.time())
+    except StoreError as exc:
+        if isinstance(exc.orig, apsw.InterruptError):
+            raise QueryRejected(f"{name} took more than {QUERY_SECONDS:g} s: narrow its "
+                                f"window or lower its limit") from None
+        if isinstance(exc.orig, apsw.TooBigError):
+            raise too_big from None
+        raise
+    finally:
+        limit.cancel()
+    if len(result) > QUERY_MAX_BYTES:
+        raise too_big
+    return result
 
 
 HOURLY_UP_TO_DAYS = 3                # longer reports are bucketed by day
@@ -4101,50 +4541,107 @@ def rows_as_dicts(cursor: apsw.Cursor) -> list[dict]:
     return [dict(zip(names, row)) for row in cursor]
 
 
+READER_IDLE_CONNECTIONS = 8          # connections a Reader keeps open between calls
+
+
+class _DaemonLink:
+    """One connection of a Reader to the daemon, used by one call at a time."""
+
+    def __init__(self, path: str, timeout: float):
+        self.sock = connect_socket(path, timeout)
+        self.replies = Replies(path)
+        self.line = 0
+
+    def ask(self, request: dict) -> dict:
+        """Send one control line and wait for its answer (acks may come in between)."""
+        self.sock.sendall(msgspec.json.encode(request) + b"\n")
+        self.line += 1
+        while True:
+            reply = self.replies.next(self.sock)
+            if request["op"] == "status" and "status" in reply:
+                return reply["status"]
+            if reply.get("line") == self.line and "result" in reply:
+                return reply["result"]
+            if reply.get("rejected") == self.line:
+                raise QueryRejected(str(reply.get("error")))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class Reader:
     """The read API for trackers and people: by default it asks the daemon over its socket
-    (socket activation starts the daemon if needed); with db_path it reads the file."""
+    (socket activation starts the daemon if needed); with db_path it reads the file.
+
+    One Reader may be shared by the threads of a web server: each call borrows a
+    connection of its own (opened on demand, READER_IDLE_CONNECTIONS kept between calls),
+    so a call never sees another call's answer and a slow call never holds up the others.
+    """
 
     def __init__(self, socket_path: Optional[str] = None, *, db_path: Optional[str] = None,
                  timeout: float = 30.0):
         self.db_path = db_path
         self.socket_path = None if db_path else load_settings(socket=socket_path).socket
         self.timeout = timeout
-        self._conn = connect(db_path, readonly=True) if db_path else None
-        self._sock: Optional[socket.socket] = None
-        self._line, self._buffer = 0, b""
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+        if db_path is not None:
+            self._idle.append(connect(db_path, readonly=True))   # a missing file says so now
 
     def ask(self, name: str, **params: Any) -> Any:
         """The answer to query `name` as Python objects; QueryRejected if it has none."""
         params = {key: value for key, value in params.items() if value is not None}
+        name, args = query_args(name, params)          # a bad query fails here, at once
         if self.db_path is not None:
-            if self._conn is None:
-                self._conn = connect(self.db_path, readonly=True)
-            return msgspec.json.decode(answer(self._conn, name, params, time.time()))
-        try:
-            return self._over_socket(name, params)
-        except (OSError, ProtocolError):
-            self.close()                  # a daemon restarted or idled us out: once more
-            return self._over_socket(name, params)
+            return msgspec.json.decode(self._call(
+                lambda conn: run_query(conn, name, args, time.time())))
+        return self._call(lambda link: link.ask({"op": "query", "q": name, **params}))
 
-    def _over_socket(self, name: str, params: dict) -> Any:
-        if self._sock is None:
-            self._sock = connect_socket(self.socket_path, self.timeout)
-            self._line, self._buffer = 0, b""
-        self._sock.sendall(msgspec.json.encode({"op": "query", "q": name, **params}) + b"\n")
-        self._line += 1
-        while True:
-            while b"\n" not in self._buffer:
-                data = self._sock.recv(1 << 20)
-                if not data:
-                    raise ProtocolError(f"tedstore at {self.socket_path} closed the connection")
-                self._buffer += data
-            line, self._buffer = self._buffer.split(b"\n", 1)
-            reply = parse_reply(line, self.socket_path)
-            if reply.get("line") == self._line and "result" in reply:
-                return reply["result"]
-            if reply.get("rejected") == self._line:
-                raise QueryRejected(str(reply.get("error")))
+    def status(self) -> dict:
+        """The daemon's status: the TED status object (`enabled`, `repository`, `manager`)
+        and tedstore's own fields, as `tedstore status --json` shows them."""
+        if self.db_path is None:
+            return self._call(lambda link: link.ask({"op": "status"}))
+        running = serving(self.db_path)
+        if running is not None and running[1]:
+            return request(running[1], "status", self.timeout)["status"]
+        return {"enabled": True, "running": False,
+                "repository": {"enabled": True, "last_save": None, "records_saved": 0,
+                               "errors": 0},
+                "manager": {"enabled": True, "running": False, "persist_interval": None},
+                "database": database_facts(self.db_path)}
+
+    def _call(self, use: Callable[[Any], Any]) -> Any:
+        """use(a connection for this call alone); if an idle one turns out closed meanwhile
+        (the daemon restarted, or closed it as idle), once more on a fresh one."""
+        with self._lock:
+            link = self._idle.pop() if self._idle else None
+        if link is not None:
+            try:
+                return self._use(link, use)
+            except (ProtocolError, ConnectionError):
+                pass
+        return self._use(connect(self.db_path, readonly=True) if self.db_path is not None
+                         else _DaemonLink(self.socket_path, self.timeout), use)
+
+    def _use(self, link: Any, use: Callable[[Any], Any]) -> Any:
+        try:
+            result = use(link)
+        except (QueryRejected, StoreError):   # the query's fault: the connection is fine
+            self._keep(link)
+            raise
+        except BaseException:
+            link.close()
+            raise
+        self._keep(link)
+        return result
+
+    def _keep(self, link: Any) -> None:
+        with self._lock:
+            if len(self._idle) < READER_IDLE_CONNECTIONS:
+                self._idle.append(link)
+                return
+        link.close()
 
     def recent_predictions(self, n: int = 200) -> list[dict]:
         """The newest n predictions, oldest first (ready to refill a deque)."""
@@ -4188,10 +4685,11 @@ class Reader:
         return self.ask("rejects", **window)
 
     def close(self) -> None:
-        for resource in (self._conn, self._sock):
-            if resource is not None:
-                resource.close()
-        self._conn = self._sock = None
+        """Close the connections kept between calls (calls still running close their own)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for link in idle:
+            link.close()
 
     def __enter__(self) -> "Reader":
         return self
@@ -4764,6 +5262,10 @@ def check_database(path: str) -> list[str]:
             if version != schema_version():
                 problems.append(f"{path} is at schema version {version}, not "
                                 f"{schema_version()}: run tedstore init to upgrade it")
+            elif schema_differences(conn):
+                problems.append(f"{path} has a schema tedstore did not make: "
+                                f"{'; '.join(schema_differences(conn))}; undo that with sqlite3 "
+                                f"(DROP ...), or restore a backup")
             if conn.pragma("journal_mode") != "wal":
                 problems.append(f"{path} is not in WAL mode: run tedstore init")
             verdict = conn.execute(SQL_INTEGRITY_CHECK).get
@@ -5031,6 +5533,15 @@ def table(rows: list[dict], columns: list[tuple[str, str, Callable[[Any], str]]]
 
 def period(result: dict) -> str:
     return f"{moment(result['since'])} to {moment(result['until'])} UTC"
+
+
+def outcomes(result: IngestResult) -> str:
+    """'3 stored, 1 duplicate, 0 rejected' for the lines a command sent or imported."""
+    rejected = f"{len(result.rejections)} rejected"
+    if result.stored is None:
+        return f"{result.acked} acknowledged, {rejected}"
+    return (f"{result.stored} stored, {result.duplicates} "
+            f"duplicate{'' if result.duplicates == 1 else 's'}, {rejected}")
 
 
 class InputFiles:
@@ -5317,7 +5828,9 @@ def status_lines(status: dict, now: float) -> list[str]:
     writer, queue, db = status["writer"], status["queue"], status["database"]
     repository, latency = status["repository"], status["commit_latency_ms"]
     events = sum(status["events"].values())
+    jobs = status.get("scheduler") or {}
     trouble = (f"; WRITER FAILING: {writer['error']}" if writer["state"] != "ok" else
+               f"; JOBS FAILING: {jobs['error']}" if jobs.get("error") else
                "; QUEUE FULL: clients wait" if queue["full"] else
                f"; WAL LARGE: {wal_held_back(writer['checkpoint'])}"
                if (db["wal_bytes"] or 0) > WAL_WARNING_BYTES else "")
@@ -5395,8 +5908,7 @@ def send_command(settings: Settings, files: tuple[str, ...]) -> None:
     with progress_bar(source.count(), "sending") as bar:
         result = stream_lines(settings.socket, source.blocks(), progress=bar.advance_to)
     source.report(result.rejections)
-    click.echo(f"sent {result.lines} lines: {result.lines - len(result.rejections)} stored, "
-               f"{len(result.rejections)} rejected", err=True)
+    click.echo(f"sent {result.lines} lines: {outcomes(result)}", err=True)
     if result.rejections:
         sys.exit(1)
 
@@ -5415,11 +5927,10 @@ def import_command(settings: Settings, files: tuple[str, ...]) -> None:
     """
     source = InputFiles(files)
     with progress_bar(source.count(), "importing") as bar:
-        lines, rejections, via = replay(settings, source.blocks(), bar.advance_to)
-    source.report(rejections)
-    click.echo(f"imported {lines} lines into {via}: {lines - len(rejections)} stored, "
-               f"{len(rejections)} rejected", err=True)
-    if rejections:
+        result, via = replay(settings, source.blocks(), bar.advance_to)
+    source.report(result.rejections)
+    click.echo(f"imported {result.lines} lines into {via}: {outcomes(result)}", err=True)
+    if result.rejections:
         sys.exit(1)
 
 

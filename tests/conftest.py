@@ -279,8 +279,7 @@ class Store:
                  for e in events]
         size = batch_size or len(lines) or 1
         settings = msgspec.structs.replace(settings or self.settings, batch_size=size)
-        _, rejections = tedstore.ingest_offline(self.conn, lines, settings)
-        return rejections
+        return tedstore.ingest_offline(self.conn, lines, settings).rejections
 
     def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
         return self.conn.execute(sql, params).fetchall()

@@ -11,6 +11,7 @@ import threading
 import time
 
 import apsw
+import msgspec
 import pytest
 
 import tedstore
@@ -247,8 +248,8 @@ def test_retention_rolls_up_before_it_deletes(tmp):
 
 def test_retention_cutoffs_never_pass_the_newest_complete_hour():
     """What the rollup reads is deleted only up to the hours retention can roll up first."""
-    settings = tedstore.load_settings(prediction_retention_days=0.001, sidebet_retention_days=0.001,
-                                      tick_retention_days=0.001)
+    settings = msgspec.structs.replace(tedstore.load_settings(), prediction_retention_days=0.001,
+                                       sidebet_retention_days=0.001, tick_retention_days=0.001)
     now = HOUR + 1800
     cutoffs = tedstore.retention_cutoffs(settings, now)
     assert cutoffs["predictions"] == cutoffs["side_bets"] == cutoffs["rejects"] == \
