@@ -89,6 +89,7 @@ ROLLUP_REVISIT_HOURS = 2             # ... and again while late game ends can st
 RETENTION_STEP_SECONDS = 0.01        # target length of one retention delete transaction
 YIELD_MIN_SECONDS = 0.002            # a CLI write command's shortest pause between writes
 SCHEDULER_MAX_SLEEP = 30.0
+SCHEDULER_FAILURE_PAUSE = 60.0       # a failed round of jobs is tried again this much later
 IDLE_SWEEP_SECONDS = 5.0
 STATUS_NOTIFY_SECONDS = 5.0
 QUERY_THREADS = 2                    # threads answering queries over the socket
@@ -900,7 +901,8 @@ SQL_SAVE_STATE = """
 INSERT INTO state (key, value, updated_at)
 SELECT value->>'key', value->'value', value->>'ts' FROM json_each(?1) WHERE true
 ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
-WHERE excluded.updated_at >= state.updated_at"""
+WHERE excluded.updated_at > state.updated_at
+   OR (excluded.updated_at = state.updated_at AND excluded.value IS NOT state.value)"""
 
 # Resolution runs, one game id at a time, for every game that ended in the batch or got
 # a prediction or side bet in it: a late arrival is resolved on arrival, with the game's
@@ -2168,10 +2170,10 @@ class QueryPool:
         for thread in self._threads:
             thread.start()
 
-    def run(self, session: Any, line_no: int, name: str, args: Any) -> None:
+    def run(self, session: Any, line_no: int, name: str, args: Any, max_bytes: int) -> None:
         """Answer a query on an idle thread (the caller counts them: `idle`)."""
         self.idle -= 1
-        self._jobs.put((session, line_no, name, args))
+        self._jobs.put((session, line_no, name, args, max_bytes))
 
     def stop(self) -> None:
         for _ in self._threads:
@@ -2182,12 +2184,12 @@ class QueryPool:
     def _run(self) -> None:
         conn: Optional[apsw.Connection] = None
         while (job := self._jobs.get()) is not None:
-            session, line_no, name, args = job
+            session, line_no, name, args, max_bytes = job
             try:
                 if conn is None:
                     conn = connect(self.settings.db, readonly=True)
-                reply = b'{"result":%b,"line":%d}\n' % (answer_within_limits(conn, name, args),
-                                                         line_no)
+                reply = b'{"result":%b,"line":%d}\n' % (
+                    answer_within_limits(conn, name, args, max_bytes), line_no)
                 self.answered += 1
             except Exception as exc:        # whatever it is, this query's and only its
                 if not isinstance(exc, TedstoreError):
@@ -2311,11 +2313,12 @@ class Server:
 
     def dispatch(self) -> None:
         """Start waiting queries on idle query threads, one per session in turn, passing
-        over sessions whose unread replies are over their budget; none starts while the
-        unread replies of all sessions together are over theirs."""
+        over sessions whose unread replies are over their budget. While the unread replies
+        of all sessions together are over theirs, a query's answer may only be as large as
+        one session's budget: clients that read are still answered, and clients that do
+        not cannot make the daemon hold more than the budgets add up to."""
         while self.queries.idle > 0 and self.asking:
-            if sum(session.unread() for session in self.sessions) > ANSWER_BYTES_TOTAL:
-                return                   # a session that reads or closes calls again
+            crowded = sum(session.unread() for session in self.sessions) > ANSWER_BYTES_TOTAL
             for _ in range(len(self.asking)):
                 session = self.asking.popleft()
                 if session.closed or not session.queries:
@@ -2330,7 +2333,8 @@ class Server:
                     self.asking.append(session)
                 else:
                     session.in_turn = False
-                self.queries.run(session, line_no, name, args)
+                self.queries.run(session, line_no, name, args, ANSWER_BYTES_PER_CONNECTION
+                                 if crowded else QUERY_MAX_BYTES)
                 break
             else:
                 return                   # every waiting session is over its budget
@@ -2914,7 +2918,8 @@ def _checked_copy(source: Path, copy: Path, owner: os.stat_result) -> int:
     unusable = f"{source} is not a usable tedstore backup"
     wal = Path(f"{source}-wal")
     shutil.copyfile(source, copy)
-    if wal.exists() and wal.stat().st_size:
+    with_frames = wal.exists() and wal.stat().st_size > WAL_HEADER_BYTES
+    if with_frames:
         shutil.copyfile(wal, f"{copy}-wal")
     for path in (copy, Path(f"{copy}-wal")):
         if path.exists():
@@ -2925,9 +2930,10 @@ def _checked_copy(source: Path, copy: Path, owner: os.stat_result) -> int:
         conn = apsw.Connection(str(copy), flags=apsw.SQLITE_OPEN_READWRITE)
         try:
             conn.execute(SQL_PROBE).fetchall()
-            if Path(f"{copy}-wal").exists() and conn.pragma("journal_mode") != "wal":
-                raise StoreError(f"{unusable}: {wal} lies beside it, but it is not a WAL "
-                                 f"database, so that WAL belongs to another: move it away")
+            if with_frames and conn.wal_checkpoint()[1] <= 0:
+                raise StoreError(f"{unusable}: {wal} beside it holds no WAL frame of this "
+                                 f"database (it is damaged, or another database's): move it "
+                                 f"away to restore the backup without it")
             verdict, version = conn.execute(SQL_INTEGRITY_CHECK).get, conn.pragma("user_version")
             differences = schema_differences(conn) if 1 <= version <= schema_version() else []
             conn.pragma("journal_mode", "delete")     # folds the WAL in: one file to install
@@ -2945,6 +2951,9 @@ def _checked_copy(source: Path, copy: Path, owner: os.stat_result) -> int:
     with open(copy, "rb+") as file:
         os.fsync(file.fileno())
     return version
+
+
+WAL_HEADER_BYTES = 32                # a -wal no longer than this holds no frame
 
 
 def _keep_replaced(target: Path, now: float) -> Path:
@@ -3068,9 +3077,9 @@ class Scheduler(threading.Thread):
                         return
                     self.failing = (str(exc) if isinstance(exc, TedstoreError)
                                     else f"{type(exc).__name__}: {exc}")
-                    log.error("a scheduled job failed: %s; trying again in a minute",
-                              self.failing, exc_info=not isinstance(exc, TedstoreError))
-                    pause = 60.0
+                    log.error("a scheduled job failed: %s; trying again in %g s", self.failing,
+                              SCHEDULER_FAILURE_PAUSE, exc_info=not isinstance(exc, TedstoreError))
+                    pause = SCHEDULER_FAILURE_PAUSE
                 self.stopped.wait(min(pause, SCHEDULER_MAX_SLEEP))
         finally:
             if self._conn is not None:
@@ -4364,19 +4373,21 @@ def q_state(conn: apsw.Connection, args: StateArgs, now: float) -> dict:
 
 def q_rejects(conn: apsw.Connection, args: RejectsArgs, now: float) -> dict:
     """Refused lines of the window, newest first, with their raw text. Raw lines may be
-    bytes, so the rows are built here, within the connection's length limit (the socket's
-    answer limit on the query threads), like the JSON SQLite builds for other answers."""
+    bytes, so the rows are built here, each encoded as it comes and counted against the
+    connection's length limit (the answer limit on the query threads), as SQLite counts
+    the JSON it builds for other answers."""
     since, until = args.bounds(now, 24)
-    budget, size, rows = conn.limit(apsw.SQLITE_LIMIT_LENGTH), 0, []
+    budget, size, rows = conn.limit(apsw.SQLITE_LIMIT_LENGTH), 2, []
     for row in conn.execute(SQL_Q_REJECTS, (utc_text(since), utc_text(until), args.limit)):
         row = dict(zip(COLUMNS["rejects"], row))
         if isinstance(row["raw"], bytes):
             row["raw"] = row["raw"].decode("utf-8", "replace")
-        size += len(row["raw"] or "") + len(row["error"]) + 200
+        rows.append(msgspec.json.encode(row))
+        size += len(rows[-1]) + 1
         if size > budget:
-            raise apsw.TooBigError("the answer is over the length limit")
-        rows.append(row)
-    return {**_window(since, until), "rejects": rows}
+            rows.clear()
+            raise apsw.TooBigError("the answer is longer than the length limit")
+    return {**_window(since, until), "rejects": msgspec.Raw(b"[" + b",".join(rows) + b"]")}
 
 
 class Query(NamedTuple):
@@ -4432,13 +4443,14 @@ def run_query(conn: apsw.Connection, name: str, args: Any, now: float) -> bytes:
         return msgspec.json.encode(QUERIES[name].answer(conn, args, now))
 
 
-def answer_within_limits(conn: apsw.Connection, name: str, args: Any) -> bytes:
+def answer_within_limits(conn: apsw.Connection, name: str, args: Any,
+                         max_bytes: Optional[int] = None) -> bytes:
     """run_query for the socket: QUERY_SECONDS of work and QUERY_MAX_BYTES of answer at
-    most, both enforced while the answer is built (QueryRejected beyond)."""
+    most (or max_bytes, while clients leave many answers unread), both enforced while the
+    answer is built (QueryRejected beyond)."""
+    max_bytes = QUERY_MAX_BYTES if max_bytes is None else max_bytes
     limit = threading.Timer(QUERY_SECONDS, conn.interrupt)   # no callback per step
-    conn.limit(apsw.SQLITE_LIMIT_LENGTH, QUERY_MAX_BYTES)
-    too_big = QueryRejected(f"the answer to {name} is more than {QUERY_MAX_BYTES // 2**20} "
-                            f"MiB: narrow its window or lower its limit")
+    conn.limit(apsw.SQLITE_LIMIT_LENGTH, max_bytes)
     limit.start()
     try:
         result = run_query(conn, name, args, time.time())
@@ -4447,13 +4459,22 @@ def answer_within_limits(conn: apsw.Connection, name: str, args: Any) -> bytes:
             raise QueryRejected(f"{name} took more than {QUERY_SECONDS:g} s: narrow its "
                                 f"window or lower its limit") from None
         if isinstance(exc.orig, apsw.TooBigError):
-            raise too_big from None
+            raise _too_big(name, max_bytes) from None
         raise
     finally:
         limit.cancel()
-    if len(result) > QUERY_MAX_BYTES:
-        raise too_big
+    if len(result) > max_bytes:
+        raise _too_big(name, max_bytes)
     return result
+
+
+def _too_big(name: str, max_bytes: int) -> QueryRejected:
+    if max_bytes == QUERY_MAX_BYTES:
+        return QueryRejected(f"the answer to {name} is more than {max_bytes // 2**20} MiB: "
+                             f"narrow its window or lower its limit")
+    return QueryRejected(f"the answer to {name} is more than {max_bytes // 2**20} MiB, the "
+                         f"most tedstore builds while clients leave "
+                         f"{ANSWER_BYTES_TOTAL // 2**20} MiB of answers unread: ask again later")
 
 
 HOURLY_UP_TO_DAYS = 3                # longer reports are bucketed by day

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -22,6 +23,47 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import tedstore  # noqa: E402
+
+README = ROOT / "README.md"
+_README_BLOCK = re.compile(r"<!-- readme: ([\w-]+)[^>]*-->\n```\w*\n(.*?)```", re.S)
+
+
+def readme_blocks() -> dict[str, str]:
+    """The README's code blocks by their tag (<!-- readme: TAG --> above each)."""
+    return dict(_README_BLOCK.findall(README.read_text()))
+
+
+def readme_block(tag: str) -> str:
+    """A README code block as a user would copy it; tests/test_readme.py checks that
+    every block is run (or checked) by a test that asks for it here."""
+    return readme_blocks()[tag]
+
+
+def commands_of(block: str) -> list[str]:
+    """A shell block's commands: comment lines left out, continued lines joined."""
+    joined = block.replace("\\\n", " ")
+    return [line for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+
+
+BIN = os.path.dirname(sys.executable)           # where pip put tedstore (and litestream)
+
+
+def localized(text: str, folder: Path, **extra: str) -> str:
+    """A deployment's paths as a test folder's, without sudo or the tedstore user."""
+    for deployed, local in {"/var/lib/tedstore/": f"{folder}/", "/var/lib/tedstore ": f"{folder} ",
+                            "/srv/backups": f"{folder}/srv",
+                            "/var/lib/node_exporter/": f"{folder}/node_exporter/",
+                            "/opt/tedstore/bin/": f"{BIN}/", "-o tedstore -g tedstore ": "",
+                            "sudo -u tedstore ": "", "sudo ": "", **extra}.items():
+        text = text.replace(deployed, local)
+    return text
+
+
+def shell(line: str, folder: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """One README command in bash, in `folder`, with tedstore on the PATH and its defaults."""
+    env = clean_env({"PATH": f"{BIN}:{os.environ['PATH']}"})
+    return subprocess.run(["bash", "-c", line], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -227,3 +227,116 @@ def test_write_commands_never_create_a_database(tmp):
         assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, args
         assert "does not exist" in result.stderr and "tedstore init" in result.stderr
         assert os.listdir(tmp) == ["e.ndjson"], args
+
+
+# -- v3: import and send say what became of each line; import --db means that database ----
+
+def test_import_and_send_count_duplicates_apart_from_stored_lines(daemon, tmp):
+    log = tmp / "twice.ndjson"
+    write_log(log, [prediction("dup", i, i + 5) for i in range(4)]
+              + [{"event": "state", "key": "k", "value": 1, "ts": time.time() - 60}, "{broken"])
+    first = run_cli("import", "--db", daemon.db, str(log), env={"TEDSTORE_SOCKET": daemon.socket})
+    assert "6 lines into the daemon: 5 stored, 0 duplicates, 1 rejected" in first.stderr
+    again = run_cli("send", "--socket", daemon.socket, str(log))
+    assert "sent 6 lines: 0 stored, 5 duplicates, 1 rejected" in again.stderr
+    offline = tmp / "offline.db"
+    assert run_cli("init", "--db", str(offline)).returncode == 0
+    for expected in ("5 stored, 0 duplicates", "0 stored, 5 duplicates"):
+        result = run_cli("import", "--db", str(offline), "--socket", str(tmp / "no.sock"),
+                         str(log))
+        assert f"into {offline}: {expected}, 1 rejected" in result.stderr
+
+
+def test_import_into_a_named_database_never_goes_to_a_daemon_serving_another(daemon_factory,
+                                                                             tmp):
+    """A daemon answers on the default socket, but --db names another database: the
+    lines go into that one, straight, or through its own daemon if one serves it."""
+    elsewhere = tmp / "elsewhere"
+    elsewhere.mkdir()
+    other = daemon_factory(folder=elsewhere)
+    mine = str(tmp / "mine.db")
+    assert run_cli("init", "--db", mine).returncode == 0
+    log = tmp / "mine.ndjson"
+    write_log(log, [prediction("mine", i, i + 5) for i in range(3)])
+    result = run_cli("import", "--db", mine, str(log), env={"TEDSTORE_SOCKET": other.socket})
+    assert result.returncode == 0 and f"into {mine}: 3 stored" in result.stderr
+    assert query(mine, "SELECT count(*) FROM predictions") == [(3,)]
+    assert other.query("SELECT count(*) FROM predictions") == [(0,)]
+    served = daemon_factory()                            # tmp/tedstore.db, its own socket
+    result = run_cli("import", "--db", served.db, str(log), env={"TEDSTORE_SOCKET": other.socket})
+    assert result.returncode == 0 and "into the daemon: 3 stored" in result.stderr
+    assert served.query("SELECT count(*) FROM predictions") == [(3,)]
+    assert other.query("SELECT count(*) FROM predictions") == [(0,)]
+
+
+# -- v3: numbers finite and in range, socket paths that fit, signals that never stop it -----
+
+NUMBERS = [name for name, env in tedstore.SETTING_ENV.items()
+           if name not in ("db", "socket", "synchronous", "checkpoint", "backup_dir",
+                           "allow_uids", "persistence_enabled", "socket_mode")]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e308", "-1", "0"])
+@pytest.mark.parametrize("name", NUMBERS)
+def test_every_number_must_be_finite_and_in_range(monkeypatch, name, value):
+    if value == "0" and name in ("cleanup_hour_utc", "max_clock_skew"):
+        return                                           # 0 is a fine hour and a fine skew
+    monkeypatch.setenv(tedstore.SETTING_ENV[name], value)
+    with pytest.raises(tedstore.ConfigError) as refused:
+        tedstore.load_settings()
+    message = str(refused.value)
+    assert f"environment variable {tedstore.SETTING_ENV[name]}" in message and "\n" not in message
+    assert f"for {name}" in message and ("from" in message or "at most" in message)
+
+
+def test_an_infinite_retention_stops_the_daemon_at_start_in_one_line(tmp):
+    result = subprocess.run([sys.executable, "-m", "tedstore", "serve"], cwd=tmp,
+                            env=clean_env({"GAME_RETENTION_DAYS": "inf"}), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "GAME_RETENTION_DAYS" in result.stderr and "from 1 to 36500" in result.stderr
+    assert os.listdir(tmp) == []
+
+
+def test_a_socket_path_too_long_for_unix_sockets_says_so(tmp):
+    long_path = str(tmp / ("s" * 120)) + ".sock"
+    for args in (["serve", "--socket", long_path], ["status", "--socket", long_path]):
+        result = run_cli(*args, cwd=tmp)
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, args
+        assert "longer than the 107 a Unix socket path may have" in result.stderr
+        assert "--socket" in result.stderr and "None" not in result.stderr
+
+
+def test_hup_and_usr_signals_never_stop_the_daemon(daemon):
+    conn = daemon.connect()
+    conn.send(prediction("sig", 1, 2))
+    conn.wait_ack(1)
+    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        daemon.proc.send_signal(signum)
+        assert tedstore.request(daemon.socket, "ping") == {"pong": True}
+    wait_for(lambda: "SIGUSR2" in daemon.log(), what="the signals to be logged")
+    log = daemon.log()
+    assert log.count("SIGHUP: nothing to reload") == 2
+    assert re.search(r"INFO tedstore \S+ is running \(pid \d+, up", log)   # SIGUSR1
+    conn.send(prediction("sig", 2, 3))
+    conn.wait_ack(2)
+    assert daemon.stop() == 0
+
+
+def test_a_failing_scheduled_job_is_logged_shown_and_retried(inprocess, monkeypatch):
+    """Not a TedstoreError either: the scheduler lives on, says why, and tries again."""
+    calls = []
+
+    def broken(scheduler, now):
+        calls.append(now)
+        raise ZeroDivisionError("a bug in a job")
+
+    monkeypatch.setattr(tedstore.Scheduler, "run_due", broken)
+    monkeypatch.setattr(tedstore, "SCHEDULER_FAILURE_PAUSE", 0.05)
+    daemon = inprocess()
+    wait_for(lambda: len(calls) >= 3, what="the job to be retried")
+    status = tedstore.request(daemon.socket, "status")["status"]
+    assert status["scheduler"] == {"state": "failing",
+                                   "error": "ZeroDivisionError: a bug in a job"}
+    assert daemon.daemon.scheduler.is_alive()
+    assert "JOBS FAILING: ZeroDivisionError" in tedstore.status_lines(status, time.time())[0]

@@ -300,7 +300,7 @@ def test_reader_restores_a_trackers_buffers_while_the_daemon_writes(daemon):
 def test_a_reader_on_the_file_refuses_to_write(daemon):
     with tedstore.Reader(db_path=daemon.db) as reader:
         with pytest.raises(apsw.ReadOnlyError):
-            reader._conn.execute("DELETE FROM predictions")
+            reader._idle[0].execute("DELETE FROM predictions")
 
 
 def test_reader_of_a_missing_database_says_what_to_do(tmp):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,53 +14,48 @@ import pytest
 from click.testing import CliRunner
 
 import tedstore
-from conftest import wait_for
+from conftest import readme_block, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_a_plain_pip_install_serves_with_its_schema(tmp):
-    """`pip install .` (not editable) into a fresh venv: tedstore serve finds schema.sql."""
+def test_the_readmes_quick_start_installs_and_serves_with_its_schema(tmp):
+    """The README's first command, as is, in a fresh copy of the checkout: `pip install .`
+    (not editable) into a new venv, and `tedstore serve` finds schema.sql and serves."""
     source = tmp / "source"
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.split()
     for name in tracked:
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, source / name)
-    venv = tmp / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(source)],
-                             capture_output=True, text=True, timeout=600)
-    assert install.returncode == 0, install.stderr
-    elsewhere = tmp / "run"
-    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEDSTORE_", "PYTHON"))}
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
+                                  if not p.startswith(sys.prefix))   # not the tests' venv
+    quick_start = subprocess.Popen(["bash", "-c", readme_block("quick-start")], cwd=source,
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    sock = str(source / "tedstore.sock")
+    try:
+        wait_for(lambda: quick_start.poll() is not None or tedstore.socket_answers(sock),
+                 timeout=600, what="the quick start to install and serve")
+        assert quick_start.poll() is None, quick_start.stdout.read().decode()[-3000:]
+        assert tedstore.request(sock, "ping") == {"pong": True}
+        pid, _ = tedstore.serving(str(source / "tedstore.db"))
+        os.kill(int(pid), signal.SIGTERM)
+        assert quick_start.wait(30) == 0
+    finally:
+        if quick_start.poll() is None:
+            quick_start.kill()
+    venv = source / ".venv"
     located = subprocess.run([str(venv / "bin" / "python"), "-c",
                               "import tedstore; print(tedstore.__file__); print(tedstore.schema_path())"],
-                             cwd=elsewhere, capture_output=True, text=True, check=True).stdout.split()
+                             cwd=tmp, capture_output=True, text=True, check=True).stdout.split()
     assert located[0].startswith(str(venv)) and located[1].startswith(str(venv))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEDSTORE_", "PYTHON"))}
-    daemon = subprocess.Popen([str(venv / "bin" / "tedstore"), "serve"], cwd=elsewhere, env=env,
-                              stderr=subprocess.PIPE)
-    try:
-        sock = str(elsewhere / "tedstore.sock")
-        wait_for(lambda: daemon.poll() is not None or tedstore.socket_answers(sock),
-                 what="the installed daemon")
-        assert tedstore.request(sock, "ping") == {"pong": True}
-        daemon.terminate()
-        assert daemon.wait(30) == 0
-        assert (elsewhere / "tedstore.db").exists()
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
     assert (venv / "share" / "tedstore" / "systemd" / "tedstore.service").exists()
 
 
 def test_ci_runs_exactly_the_readmes_test_command():
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```sh\n(.*?)```", readme, re.S)
-    test_command = next(line for block in blocks for line in block.splitlines()
-                        if "pytest" in line)
+    [test_command] = readme_block("tests").splitlines()
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
 
 

@@ -13,16 +13,15 @@ import apsw
 import pytest
 
 import tedstore
-from conftest import query, wait_for
+from conftest import query, readme_block, wait_for
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 ONE_LINER = re.compile(r'^sqlite3 (?:-\S+ )*tedstore\.db "(.+)"$')
 
 
 def readme_one_liners() -> dict[str, str]:
     """{question (the comment above it): SQL} for every sqlite3 one-liner in the README."""
     found, question = {}, None
-    for line in README.read_text().splitlines():
+    for line in readme_block("sqlite3").splitlines():
         if line.startswith("# "):
             question = line[2:].strip()
         match = ONE_LINER.match(line)

@@ -15,7 +15,7 @@ import apsw
 import pytest
 
 import tedstore
-from conftest import idle_for, run_cli, wait_for
+from conftest import commands_of, idle_for, localized, readme_block, run_cli, shell, wait_for
 
 pytestmark = pytest.mark.slow                # each runs Litestream and the daemon for seconds
 
@@ -211,14 +211,25 @@ def test_after_a_restore_the_replica_follows_the_restored_database(daemon_factor
     if source == "replica":                          # the host is gone, and all it held
         for leftover in Path(tmp).glob("tedstore.db*"):
             leftover.unlink()
-        replicator.restore(tmp / "from-replica.db")
-        restored, kept = tmp / "from-replica.db", events[:2 * third]
+        kept = events[:2 * third]
     else:                                            # back to the state of the backup
-        restored, kept = tmp / "backup.db", events[:third]
-    shutil.rmtree(tmp / ".tedstore.db-litestream")   # its position in the replaced database
-    done = run_cli("restore", str(restored), "--db", db)
-    assert done.returncode == 0, done.stderr
+        kept = events[:third]
+    for command in commands_of(readme_block("litestream-restore")):    # the recipe, as is
+        if command.startswith("systemctl"):
+            continue                                 # stopped above, started below
+        if source == "backup":                       # "leave out litestream restore and name
+            if "litestream restore" in command:      # the backup to tedstore restore"
+                continue
+            if "tedstore restore" in command:
+                command = command.replace("/var/lib/tedstore/from-replica.db",
+                                          str(tmp / "backup.db"))
+        done = shell(localized(command, tmp, **{"/etc/litestream.yml": str(replicator.config)}),
+                     tmp)
+        assert done.returncode == 0, (command, done.stderr)
     assert os.stat(db).st_mode & 0o777 == tedstore.PRIVATE_FILE_MODE
+    left = os.listdir(tmp)               # the recipe leaves nothing behind (README, v3)
+    assert not [name for name in left if name.startswith("from-replica")
+                or name in ("tedstore.db-wal", "tedstore.db-shm")], left
 
     replicator.start()
     daemon.start()

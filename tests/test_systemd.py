@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import tedstore
-from conftest import Conn, WatchedVFS, prediction, query, wait_for
+from conftest import Conn, WatchedVFS, commands_of, prediction, query, readme_block, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
@@ -218,6 +218,19 @@ def test_the_units_say_what_the_daemon_needs():
     assert service["RestrictAddressFamilies"] == "AF_UNIX"
     sysusers = (UNITS / "tedstore.sysusers.conf").read_text()
     assert re.search(rf"^u {service['User']} ", sysusers, re.M)
+
+
+def test_the_readmes_install_commands_name_files_that_exist():
+    """The deployment and Litestream blocks need root and systemd as PID 1, so they are
+    checked rather than run: every file they install is in the checkout, and every unit in
+    systemd/ is installed by one of them."""
+    commands = commands_of(readme_block("deploy")) + commands_of(readme_block("litestream-install"))
+    named = {word for command in commands for word in command.split()
+             if word.startswith("systemd/")}
+    assert named == {f"systemd/{path.name}" for path in UNITS.iterdir()}
+    for command in (part.strip() for line in commands for part in line.split("&&")):
+        if command.startswith("install ") and "systemd/" in command:
+            assert command.split()[-1].startswith("/etc/"), command
 
 
 def test_the_readme_deployment_section_matches_the_units():
