@@ -93,6 +93,8 @@ SCHEDULER_FAILURE_PAUSE = 60.0       # a failed round of jobs is tried again thi
 IDLE_SWEEP_SECONDS = 5.0
 STATUS_NOTIFY_SECONDS = 5.0
 QUERY_THREADS = 2                    # threads answering queries over the socket
+QUERY_THREAD_NICE = 10               # ... at a lower CPU priority than the writer and the loop
+GIL_SWITCH_SECONDS = 0.001           # the daemon's GIL hand-over interval (Python's is 5 ms)
 QUERY_SECONDS = 2.0                  # the most work one query over the socket may take
 QUERY_MAX_BYTES = 16 * 1024 ** 2     # the largest answer over the socket
 MAX_ROWS = 100_000                   # the most rows one answer holds
@@ -952,7 +954,8 @@ class Chunk:
     """Complete lines from one connection, numbered from first_line, on their way to a COMMIT.
 
     A chunk with `rejection` set stands for one line the reader already refused
-    (too long, forbidden peer): the writer only records it.
+    (too long, forbidden peer): the writer only records it. An `answered` chunk holds
+    control lines only, answered already: the writer only acknowledges them, in order.
     """
 
     session: Any
@@ -961,6 +964,7 @@ class Chunk:
     data: bytes
     received: float
     rejection: Optional[tuple[str, str]] = None
+    answered: bool = False
     _lines: Optional[list[bytes]] = dataclasses.field(default=None, init=False, repr=False)
 
     @property
@@ -978,6 +982,11 @@ class Chunk:
 
     def split(self, head_lines: int) -> tuple["Chunk", "Chunk"]:
         """Cut after `head_lines` lines, so that no batch exceeds the batch size."""
+        if self.answered:
+            return (Chunk(self.session, self.first_line, head_lines, b"", self.received,
+                          answered=True),
+                    Chunk(self.session, self.first_line + head_lines, self.count - head_lines,
+                          b"", self.received, answered=True))
         cut = 0
         for _ in range(head_lines):
             cut = self.data.index(b"\n", cut) + 1
@@ -1088,6 +1097,8 @@ class IngestBatch:
                     or self.states or self.lifecycle or self.decode_rejects)
 
     def _read(self, chunk: Chunk) -> None:
+        if chunk.answered:
+            return
         if chunk.rejection is not None:
             code, message = chunk.rejection
             self.decode_rejects.append(Reject(chunk, chunk.first_line, code, message, chunk.data))
@@ -1895,7 +1906,7 @@ _PONG = b'{"pong":true}\n'
 _BOM = b"\xef\xbb\xbf"
 _PEERCRED = struct.Struct("3i")
 FORBIDDEN_LOG_SECONDS = 10.0       # one log line and rejects row per refused uid this often
-CONTROL_LINES_PER_TURN = 64        # control lines a session answers before the others' turn
+CONTROL_LINES_PER_TURN = 16        # control lines a session answers before the others' turn
 QUERIES_PER_CONNECTION = 16        # queries waiting on one connection before it is not read
 ANSWER_BYTES_PER_CONNECTION = 1024 ** 2       # its unread replies before its next query waits
 ANSWER_BYTES_TOTAL = 64 * 1024 ** 2           # everyone's unread replies before any query waits
@@ -2054,8 +2065,9 @@ class Session(asyncio.Protocol):
     def _submit(self, data: bytes) -> None:
         """Number the lines and queue them for the writer, control lines answered first; the
         lines after a control line the session has no budget for wait in the backlog."""
+        answered = False
         if b'"op"' in data:
-            taken = self._answer_control_lines(data, self.line_no + 1)
+            taken, answered = self._answer_control_lines(data, self.line_no + 1)
             if taken < len(data):
                 data, self.backlog = data[:taken], data[taken:]
                 self.update_reading()
@@ -2064,30 +2076,44 @@ class Session(asyncio.Protocol):
         first = self.line_no + 1
         count = data.count(b"\n")
         self.line_no += count
-        self.server.submit(Chunk(self, first, count, data, time.time()))
+        self.server.submit(Chunk(self, first, count, b"" if answered else data, time.time(),
+                                 answered=answered))
 
-    def _answer_control_lines(self, data: bytes, first: int) -> int:
+    def _answer_control_lines(self, data: bytes, first: int) -> tuple[int, bool]:
         """Answer the control lines among data's lines (a query when it is done; the writer
-        still counts them for the ack). Returns how many bytes of data were taken: all of
-        them, unless the session ran out of budget at a control line."""
-        taken = 0
-        for offset, line in enumerate(data.split(b"\n")[:-1]):
-            if b'"op"' in line:
-                if self._over_budget():
-                    return taken
+        still counts them for the ack). Returns how many bytes of data were taken (all of
+        them, unless the session ran out of budget at a control line), and whether they
+        were all control lines, answered: nothing for the writer to decode."""
+        taken, only_control, replies = 0, True, []
+        for offset in itertools.count():            # line by line: a backlog may be long
+            if taken == len(data):
+                break
+            end = data.index(b"\n", taken)
+            line = data[taken:end]
+            if b'"op"' not in line:
+                only_control = False
+            elif self._over_budget():
+                break
+            else:
                 self.turn += 1
                 try:
                     op = decode_line(line)
                 except LineRejected:
                     op = None            # the writer rejects and records it in line order
                 if op == "ping":
-                    self.transport.write(_PONG)
+                    replies.append(_PONG)
                 elif op == "status":
-                    self.transport.write(self.server.status_reply(self))
+                    replies.append(self.server.status_reply(self))
                 elif op == "query":
+                    self.transport.write(b"".join(replies))
+                    replies.clear()
                     self.server.ask(self, first + offset, line)
-            taken += len(line) + 1
-        return taken
+                else:
+                    only_control = False     # an event, or a line the writer rejects
+            taken = end + 1
+        if replies:
+            self.transport.write(b"".join(replies))
+        return taken, only_control and taken > 0
 
     def _over_budget(self) -> bool:
         if self.write_paused or len(self.queries) + self.running >= QUERIES_PER_CONNECTION:
@@ -2182,6 +2208,8 @@ class QueryPool:
             thread.join(QUERY_SECONDS + 5)
 
     def _run(self) -> None:
+        with contextlib.suppress(OSError):    # reads yield the CPU to ingest, not the reverse
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), QUERY_THREAD_NICE)
         conn: Optional[apsw.Connection] = None
         while (job := self._jobs.get()) is not None:
             session, line_no, name, args, max_bytes = job
@@ -3221,6 +3249,16 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):   # never fatal
                 signal.signal(signum, signal.SIG_IGN)
+        # The writer hands the GIL back at every row it writes; while the event loop or a
+        # query thread is busy, each time it waits a switch interval to get it again.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
+        try:
+            return self._run()
+        finally:
+            sys.setswitchinterval(switch_interval)
+
+    def _run(self) -> int:
         created: list[str] = []                  # files this start made, gone if it fails
         try:
             listener = self._bind()              # first, so that a taken socket creates nothing
