@@ -5,7 +5,8 @@ per-event-commit baseline, tedstore's acknowledged events/s with 1 and 4 clients
 (predictions, and the simulated game mix), p50/p99 ack latency at a paced rate,
 and the daemon's peak RSS. Every figure comes from this run on this machine.
 
-    python bench/ingest.py [--events 200000] [--paced-seconds 10]
+    python bench/ingest.py [--events 200000] [--paced-seconds 10] [--rounds 3]
+    python bench/ingest.py --against ../other-checkout      # A/B, interleaved
 """
 
 from __future__ import annotations
@@ -78,15 +79,16 @@ def per_event_commit(folder: str, events: list[dict], synchronous: str = "NORMAL
 
 
 class Daemon:
-    """tedstore serve as a subprocess on a fresh database."""
+    """tedstore serve as a subprocess on a fresh database (from `root`: this checkout, or
+    the one --against names)."""
 
-    def __init__(self, folder: str, name: str, synchronous: str = "NORMAL"):
+    def __init__(self, folder: str, name: str, synchronous: str = "NORMAL", root: Path = ROOT):
         unique = f"{name}-{time.monotonic_ns()}"
         self.db = os.path.join(folder, f"{unique}.db")
         self.socket = os.path.join(folder, f"{unique}.sock")
         env = dict(os.environ, TEDSTORE_DB=self.db, TEDSTORE_SOCKET=self.socket,
                    TEDSTORE_SYNCHRONOUS=synchronous)
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tedstore.py"), "serve"],
+        self.proc = subprocess.Popen([sys.executable, str(root / "tedstore.py"), "serve"],
                                      env=env, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while not tedstore.socket_answers(self.socket):
@@ -125,12 +127,12 @@ def _client(socket_path: str, blocks: list[bytes], barrier, results) -> None:
 
 
 def end_to_end(folder: str, name: str, events: list[dict], clients: int,
-               synchronous: str = "NORMAL") -> tuple[float, float]:
+               synchronous: str = "NORMAL", root: Path = ROOT) -> tuple[float, float]:
     """Acknowledged events/s with `clients` concurrent connections; and the daemon's peak RSS."""
     lines = [msgspec.json.encode(e) + b"\n" for e in events]
     parts = [blocks_of(lines[len(lines) * i // clients: len(lines) * (i + 1) // clients])
              for i in range(clients)]
-    daemon = Daemon(folder, name, synchronous)
+    daemon = Daemon(folder, name, synchronous, root)
     try:
         ctx = multiprocessing.get_context("fork")
         barrier, results = ctx.Barrier(clients + 1), ctx.Queue()
@@ -153,11 +155,12 @@ def end_to_end(folder: str, name: str, events: list[dict], clients: int,
         daemon.stop()
 
 
-def paced(folder: str, rate: float, seconds: float) -> tuple[float, float, float]:
+def paced(folder: str, rate: float, seconds: float,
+          root: Path = ROOT) -> tuple[float, float, float]:
     """p50 and p99 of send-to-ack latency at a steady rate, one line at a time."""
     events = list(tedstore.simulate_events(events=int(rate * seconds), seed=9))
     lines = [msgspec.json.encode(e) + b"\n" for e in events]
-    daemon = Daemon(folder, "paced")
+    daemon = Daemon(folder, "paced", root=root)
     try:
         result = tedstore.stream_lines(daemon.socket, lines, rate=rate, measure_latency=True)
         latencies = sorted(result.latencies_ms)
@@ -167,6 +170,34 @@ def paced(folder: str, rate: float, seconds: float) -> tuple[float, float, float
         daemon.stop()
 
 
+def compare(args: argparse.Namespace) -> None:
+    """This checkout against another (--against), interleaved round by round: A/B."""
+    other = Path(args.against).resolve()
+    predictions = prediction_events(args.events, seed=1)
+    game_mix = list(tedstore.simulate_events(events=args.events, seed=2))
+    runs: dict[tuple[str, str], list[float]] = {}
+    trees = (("this", ROOT), ("other", other))
+    with tempfile.TemporaryDirectory(prefix="tedstore-bench-") as folder:
+        for round_ in range(args.rounds):
+            for side, root in trees if round_ % 2 == 0 else trees[::-1]:
+                for name, events in (("predictions", predictions), ("game mix", game_mix)):
+                    for clients in (1, 4):
+                        rate, _ = end_to_end(folder, name.replace(" ", "-"), events, clients,
+                                             root=root)
+                        runs.setdefault((f"{name}, {clients} client(s), events/s", side),
+                                        []).append(rate)
+                _, p99, _ = paced(folder, args.paced_rate, args.paced_seconds, root)
+                runs.setdefault((f"ack p99 at {args.paced_rate:,.0f}/s, ms", side), []).append(p99)
+    print(f"this checkout ({ROOT}) against {other}: medians of {args.rounds} interleaved "
+          f"rounds, {args.events:,} events each")
+    for measure in dict.fromkeys(measure for measure, _ in runs):
+        this, that = (statistics.median(runs[(measure, side)]) for side in ("this", "other"))
+        print(f"  {measure:<40} this {this:>11,.2f}   other {that:>11,.2f}   "
+              f"this/other {this / that:5.2f}   [this: "
+              + ", ".join(f"{v:,.2f}" for v in runs[(measure, "this")]) + "; other: "
+              + ", ".join(f"{v:,.2f}" for v in runs[(measure, "other")]) + "]")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
@@ -174,7 +205,12 @@ def main() -> None:
                         help="measure everything this many times, interleaved; report medians")
     parser.add_argument("--paced-rate", type=float, default=1000)
     parser.add_argument("--paced-seconds", type=float, default=10)
+    parser.add_argument("--against", metavar="CHECKOUT",
+                        help="compare with the daemon of another checkout (A/B), interleaved")
     args = parser.parse_args()
+    if args.against:
+        compare(args)
+        return
     predictions = prediction_events(args.events, seed=1)
     game_mix = list(tedstore.simulate_events(events=args.events, seed=2))
     runs: dict[str, list[float]] = {}

@@ -138,8 +138,8 @@ def test_kill_9_during_a_restore_leaves_the_old_database_usable_and_no_leftovers
     daemon start) cleans up and succeeds."""
     store = Store(tmp / "b.db")
     store.conn.execute("CREATE TABLE ballast (b BLOB)")
-    store.conn.execute("INSERT INTO ballast VALUES (zeroblob(400 * 1024 * 1024))")
-    store.conn.execute("DROP TABLE ballast")               # 400 MB of free pages: slow to copy
+    store.conn.execute("INSERT INTO ballast VALUES (zeroblob(150 * 1024 * 1024))")
+    store.conn.execute("DROP TABLE ballast")               # 150 MB of free pages: slow to copy
     store.conn.close()
     original = Store(tmp / "tedstore.db")
     original.send(*[prediction("old", tick, tick + 9) for tick in range(50)])
@@ -155,7 +155,7 @@ def test_kill_9_during_a_restore_leaves_the_old_database_usable_and_no_leftovers
             return partial in names
         if moment == "checking":
             return f"{partial}-shm" in names or f"{partial}-wal" in names or \
-                (partial in names and os.path.getsize(tmp / partial) >= 400 * 1024 * 1024)
+                (partial in names and os.path.getsize(tmp / partial) >= 150 * 1024 * 1024)
         return any(".replaced-" in name for name in names)
 
     wait_for(lambda: reached() or proc.poll() is not None, interval=0.001,
