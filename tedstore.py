@@ -3,20 +3,33 @@
 Trackers send NDJSON events over a Unix socket; one writer thread commits them to
 SQLite (WAL) in batched transactions and acknowledges each line only after the COMMIT
 that covers it has returned. Game ends resolve predictions and side bets; a scheduler
-keeps hourly metrics, nightly retention and backups.
+keeps hourly metrics, nightly retention and backups; the same read API answers the CLI,
+the Reader and the socket, and draws the HTML report.
 
-The path of one line, reading downward: Session.data_received cuts the byte stream into
-numbered lines (Session._lines) and Server.submit hands them as a Chunk to Writer.submit,
-which queues it (IngestQueue.put). On the writer thread, Writer._loop takes a batch
+Sections, in this order (`grep -n '^# [A-Z][A-Z]*:' tedstore.py` lists them): CONFIGURATION,
+ERRORS, TIME, RECORDS, STORE, INGEST, WRITER, SERVER, MEASURES, SCHEDULER, SYSTEMD, DAEMON,
+CLIENT, SIMULATOR, QUERIES, EXPORT, REPORT, CHECKS, CLI.
+
+The path of one line starts in SERVER and goes up the file to INGEST, then back down:
+Session.data_received cuts the byte stream into numbered lines (Session._lines, which
+answers control lines) and Server.submit hands them as a Chunk to Writer.submit, which
+queues it (IngestQueue.put). On the writer thread, Writer._loop takes a batch
 (IngestQueue.take) and Writer._commit turns it into an IngestBatch: decode_chunk decodes
-each line on its own (decode_line looks closer at a line that fails), and
-IngestBatch._route sorts the events by table. Writer._commit_retrying runs
-IngestBatch.apply inside transaction(); once COMMIT has returned, Writer._committed hands
-each session its Ack through on_commit, and on the event loop Server.deliver calls
-Session.acknowledge, which writes {"ack": N}.
+each line on its own (decode_line looks closer at a line that fails), and IngestBatch._route
+sorts the events by table. Writer._commit_retrying runs IngestBatch.apply inside
+transaction(); once COMMIT has returned, Writer._acknowledge hands each session its Ack
+through on_commit, and on the event loop Server.deliver calls Session.acknowledge, which
+writes {"ack": N}.
 
-Sections, in that order: configuration, errors, time, records, store, ingest, writer,
-server, scheduler, systemd, daemon, client, simulator, queries, export, checks, CLI.
+Where to change what:
+- a setting: its field of Settings (its environment variable and bounds are on it);
+- a table's retention, time column or what its retention bounds: its entry of TABLES;
+- a measure (median e40, within-k shares, ROI): SQL_MEASURES and Measures, and ROLLED_UP
+  for the column it has in the rollup tables;
+- a chart of the report over a measure: one Chart in CHARTS;
+- a query: a q_* function, its parameters (a Window subclass carries its default window),
+  its entry of QUERIES, and a Reader method;
+- the schema: a new "-- version: N" step at the end of schema.sql.
 """
 
 from __future__ import annotations
@@ -56,8 +69,8 @@ import tomllib
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import (Annotated, Any, Callable, Iterable, Iterator, Literal, NamedTuple,
-                    Optional, Union)
+from typing import (Annotated, Any, Callable, ClassVar, Iterable, Iterator, Literal,
+                    NamedTuple, Optional, Union)
 
 import apsw
 import click
@@ -68,7 +81,7 @@ log = logging.getLogger("tedstore")
 
 
 # ---------------------------------------------------------------------------
-# CONSTANTS AND CONFIGURATION
+# CONFIGURATION: constants, and the settings with where each came from
 # ---------------------------------------------------------------------------
 
 DEFAULT_CONFIG_FILE = "/etc/tedstore.toml"
@@ -113,67 +126,54 @@ def _systemd_dir(variable: str, name: str) -> str:
     return str(Path(base) / name) if base else f"./{name}"
 
 
+def env(name: str) -> Meta:
+    """A setting's environment variable, kept on its field of Settings."""
+    return Meta(extra={"env": name})
+
+
 RetentionDays = Annotated[float, Meta(ge=1, le=36_500)]  # a day to a century
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Every knob of tedstore; see SETTING_ENV for the environment names. Every number has
-    both bounds, so that nothing absurd (inf, 1e308) is accepted now and kills a thread later."""
+    """Every knob of tedstore, with its environment variable and its bounds. Every number
+    has both bounds, so that nothing absurd (inf, 1e308) is accepted now and kills a
+    thread later."""
 
-    db: str = ""
-    socket: str = ""
-    batch_size: Annotated[int, Meta(ge=1, le=100_000)] = 5000
-    batch_interval: Annotated[float, Meta(gt=0, le=60)] = 0.05
-    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
-    tick_sample_every: Annotated[int, Meta(ge=1, le=1_000_000)] = 10
-    tick_retention_days: RetentionDays = 7
-    prediction_retention_days: RetentionDays = 90
-    sidebet_retention_days: RetentionDays = 90
-    game_retention_days: RetentionDays = 180
-    metrics_retention_days: RetentionDays = 365
-    cleanup_hour_utc: Annotated[int, Meta(ge=0, le=23)] = 3
-    backup_dir: Optional[str] = None
-    backup_keep: Annotated[int, Meta(ge=1, le=100_000)] = 7
-    allow_uids: Optional[list[Annotated[int, Meta(ge=0, le=2 ** 32 - 1)]]] = None
-    persistence_enabled: bool = True
-    payout_multiplier: Annotated[float, Meta(gt=0, le=1_000_000)] = 5.0
-    max_line_bytes: Annotated[int, Meta(ge=64, le=64 * 1024 ** 2)] = 1024 * 1024
-    max_connections: Annotated[int, Meta(ge=1, le=65_536)] = 256
-    idle_timeout: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
-    queue_events: Annotated[int, Meta(ge=1, le=10_000_000)] = 50_000
-    queue_bytes: Annotated[int, Meta(ge=65536, le=16 * 1024 ** 3)] = 64 * 1024 ** 2
-    socket_mode: Annotated[str, Meta(pattern="^0?[0-7]{3}$")] = "0660"
-    max_clock_skew: Annotated[float, Meta(ge=0, le=86_400)] = 300.0
-    checkpoint: Literal["truncate", "passive", "off"] = "truncate"
+    db: Annotated[str, env("TEDSTORE_DB")] = ""
+    socket: Annotated[str, env("TEDSTORE_SOCKET")] = ""
+    batch_size: Annotated[int, Meta(ge=1, le=100_000), env("PERSISTENCE_BATCH_SIZE")] = 5000
+    batch_interval: Annotated[float, Meta(gt=0, le=60),
+                              env("PERSISTENCE_INTERVAL_SECONDS")] = 0.05
+    synchronous: Annotated[Literal["NORMAL", "FULL"], env("TEDSTORE_SYNCHRONOUS")] = "NORMAL"
+    checkpoint: Annotated[Literal["truncate", "passive", "off"],
+                          env("TEDSTORE_CHECKPOINT")] = "truncate"
+    tick_sample_every: Annotated[int, Meta(ge=1, le=1_000_000), env("TICK_SAMPLE_EVERY")] = 10
+    tick_retention_days: Annotated[RetentionDays, env("TICK_RETENTION_DAYS")] = 7
+    prediction_retention_days: Annotated[RetentionDays, env("PREDICTION_RETENTION_DAYS")] = 90
+    sidebet_retention_days: Annotated[RetentionDays, env("SIDEBET_RETENTION_DAYS")] = 90
+    game_retention_days: Annotated[RetentionDays, env("GAME_RETENTION_DAYS")] = 180
+    metrics_retention_days: Annotated[RetentionDays, env("METRICS_RETENTION_DAYS")] = 365
+    cleanup_hour_utc: Annotated[int, Meta(ge=0, le=23), env("CLEANUP_HOUR_UTC")] = 3
+    backup_dir: Annotated[Optional[str], env("TEDSTORE_BACKUP_DIR")] = None
+    backup_keep: Annotated[int, Meta(ge=1, le=100_000), env("TEDSTORE_BACKUP_KEEP")] = 7
+    allow_uids: Annotated[Optional[list[Annotated[int, Meta(ge=0, le=2 ** 32 - 1)]]],
+                          env("TEDSTORE_ALLOW_UIDS")] = None
+    persistence_enabled: Annotated[bool, env("PERSISTENCE_ENABLED")] = True
+    payout_multiplier: Annotated[float, Meta(gt=0, le=1_000_000),
+                                 env("TEDSTORE_PAYOUT_MULTIPLIER")] = 5.0
+    max_line_bytes: Annotated[int, Meta(ge=64, le=64 * 1024 ** 2),
+                              env("TEDSTORE_MAX_LINE_BYTES")] = 1024 * 1024
+    max_connections: Annotated[int, Meta(ge=1, le=65_536), env("TEDSTORE_MAX_CONNECTIONS")] = 256
+    idle_timeout: Annotated[float, Meta(gt=0, le=86_400), env("TEDSTORE_IDLE_TIMEOUT")] = 300.0
+    queue_events: Annotated[int, Meta(ge=1, le=10_000_000), env("TEDSTORE_QUEUE_EVENTS")] = 50_000
+    queue_bytes: Annotated[int, Meta(ge=65536, le=16 * 1024 ** 3),
+                           env("TEDSTORE_QUEUE_BYTES")] = 64 * 1024 ** 2
+    socket_mode: Annotated[str, Meta(pattern="^0?[0-7]{3}$"), env("TEDSTORE_SOCKET_MODE")] = "0660"
+    max_clock_skew: Annotated[float, Meta(ge=0, le=86_400), env("TEDSTORE_MAX_CLOCK_SKEW")] = 300.0
 
 
-SETTING_ENV = {
-    "db": "TEDSTORE_DB",
-    "socket": "TEDSTORE_SOCKET",
-    "batch_size": "PERSISTENCE_BATCH_SIZE",
-    "batch_interval": "PERSISTENCE_INTERVAL_SECONDS",
-    "synchronous": "TEDSTORE_SYNCHRONOUS",
-    "checkpoint": "TEDSTORE_CHECKPOINT",
-    "tick_sample_every": "TICK_SAMPLE_EVERY",
-    "tick_retention_days": "TICK_RETENTION_DAYS",
-    "prediction_retention_days": "PREDICTION_RETENTION_DAYS",
-    "sidebet_retention_days": "SIDEBET_RETENTION_DAYS",
-    "game_retention_days": "GAME_RETENTION_DAYS",
-    "metrics_retention_days": "METRICS_RETENTION_DAYS",
-    "cleanup_hour_utc": "CLEANUP_HOUR_UTC",
-    "backup_dir": "TEDSTORE_BACKUP_DIR",
-    "backup_keep": "TEDSTORE_BACKUP_KEEP",
-    "allow_uids": "TEDSTORE_ALLOW_UIDS",
-    "persistence_enabled": "PERSISTENCE_ENABLED",
-    "payout_multiplier": "TEDSTORE_PAYOUT_MULTIPLIER",
-    "max_line_bytes": "TEDSTORE_MAX_LINE_BYTES",
-    "max_connections": "TEDSTORE_MAX_CONNECTIONS",
-    "idle_timeout": "TEDSTORE_IDLE_TIMEOUT",
-    "queue_events": "TEDSTORE_QUEUE_EVENTS",
-    "queue_bytes": "TEDSTORE_QUEUE_BYTES",
-    "socket_mode": "TEDSTORE_SOCKET_MODE",
-    "max_clock_skew": "TEDSTORE_MAX_CLOCK_SKEW",
-}
+SETTING_TYPES = {field.name: field.type for field in msgspec.inspect.type_info(Settings).fields}
+SETTING_ENV = {name: kind.extra["env"] for name, kind in SETTING_TYPES.items()}
 
 
 def load_settings(config: Optional[str] = None, **flags: Any) -> Settings:
@@ -237,19 +237,18 @@ def _split_list(raw: str) -> list[str]:
 def _spellings() -> dict[str, dict[str, Any]]:
     """Per boolean or enumerated setting, its accepted spellings (lower case) -> value."""
     table: dict[str, dict[str, Any]] = {}
-    for field in msgspec.inspect.type_info(Settings).fields:
-        kind = field.type
-        if isinstance(kind, msgspec.inspect.BoolType):
-            table[field.name] = {**dict.fromkeys(("true", "yes", "on", "1"), True),
-                                 **dict.fromkeys(("false", "no", "off", "0"), False)}
-        elif isinstance(kind, msgspec.inspect.LiteralType):
-            table[field.name] = {str(value).lower(): value for value in kind.values}
+    for name, kind in SETTING_TYPES.items():
+        if isinstance(kind.type, msgspec.inspect.BoolType):
+            table[name] = {**dict.fromkeys(("true", "yes", "on", "1"), True),
+                           **dict.fromkeys(("false", "no", "off", "0"), False)}
+        elif isinstance(kind.type, msgspec.inspect.LiteralType):
+            table[name] = {str(value).lower(): value for value in kind.type.values}
     return table
 
 
 def _accepted(name: str) -> str:
     """What a setting accepts, in words, from its type in Settings."""
-    kind = next(f.type for f in msgspec.inspect.type_info(Settings).fields if f.name == name)
+    kind = SETTING_TYPES[name].type
     if isinstance(kind, msgspec.inspect.UnionType):       # Optional[...]
         kind = next(t for t in kind.types if not isinstance(t, msgspec.inspect.NoneType))
     if isinstance(kind, msgspec.inspect.BoolType):
@@ -275,7 +274,7 @@ _SETTING_SPELLINGS = _spellings()
 
 
 # ---------------------------------------------------------------------------
-# ERRORS
+# ERRORS: one root, a subclass per kind of trouble, apsw's wrapped at the edge
 # ---------------------------------------------------------------------------
 
 class TedstoreError(Exception):
@@ -341,7 +340,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------
-# TIME
+# TIME: UTC text, the wire's timestamps, and spans such as 48h
 # ---------------------------------------------------------------------------
 
 MAX_EPOCH = 253402300799.0           # 9999-12-31 23:59:59 UTC
@@ -651,6 +650,79 @@ def schema_steps() -> list[tuple[int, str]]:
 
 def schema_version() -> int:
     return schema_steps()[-1][0]
+
+
+class StoredTable(NamedTuple):
+    """What tedstore knows of one stored table, in one place: its columns as rows show them,
+    the time column a window filters on (and retention deletes by) with its index, the
+    setting of its retention (None: kept), whether the rollup reads it (retention never
+    deletes past what is rolled up), what else an expired row must satisfy, and the events
+    whose `ts` its retention bounds (older ones are refused: they would be deleted at once).
+    Retention, the timestamp bounds, export and the recent-rows queries all derive from it."""
+
+    name: str
+    columns: tuple[str, ...]
+    time_column: str
+    time_index: Optional[str]           # None: a few rows, no index needed
+    retention: Optional[str] = None
+    rolled: bool = False
+    expired_also: str = ""
+    bounds: tuple[type, ...] = ()
+
+
+TABLES = {table.name: table for table in (
+    StoredTable("tick_samples", (
+        "id", "game_id", "tick", "price", "volatility_10", "volatility_40", "momentum", "rsi",
+        "volume_ratio", "ts", "created_at"),
+        "created_at", "tick_samples_created_at", "tick_retention_days"),
+    StoredTable("predictions", (
+        "id", "game_id", "predicted_at_tick", "predicted_end_tick", "actual_end_tick",
+        "confidence", "bound_lower", "bound_upper", "epr_active", "peak_ratio", "volatility",
+        "momentum", "raw_error", "signed_error", "e40", "within_windows", "model_version",
+        "created_at", "resolved_at"),
+        "created_at", "predictions_created_at", "prediction_retention_days", rolled=True,
+        bounds=(Prediction,)),
+    StoredTable("side_bets", (
+        "id", "game_id", "placed_at_tick", "window_end_tick", "probability", "expected_value",
+        "confidence", "recommendation", "actual_outcome", "payout", "created_at",
+        "resolved_at"),
+        "created_at", "side_bets_created_at", "sidebet_retention_days", rolled=True,
+        bounds=(SideBet,)),
+    # A game stays while its predictions or side bets stay (:keep_*).
+    StoredTable("games", (
+        "id", "game_id", "start_tick", "end_tick", "duration_ticks", "peak_price", "peak_tick",
+        "final_price", "treasury_remainder", "patterns_detected", "had_predictions",
+        "prediction_accuracy", "side_bets_placed", "started_at", "ended_at", "created_at",
+        "updated_at"),
+        "created_at", "games_created_at", "game_retention_days", rolled=True,
+        expired_also=(
+            " AND coalesce(ended_at, '') < :cutoff"
+            " AND NOT EXISTS (SELECT 1 FROM predictions AS p INDEXED BY"
+            " sqlite_autoindex_predictions_1 WHERE p.game_id = games.game_id"
+            " AND p.created_at >= :keep_predictions)"
+            " AND NOT EXISTS (SELECT 1 FROM side_bets AS s INDEXED BY"
+            " sqlite_autoindex_side_bets_1 WHERE s.game_id = games.game_id"
+            " AND s.created_at >= :keep_side_bets)"),
+        bounds=(GameStart, PriceUpdate, GameEnd)),
+    StoredTable("rejects", (
+        "id", "received_at", "peer_pid", "peer_uid", "line_no", "code", "error", "raw"),
+        "received_at", "rejects_received_at", "prediction_retention_days", rolled=True),
+    StoredTable("metrics_hourly", (
+        "hour_start", "hour_end", "games_analyzed", "predictions_made", "median_e40",
+        "mean_absolute_error", "within_1_window", "within_2_windows", "within_3_windows",
+        "sidebets_recommended", "sidebets_positive_ev", "bets_won", "bets_lost", "total_ev",
+        "roi_percentage", "avg_commit_latency_ms", "p99_commit_latency_ms", "rejected_lines",
+        "created_at"),
+        "hour_start", "sqlite_autoindex_metrics_hourly_1", "metrics_retention_days"),
+    StoredTable("metrics_daily", (
+        "day", "games_analyzed", "predictions", "resolved", "median_e40",
+        "mean_absolute_error", "mean_e40", "within_1_window", "within_2_windows",
+        "within_3_windows", "bets", "bets_won", "bets_lost", "bets_pending", "total_payout",
+        "roi_percentage", "rejected_lines", "created_at"),
+        "day", "sqlite_autoindex_metrics_daily_1", "metrics_retention_days"),
+    StoredTable("state", ("key", "value", "updated_at"), "updated_at", None),
+)}
+TABLE_OF_EVENT = {kind: table for table in TABLES.values() for kind in table.bounds}
 
 
 def busy_handler(timeout: float) -> Callable[[int], bool]:
@@ -1048,15 +1120,6 @@ class Reject(NamedTuple):
     raw: bytes
 
 
-# The table, and the retention setting, that bound how old each event's `ts` may be.
-EVENT_RETENTION = {
-    GameStart: ("games", "game_retention_days"),
-    PriceUpdate: ("games", "game_retention_days"),
-    GameEnd: ("games", "game_retention_days"),
-    Prediction: ("predictions", "prediction_retention_days"),
-    SideBet: ("side_bets", "sidebet_retention_days"),
-}
-
 MAX_EPOCH_MS = MAX_EPOCH * 1000.0
 ROLLED_EVENTS = (Prediction, SideBet, GameEnd)  # the events whose time the rollup reads
 
@@ -1123,12 +1186,13 @@ class IngestBatch:
         event type, the oldest whose tick is still sampled (README: timestamp bounds), and
         the time before which an event's hour is noted as touched (rolled up again)."""
         settings = self.settings
-        oldest = {kind: received - getattr(settings, setting) * 86400
-                  for kind, (_, setting) in EVENT_RETENTION.items()}
+        oldest = {kind: received - getattr(settings, table.retention) * 86400
+                  for kind, table in TABLE_OF_EVENT.items()}
         oldest[StateWrite] = -math.inf
         late = math.inf if self.every_hour else received - (ROLLUP_REVISIT_HOURS + 1) * 3600
+        samples = getattr(settings, TABLES["tick_samples"].retention)
         return (utc_text(received), received + settings.max_clock_skew, oldest,
-                received - settings.tick_retention_days * 86400, late)
+                received - samples * 86400, late)
 
     def _route(self, events: Iterable[Event], chunk: Chunk, line_no: int,
                limits: tuple[str, float, dict, float, float]) -> None:
@@ -1213,11 +1277,11 @@ class IngestBatch:
                 f"{tag}: ts {utc_text(epoch)} is {epoch - latest + skew:,.0f} s ahead of "
                 f"tedstore's clock, more than TEDSTORE_MAX_CLOCK_SKEW ({skew:g} s) allows: "
                 f"fix the sender's clock"))
-        table, setting = EVENT_RETENTION[kind]
+        table = TABLE_OF_EVENT[kind]
         return LineRejected("bad_event", (
             f"{tag}: ts {utc_text(epoch)} is older than the "
-            f"{getattr(self.settings, setting):g}-day retention of {table} "
-            f"({SETTING_ENV[setting]}): it would be deleted at once"))
+            f"{getattr(self.settings, table.retention):g}-day retention of {table.name} "
+            f"({SETTING_ENV[table.retention]}): it would be deleted at once"))
 
     def _refuse(self, chunk: Chunk, line_no: int, kind: type, exc: Exception) -> None:
         if isinstance(exc, LineRejected):
@@ -2123,7 +2187,7 @@ class Session(asyncio.Protocol):
             return True
         return False
 
-    def answered(self, line_no: int, reply: bytes) -> None:
+    def send_answer(self, line_no: int, reply: bytes) -> None:
         """The answer to the query on line `line_no` (or why there is none)."""
         self.running -= 1
         self.last_active = time.monotonic()
@@ -2189,7 +2253,7 @@ class QueryPool:
         self.settings = settings
         self.deliver = deliver              # (session, line, reply line), on a query thread
         self.idle = threads
-        self.answered = self.refused = 0
+        self.served = self.refused = 0      # queries answered, and refused
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._run, name=f"tedstore-query-{n}",
                                           daemon=True) for n in range(threads)]
@@ -2217,8 +2281,8 @@ class QueryPool:
                 if conn is None:
                     conn = connect(self.settings.db, readonly=True)
                 reply = b'{"result":%b,"line":%d}\n' % (
-                    answer_within_limits(conn, name, args, max_bytes), line_no)
-                self.answered += 1
+                    run_query_within_limits(conn, name, args, max_bytes), line_no)
+                self.served += 1
             except Exception as exc:        # whatever it is, this query's and only its
                 if not isinstance(exc, TedstoreError):
                     log.error("the %s query failed: %s: %s", name, type(exc).__name__, exc)
@@ -2367,10 +2431,10 @@ class Server:
             else:
                 return                   # every waiting session is over its budget
 
-    def answered(self, session: Session, line_no: int, reply: bytes) -> None:
+    def query_done(self, session: Session, line_no: int, reply: bytes) -> None:
         """A query thread is done (on the event loop): deliver, and start the next query."""
         self.queries.idle += 1
-        session.answered(line_no, reply)
+        session.send_answer(line_no, reply)
         self.dispatch()
 
     def deliver(self, acks: list[Ack]) -> None:
@@ -2401,6 +2465,129 @@ class Server:
         deadline = time.monotonic() + timeout
         while self.sessions and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------
+# MEASURES: one window's accuracy and ROI, for the rollups, the queries and the report
+# ---------------------------------------------------------------------------
+# One statement measures any window [start, end), so that an hour's rollup, a day's, the
+# performance query over any window and each bucket of the report can never disagree (the
+# daily views' rows for days not rolled up yet spell the same sums in SQL; a test compares
+# them). The resolved predictions are read once, as a histogram of raw_error (whole ticks,
+# so a few hundred distinct values): the true median (the middle value, or the mean of the
+# two middle ones), the mean absolute error and the shares within 1, 2 and 3 windows of 40
+# ticks all follow from it exactly, inside SQLite.
+SQL_MEASURES = """
+WITH errors AS (
+    SELECT raw_error AS v, count(*) AS c
+    FROM predictions INDEXED BY predictions_created_at
+    WHERE created_at >= :start AND created_at < :end AND raw_error IS NOT NULL
+    GROUP BY raw_error),
+ranked AS (SELECT v, c, sum(c) OVER (ORDER BY v) AS upto, sum(c) OVER () AS n FROM errors)
+SELECT
+  (SELECT count(*) FROM games INDEXED BY games_ended_at
+   WHERE ended_at >= :start AND ended_at < :end) AS games_analyzed,
+  (SELECT count(*) FROM predictions INDEXED BY predictions_created_at
+   WHERE created_at >= :start AND created_at < :end) AS predictions_made,
+  e.resolved AS predictions_resolved, e.median_e40, e.abs_error AS mean_absolute_error,
+  e.e40 AS mean_e40, e.within_1 AS within_1_window, e.within_2 AS within_2_windows,
+  e.within_3 AS within_3_windows, s.bets, s.positive_ev, s.resolved_bets,
+  s.resolved_positive_ev, s.won AS bets_won, s.lost AS bets_lost, s.pending AS bets_pending,
+  s.total_ev, s.payout AS total_payout,
+  100.0 * s.payout / (s.won + s.lost) AS roi_percentage,
+  (SELECT count(*) FROM rejects INDEXED BY rejects_received_at
+   WHERE received_at >= :start AND received_at < :end) AS rejected_lines
+FROM (SELECT coalesce(max(n), 0) AS resolved,
+             (min(v) FILTER (WHERE upto >= (n + 1) / 2)
+              + min(v) FILTER (WHERE upto >= (n + 2) / 2)) / 80.0 AS median_e40,
+             1.0 * sum(abs(v) * c) / max(n) AS abs_error,
+             sum(v * c) / 40.0 / max(n) AS e40,
+             100.0 * coalesce(sum(c) FILTER (WHERE abs(v) <= 40), 0) / max(n) AS within_1,
+             100.0 * coalesce(sum(c) FILTER (WHERE abs(v) <= 80), 0) / max(n) AS within_2,
+             100.0 * coalesce(sum(c) FILTER (WHERE abs(v) <= 120), 0) / max(n) AS within_3
+      FROM ranked) AS e,
+     (SELECT coalesce(sum(recommendation = 'BET'), 0) AS bets,
+             coalesce(sum(expected_value > 0), 0) AS positive_ev,
+             coalesce(sum(recommendation = 'BET' AND actual_outcome <> 'PENDING'), 0)
+                 AS resolved_bets,
+             coalesce(sum(expected_value > 0 AND actual_outcome <> 'PENDING'), 0)
+                 AS resolved_positive_ev,
+             coalesce(sum(recommendation = 'BET' AND actual_outcome = 'WON'), 0) AS won,
+             coalesce(sum(recommendation = 'BET' AND actual_outcome = 'LOST'), 0) AS lost,
+             coalesce(sum(recommendation = 'BET' AND actual_outcome = 'PENDING'), 0) AS pending,
+             total(CASE WHEN recommendation = 'BET' AND actual_outcome <> 'PENDING'
+                        THEN expected_value END) AS total_ev,
+             sum(CASE WHEN recommendation = 'BET' AND actual_outcome <> 'PENDING'
+                      THEN payout END) AS payout
+      FROM side_bets INDEXED BY side_bets_created_at
+      WHERE created_at >= :start AND created_at < :end) AS s"""
+
+
+class Measures(msgspec.Struct, frozen=True, kw_only=True):
+    """The measures of one window [start, end), named as SQL_MEASURES names them. Ratios
+    are NULL (None) when there is nothing to measure; shares are percentages."""
+
+    games_analyzed: int                # games ended in the window
+    predictions_made: int              # predictions created in it, resolved or not
+    predictions_resolved: int
+    median_e40: Optional[float]        # the true median, signed: it shows bias
+    mean_absolute_error: Optional[float]   # ticks
+    mean_e40: Optional[float]
+    within_1_window: Optional[float]   # share of resolved predictions within 40 ticks
+    within_2_windows: Optional[float]
+    within_3_windows: Optional[float]
+    bets: int                          # side bets recommended BET, resolved or not
+    positive_ev: int                   # side bets with expected_value > 0, resolved or not
+    resolved_bets: int
+    resolved_positive_ev: int
+    bets_won: int
+    bets_lost: int
+    bets_pending: int
+    total_ev: float                    # over the resolved BETs
+    total_payout: Optional[float]      # over the resolved BETs
+    roi_percentage: Optional[float]    # 100 x payouts / resolved BETs
+    rejected_lines: int
+
+
+def measure(conn: apsw.Connection, start: str, end: str) -> Measures:
+    """The measures of [start, end) (UTC text)."""
+    cursor = conn.execute(SQL_MEASURES, {"start": start, "end": end})
+    names = [column for column, _ in cursor.get_description()]
+    return Measures(**dict(zip(names, cursor.fetchone())))
+
+
+# The rollup tables keep the measures under their own column names (the hourly table's are
+# the TED deployment's): column -> measure. A rollup row, and a measure read back from one,
+# go through these and nothing else.
+ROLLED_UP = {
+    "metrics_hourly": {
+        "games_analyzed": "games_analyzed", "predictions_made": "predictions_made",
+        "median_e40": "median_e40", "mean_absolute_error": "mean_absolute_error",
+        "within_1_window": "within_1_window", "within_2_windows": "within_2_windows",
+        "within_3_windows": "within_3_windows", "sidebets_recommended": "resolved_bets",
+        "sidebets_positive_ev": "resolved_positive_ev", "bets_won": "bets_won",
+        "bets_lost": "bets_lost", "total_ev": "total_ev", "roi_percentage": "roi_percentage",
+        "rejected_lines": "rejected_lines"},
+    "metrics_daily": {
+        "games_analyzed": "games_analyzed", "predictions": "predictions_made",
+        "resolved": "predictions_resolved", "median_e40": "median_e40",
+        "mean_absolute_error": "mean_absolute_error", "mean_e40": "mean_e40",
+        "within_1_window": "within_1_window", "within_2_windows": "within_2_windows",
+        "within_3_windows": "within_3_windows", "bets": "bets", "bets_won": "bets_won",
+        "bets_lost": "bets_lost", "bets_pending": "bets_pending",
+        "total_payout": "total_payout", "roi_percentage": "roi_percentage",
+        "rejected_lines": "rejected_lines"},
+}
+
+
+def rolled_up(table: str, measures: Measures) -> dict:
+    """The measure columns of a row of a rollup table."""
+    return {column: getattr(measures, name) for column, name in ROLLED_UP[table].items()}
+
+
+def from_rollup(table: str, row: dict) -> dict:
+    """A rollup table's row as measures (by their names): what it holds of them."""
+    return {name: row[column] for column, name in ROLLED_UP[table].items()}
 
 
 # ---------------------------------------------------------------------------
@@ -2456,112 +2643,20 @@ SELECT min(t) FROM (
     UNION ALL SELECT min(received_at) FROM rejects INDEXED BY rejects_received_at
      WHERE received_at >= ?1)"""
 
-# One window's measures, for the hourly and daily rollups and the performance query
-# alike, so that they can never disagree. The resolved predictions are read once, as a
-# histogram of raw_error (whole ticks, so a few hundred distinct values): the true median
-# (the middle value, or the mean of the two middle ones), the mean absolute error and the
-# shares within 1, 2 and 3 windows all follow from it exactly, inside SQLite.
-SQL_WINDOW_METRICS = """
-WITH errors AS (
-    SELECT raw_error AS v, count(*) AS c
-    FROM predictions INDEXED BY predictions_created_at
-    WHERE created_at >= ?1 AND created_at < ?2 AND raw_error IS NOT NULL
-    GROUP BY raw_error),
-ranked AS (SELECT v, c, sum(c) OVER (ORDER BY v) AS upto, sum(c) OVER () AS n FROM errors)
-SELECT
-  (SELECT count(*) FROM games INDEXED BY games_ended_at WHERE ended_at >= ?1 AND ended_at < ?2),
-  (SELECT count(*) FROM predictions INDEXED BY predictions_created_at
-   WHERE created_at >= ?1 AND created_at < ?2),
-  e.resolved, e.median_e40, e.abs_error, e.e40, e.within_1, e.within_2, e.within_3,
-  s.bets, s.positive_ev, s.resolved_bets, s.resolved_positive_ev, s.won, s.lost, s.pending,
-  s.total_ev, s.payout, 100.0 * s.payout / (s.won + s.lost),
-  (SELECT count(*) FROM rejects INDEXED BY rejects_received_at
-   WHERE received_at >= ?1 AND received_at < ?2)
-FROM (SELECT coalesce(max(n), 0) AS resolved,
-             (min(v) FILTER (WHERE upto >= (n + 1) / 2)
-              + min(v) FILTER (WHERE upto >= (n + 2) / 2)) / 80.0 AS median_e40,
-             1.0 * sum(abs(v) * c) / max(n) AS abs_error,
-             sum(v * c) / 40.0 / max(n) AS e40,
-             100.0 * coalesce(sum(c) FILTER (WHERE abs(v) <= 40), 0) / max(n) AS within_1,
-             100.0 * coalesce(sum(c) FILTER (WHERE abs(v) <= 80), 0) / max(n) AS within_2,
-             100.0 * coalesce(sum(c) FILTER (WHERE abs(v) <= 120), 0) / max(n) AS within_3
-      FROM ranked) AS e,
-     (SELECT coalesce(sum(recommendation = 'BET'), 0) AS bets,
-             coalesce(sum(expected_value > 0), 0) AS positive_ev,
-             coalesce(sum(recommendation = 'BET' AND actual_outcome <> 'PENDING'), 0)
-                 AS resolved_bets,
-             coalesce(sum(expected_value > 0 AND actual_outcome <> 'PENDING'), 0)
-                 AS resolved_positive_ev,
-             coalesce(sum(recommendation = 'BET' AND actual_outcome = 'WON'), 0) AS won,
-             coalesce(sum(recommendation = 'BET' AND actual_outcome = 'LOST'), 0) AS lost,
-             coalesce(sum(recommendation = 'BET' AND actual_outcome = 'PENDING'), 0) AS pending,
-             total(CASE WHEN recommendation = 'BET' AND actual_outcome <> 'PENDING'
-                        THEN expected_value END) AS total_ev,
-             sum(CASE WHEN recommendation = 'BET' AND actual_outcome <> 'PENDING'
-                      THEN payout END) AS payout
-      FROM side_bets INDEXED BY side_bets_created_at
-      WHERE created_at >= ?1 AND created_at < ?2) AS s"""
-
-
-class WindowMetrics(NamedTuple):
-    """The measures of one window [start, end), as SQL_WINDOW_METRICS computes them."""
-
-    games_analyzed: int
-    predictions_made: int
-    predictions_resolved: int
-    median_e40: Optional[float]
-    mean_absolute_error: Optional[float]
-    mean_e40: Optional[float]
-    within_1_window: Optional[float]
-    within_2_windows: Optional[float]
-    within_3_windows: Optional[float]
-    bets: int                          # recommended BET, resolved or not
-    positive_ev: int                   # expected_value > 0, resolved or not
-    resolved_bets: int
-    resolved_positive_ev: int
-    bets_won: int
-    bets_lost: int
-    bets_pending: int
-    total_ev: float                    # over the resolved BETs
-    total_payout: Optional[float]      # over the resolved BETs
-    roi_percentage: Optional[float]
-    rejected_lines: int
-
-
-def window_metrics(conn: apsw.Connection, start: str, end: str) -> WindowMetrics:
-    return WindowMetrics(*conn.execute(SQL_WINDOW_METRICS, (start, end)).fetchone())
-
-
-SQL_SAVE_ROLLUP = """
-INSERT INTO metrics_hourly (hour_start, hour_end, games_analyzed, predictions_made,
-                            median_e40, mean_absolute_error, within_1_window,
-                            within_2_windows, within_3_windows, sidebets_recommended,
-                            sidebets_positive_ev, bets_won, bets_lost, total_ev,
-                            roi_percentage, avg_commit_latency_ms, p99_commit_latency_ms,
-                            rejected_lines, created_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
+SQL_SAVE_ROLLUP = f"""
+INSERT INTO metrics_hourly ({", ".join(TABLES["metrics_hourly"].columns)})
+VALUES ({", ".join(":" + column for column in TABLES["metrics_hourly"].columns)})
 ON CONFLICT (hour_start) DO UPDATE SET
-    games_analyzed = excluded.games_analyzed, predictions_made = excluded.predictions_made,
-    median_e40 = excluded.median_e40, mean_absolute_error = excluded.mean_absolute_error,
-    within_1_window = excluded.within_1_window, within_2_windows = excluded.within_2_windows,
-    within_3_windows = excluded.within_3_windows,
-    sidebets_recommended = excluded.sidebets_recommended,
-    sidebets_positive_ev = excluded.sidebets_positive_ev, bets_won = excluded.bets_won,
-    bets_lost = excluded.bets_lost, total_ev = excluded.total_ev,
-    roi_percentage = excluded.roi_percentage,
+    {", ".join(f"{column} = excluded.{column}" for column in ROLLED_UP["metrics_hourly"])},
     avg_commit_latency_ms = coalesce(excluded.avg_commit_latency_ms,
                                      metrics_hourly.avg_commit_latency_ms),
     p99_commit_latency_ms = coalesce(excluded.p99_commit_latency_ms,
                                      metrics_hourly.p99_commit_latency_ms),
-    rejected_lines = excluded.rejected_lines, created_at = excluded.created_at"""
+    created_at = excluded.created_at"""
 
-SQL_SAVE_DAY = """
-INSERT OR REPLACE INTO metrics_daily (day, games_analyzed, predictions, resolved, median_e40,
-                                      mean_absolute_error, mean_e40, within_1_window,
-                                      within_2_windows, within_3_windows, bets, bets_won,
-                                      bets_lost, bets_pending, total_payout, roi_percentage,
-                                      rejected_lines, created_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"""
+SQL_SAVE_DAY = f"""
+INSERT OR REPLACE INTO metrics_daily ({", ".join(TABLES["metrics_daily"].columns)})
+VALUES ({", ".join(":" + column for column in TABLES["metrics_daily"].columns)})"""
 
 SQL_LAST_ROLLUP = "SELECT max(hour_start) FROM metrics_hourly"
 SQL_ROLLED = {3600: "SELECT hour_start FROM metrics_hourly WHERE hour_start BETWEEN ?1 AND ?2",
@@ -2582,7 +2677,7 @@ def newest_complete(now: float, period: int) -> int:
 
 def rollup_floor(now: float, settings: Settings) -> int:
     """The oldest hour that can still hold rows: the longest retention of a rolled-up table."""
-    days = max(getattr(settings, setting) for *_, setting, rolled in RETENTION if rolled)
+    days = max(getattr(settings, table.retention) for table in TABLES.values() if table.rolled)
     return hour_floor(now - days * 86400)
 
 
@@ -2607,24 +2702,21 @@ def hours_to_roll(conn: apsw.Connection, now: float, settings: Settings,
 
 
 def rollup_hour(conn: apsw.Connection, hour: int, latency: Optional[LatencyHistogram],
-                now: float) -> tuple:
+                now: float) -> dict:
     """One metrics_hourly row, every column as the README's "Hourly metrics" defines it."""
     start, end = utc_text(hour), utc_text(hour + 3600)
-    m = window_metrics(conn, start, end)
-    return (start, end, m.games_analyzed, m.predictions_made, m.median_e40,
-            m.mean_absolute_error, m.within_1_window, m.within_2_windows, m.within_3_windows,
-            m.resolved_bets, m.resolved_positive_ev, m.bets_won, m.bets_lost, m.total_ev,
-            m.roi_percentage, latency.mean if latency else None,
-            latency.quantile(0.99) if latency else None, m.rejected_lines, utc_text(now))
+    return {"hour_start": start, "hour_end": end,
+            **rolled_up("metrics_hourly", measure(conn, start, end)),
+            "avg_commit_latency_ms": latency.mean if latency else None,
+            "p99_commit_latency_ms": latency.quantile(0.99) if latency else None,
+            "created_at": utc_text(now)}
 
 
-def rollup_day(conn: apsw.Connection, day: int, now: float) -> tuple:
+def rollup_day(conn: apsw.Connection, day: int, now: float) -> dict:
     """One metrics_daily row: the day's measures behind the daily views and the report."""
-    m = window_metrics(conn, utc_text(day), utc_text(day + 86400))
-    return (utc_text(day)[:10], m.games_analyzed, m.predictions_made, m.predictions_resolved,
-            m.median_e40, m.mean_absolute_error, m.mean_e40, m.within_1_window,
-            m.within_2_windows, m.within_3_windows, m.bets, m.bets_won, m.bets_lost,
-            m.bets_pending, m.total_payout, m.roi_percentage, m.rejected_lines, utc_text(now))
+    return {"day": utc_text(day)[:10],
+            **rolled_up("metrics_daily", measure(conn, utc_text(day), utc_text(day + 86400))),
+            "created_at": utc_text(now)}
 
 
 def run_rollups(conn: apsw.Connection, run_step: StepRunner, hours: list[int], now: float,
@@ -2653,7 +2745,7 @@ def run_rollups(conn: apsw.Connection, run_step: StepRunner, hours: list[int], n
     return detail
 
 
-def _save(db: apsw.Connection, sql: str, rows: list[tuple]) -> None:
+def _save(db: apsw.Connection, sql: str, rows: list[dict]) -> None:
     with transaction(db):
         db.executemany(sql, rows)
 
@@ -2683,35 +2775,17 @@ def unrolled(conn: apsw.Connection, before: str, now: float, period: int = 3600)
     return [start for start in found_periods if utc_text(start) not in done]
 
 
-# Retention per table: (table, its time column and that column's index, what else makes
-# a row expired, setting, feeds the rollup). A game stays while its predictions or side
-# bets stay (:keep_*). A delete takes the :limit oldest expired rows, found as ranges of
-# the time index, whose entries are (time, rowid): the rows older than the :limit-th
-# row's time, then those of its time up to its rowid (ties are common in bulk loads).
-RETENTION = (
-    ("tick_samples", "created_at", "tick_samples_created_at", "", "tick_retention_days", False),
-    ("predictions", "created_at", "predictions_created_at", "", "prediction_retention_days",
-     True),
-    ("side_bets", "created_at", "side_bets_created_at", "", "sidebet_retention_days", True),
-    ("games", "created_at", "games_created_at",
-     " AND coalesce(ended_at, '') < :cutoff"
-     " AND NOT EXISTS (SELECT 1 FROM predictions AS p INDEXED BY sqlite_autoindex_predictions_1"
-     " WHERE p.game_id = games.game_id AND p.created_at >= :keep_predictions)"
-     " AND NOT EXISTS (SELECT 1 FROM side_bets AS s INDEXED BY sqlite_autoindex_side_bets_1"
-     " WHERE s.game_id = games.game_id AND s.created_at >= :keep_side_bets)",
-     "game_retention_days", True),
-    ("rejects", "received_at", "rejects_received_at", "", "prediction_retention_days", True),
-    ("metrics_hourly", "hour_start", "sqlite_autoindex_metrics_hourly_1", "",
-     "metrics_retention_days", False),
-    ("metrics_daily", "day", "sqlite_autoindex_metrics_daily_1", "",
-     "metrics_retention_days", False),
-)
+# Retention deletes the :limit oldest expired rows of a table (TABLES) at a time, found as
+# ranges of its time index, whose entries are (time, rowid): the rows older than the
+# :limit-th row's time, then those of its time up to its rowid (ties are common in bulk loads).
+RETAINED = tuple(table for table in TABLES.values() if table.retention)
 
 
 def _per_table(template: str) -> dict[str, str]:
-    """A statement for each table of RETENTION, from {table} {column} {index} {more}."""
-    return {table: template.format(table=table, column=column, index=index, more=more)
-            for table, column, index, more, _, _ in RETENTION}
+    """A statement for each table with a retention, from {table} {column} {index} {more}."""
+    return {table.name: template.format(table=table.name, column=table.time_column,
+                                        index=table.time_index, more=table.expired_also)
+            for table in RETAINED}
 
 
 SQL_COUNT_EXPIRED = _per_table(
@@ -2730,9 +2804,9 @@ def retention_cutoffs(settings: Settings, now: float) -> dict[str, str]:
     past the newest complete hour: retention rolls up everything before it first."""
     rolled_through = utc_text(newest_complete_hour(now) + 3600)
     cutoffs = {}
-    for table, *_, setting, rolled in RETENTION:
-        cutoff = utc_text(now - getattr(settings, setting) * 86400)
-        cutoffs[table] = min(cutoff, rolled_through) if rolled else cutoff
+    for table in RETAINED:
+        cutoff = utc_text(now - getattr(settings, table.retention) * 86400)
+        cutoffs[table.name] = min(cutoff, rolled_through) if table.rolled else cutoff
     return cutoffs
 
 
@@ -2773,14 +2847,15 @@ def run_retention(conn: apsw.Connection, run_step: StepRunner, settings: Setting
     cutoffs = retention_cutoffs(settings, now)
     with store_errors("retention failed"):
         if dry_run:
-            return {table: conn.execute(SQL_COUNT_EXPIRED[table], _expired(table, cutoffs)).get
-                    for table, *_ in RETENTION}
-        before = max(cutoffs[table] for table, *_, rolled in RETENTION if rolled)
+            return {table.name: conn.execute(SQL_COUNT_EXPIRED[table.name],
+                                             _expired(table.name, cutoffs)).get
+                    for table in RETAINED}
+        before = max(cutoffs[table.name] for table in RETAINED if table.rolled)
         hours, days = unrolled(conn, before, now), unrolled(conn, before, now, 86400)
         if hours or days:
             run_rollups(conn, run_step, hours, now, latency_for, days=days)
         removed = {}
-        for table, *_ in RETENTION:
+        for table in (table.name for table in RETAINED):
             removed[table], limit = 0, 1000
             while True:
                 deleted, seconds = run_step(
@@ -3381,7 +3456,7 @@ class Daemon:
             listener.close()
             raise self.writer.start_error
         self.queries = QueryPool(self.settings, deliver=lambda session, line_no, reply:
-                                 loop.call_soon_threadsafe(self.server.answered, session,
+                                 loop.call_soon_threadsafe(self.server.query_done, session,
                                                            line_no, reply))
         self.server = Server(self.settings, self.writer, self.status, self.queries)
         aserver = await loop.create_unix_server(lambda: Session(self.server), sock=listener)
@@ -3479,7 +3554,7 @@ class Daemon:
                       "full": writer.queue.blocked},
             "connections": {"open": len(server.sessions), "total": server.connections_total,
                             "refused": dict(server.refused)},
-            "queries": {"answered": self.queries.answered, "refused": self.queries.refused,
+            "queries": {"answered": self.queries.served, "refused": self.queries.refused,
                         "waiting": sum(len(s.queries) + s.running for s in server.sessions)},
             "events": dict(stats.events_by_type),
             "duplicates": dict(stats.duplicates_by_type),
@@ -4094,44 +4169,18 @@ def _simulated_prediction(rng: random.Random, game_id: str, tick: int, end_tick:
 # its parameters and the time, and returns the answer as an object whose row arrays
 # SQLite has already encoded as JSON (json_group_array, kept as msgspec.Raw). SQLite does
 # that work with the GIL released, so a heavy query on the daemon's query threads leaves
-# the writer thread free; answer() encodes the object, and callers in Python decode it.
+# the writer thread free; run_query() encodes the object, and callers in Python decode it.
 
 BOOLEAN_COLUMNS = ("had_predictions", "epr_active")
 JSON_COLUMNS = ("patterns_detected", "value")
 
-# The columns of each table (and of the game_summary view) as rows show them; a test
-# checks them against the schema.
-COLUMNS = {
-    "games": ("id", "game_id", "start_tick", "end_tick", "duration_ticks", "peak_price",
-              "peak_tick", "final_price", "treasury_remainder", "patterns_detected",
-              "had_predictions", "prediction_accuracy", "side_bets_placed", "started_at",
-              "ended_at", "created_at", "updated_at"),
-    "predictions": ("id", "game_id", "predicted_at_tick", "predicted_end_tick",
-                    "actual_end_tick", "confidence", "bound_lower", "bound_upper", "epr_active",
-                    "peak_ratio", "volatility", "momentum", "raw_error", "signed_error", "e40",
-                    "within_windows", "model_version", "created_at", "resolved_at"),
-    "side_bets": ("id", "game_id", "placed_at_tick", "window_end_tick", "probability",
-                  "expected_value", "confidence", "recommendation", "actual_outcome", "payout",
-                  "created_at", "resolved_at"),
-    "tick_samples": ("id", "game_id", "tick", "price", "volatility_10", "volatility_40",
-                     "momentum", "rsi", "volume_ratio", "ts", "created_at"),
-    "metrics_hourly": ("hour_start", "hour_end", "games_analyzed", "predictions_made",
-                       "median_e40", "mean_absolute_error", "within_1_window",
-                       "within_2_windows", "within_3_windows", "sidebets_recommended",
-                       "sidebets_positive_ev", "bets_won", "bets_lost", "total_ev",
-                       "roi_percentage", "avg_commit_latency_ms", "p99_commit_latency_ms",
-                       "rejected_lines", "created_at"),
-    "metrics_daily": ("day", "games_analyzed", "predictions", "resolved", "median_e40",
-                      "mean_absolute_error", "mean_e40", "within_1_window", "within_2_windows",
-                      "within_3_windows", "bets", "bets_won", "bets_lost", "bets_pending",
-                      "total_payout", "roi_percentage", "rejected_lines", "created_at"),
-    "state": ("key", "value", "updated_at"),
-    "rejects": ("id", "received_at", "peer_pid", "peer_uid", "line_no", "code", "error", "raw"),
-    "game_summary": ("game_id", "start_tick", "end_tick", "duration_ticks", "peak_price",
-                     "final_price", "patterns_detected", "predictions", "mean_absolute_error",
-                     "prediction_accuracy", "side_bets_placed", "side_bets_won",
-                     "side_bet_payout", "started_at", "ended_at"),
-}
+# The columns of each table (TABLES) and of the game_summary view as rows show them; a
+# test checks them against the schema.
+COLUMNS = {**{table.name: table.columns for table in TABLES.values()},
+           "game_summary": ("game_id", "start_tick", "end_tick", "duration_ticks",
+                            "peak_price", "final_price", "patterns_detected", "predictions",
+                            "mean_absolute_error", "prediction_accuracy", "side_bets_placed",
+                            "side_bets_won", "side_bet_payout", "started_at", "ended_at")}
 
 
 def row_json(source: str) -> str:
@@ -4218,11 +4267,11 @@ FROM (SELECT tag.value AS pattern, count(*) AS games,
       GROUP BY tag.value)"""
 
 # The newest n rows of a table, oldest first.
-SQL_Q_RECENT = {table: f"""
-SELECT json_group_array({row_json(table)} ORDER BY created_at, id)
-FROM (SELECT * FROM {table} INDEXED BY {table}_created_at
-      ORDER BY created_at DESC, id DESC LIMIT ?1)"""
-                for table in ("predictions", "side_bets", "tick_samples")}
+SQL_Q_RECENT = {table.name: f"""
+SELECT json_group_array({row_json(table.name)} ORDER BY {table.time_column}, id)
+FROM (SELECT * FROM {table.name} INDEXED BY {table.time_index}
+      ORDER BY {table.time_column} DESC, id DESC LIMIT ?1)"""
+                for table in map(TABLES.get, ("predictions", "side_bets", "tick_samples"))}
 
 SQL_Q_STATE = "SELECT json(value), updated_at FROM state WHERE key = ?1"
 
@@ -4264,26 +4313,42 @@ When = Union[float, Annotated[str, Meta(max_length=64)]]
 
 
 class Window(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """A time window: the last `hours` or `days`, or [since, until) (ISO-8601 in UTC,
-    a span such as 48h, or Unix seconds)."""
+    """A time window [since, until): the last `hours` or `days` up to now, or explicit
+    `since`/`until` (ISO-8601 in UTC, a span such as 48h, or Unix seconds). Without any,
+    the last DEFAULT_HOURS of each query's own parameters (its subclass); None means all
+    time, from the first row to the last."""
+
+    DEFAULT_HOURS: ClassVar[Optional[float]] = 24
+
     hours: Optional[Hours] = None
     days: Optional[Days] = None
     since: Optional[When] = None
     until: Optional[When] = None
 
-    def bounds(self, now: float, default_hours: float) -> tuple[float, float]:
+    def bounds(self, now: float) -> tuple[float, float]:
         if (self.hours or self.days) and (self.since is not None or self.until is not None) \
                 or (self.hours and self.days):
             raise QueryRejected("give the window as hours, days, or since/until: one of them")
-        until = _moment(self.until, now, "until") if self.until is not None else now
+        span = self.hours or (self.days or 0) * 24 or self.DEFAULT_HOURS
+        if self.until is not None:
+            until = _moment(self.until, now, "until")
+        else:
+            until = now if span or self.hours or self.days else MAX_EPOCH
         if self.since is not None:
             since = _moment(self.since, now, "since")
         else:
-            since = until - (self.hours or (self.days or 0) * 24 or default_hours) * 3600
+            since = until - span * 3600 if span else 0.0
         if since >= until:
             raise QueryRejected(f"since ({utc_text(since)}) is not before until "
                                 f"({utc_text(until)})")
         return since, until
+
+    def described(self) -> str:
+        """The default window in words, for --help."""
+        if self.DEFAULT_HOURS is None:
+            return "all time"
+        days = self.DEFAULT_HOURS / 24
+        return f"the last {days:g} days" if days >= 2 else f"the last {self.DEFAULT_HOURS:g} hours"
 
 
 def _moment(value: When, now: float, name: str) -> float:
@@ -4310,8 +4375,14 @@ class PerformanceArgs(Window, kw_only=True):
     type: Literal["all", "predictions", "sidebets"] = "all"
 
 
-class DaysArgs(msgspec.Struct, forbid_unknown_fields=True):
-    days: Days = 7
+class WeekArgs(Window, kw_only=True):
+    """A window of a week unless given: trends and patterns look further back."""
+    DEFAULT_HOURS: ClassVar[Optional[float]] = 7 * 24
+
+
+class EverythingArgs(Window, kw_only=True):
+    """A window over all time unless given: what export writes."""
+    DEFAULT_HOURS: ClassVar[Optional[float]] = None
 
 
 class RecentArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -4326,7 +4397,7 @@ class RejectsArgs(Window, kw_only=True):
     limit: Rows = 100
 
 
-def _window(since: float, until: float) -> dict:
+def _period(since: float, until: float) -> dict:
     return {"since": utc_text(since), "until": utc_text(until)}
 
 
@@ -4341,23 +4412,23 @@ def q_game(conn: apsw.Connection, args: GameArgs, now: float) -> dict:
 
 def q_games(conn: apsw.Connection, args: GamesArgs, now: float) -> dict:
     """Games ended in the window, newest first, as rows of the game_summary view."""
-    since, until = args.bounds(now, 24)
+    since, until = args.bounds(now)
     games = conn.execute(SQL_Q_GAMES, (utc_text(since), utc_text(until), args.limit,
                                        args.pattern)).get
-    return {**_window(since, until), "games": msgspec.Raw(games.encode())}
+    return {**_period(since, until), "games": msgspec.Raw(games.encode())}
 
 
 def q_metrics(conn: apsw.Connection, args: Window, now: float) -> dict:
     """The hourly rollups of the window, oldest first."""
-    since, until = args.bounds(now, 24)
+    since, until = args.bounds(now)
     hours = conn.execute(SQL_Q_METRICS, (utc_text(since), utc_text(until))).get
-    return {**_window(since, until), "hours": msgspec.Raw(hours.encode())}
+    return {**_period(since, until), "hours": msgspec.Raw(hours.encode())}
 
 
 def q_performance(conn: apsw.Connection, args: PerformanceArgs, now: float) -> dict:
     """The rollup's measures over the whole window (the same statement computes both)."""
-    since, until = args.bounds(now, 24)
-    m = window_metrics(conn, utc_text(since), utc_text(until))
+    since, until = args.bounds(now)
+    m = measure(conn, utc_text(since), utc_text(until))
     predictions = {"predictions_made": m.predictions_made, "resolved": m.predictions_resolved,
                    "median_e40": m.median_e40, "mean_absolute_error": m.mean_absolute_error,
                    "within_1_window": m.within_1_window, "within_2_windows": m.within_2_windows,
@@ -4365,31 +4436,31 @@ def q_performance(conn: apsw.Connection, args: PerformanceArgs, now: float) -> d
     side_bets = {"recommended": m.bets, "positive_ev": m.positive_ev, "bets_won": m.bets_won,
                  "bets_lost": m.bets_lost, "pending": m.bets_pending, "total_ev": m.total_ev,
                  "roi_percentage": m.roi_percentage}
-    return {**_window(since, until), "period_hours": round((until - since) / 3600, 6),
+    return {**_period(since, until), "period_hours": round((until - since) / 3600, 6),
             "games_analyzed": m.games_analyzed,
             "prediction_metrics": predictions if args.type != "sidebets" else None,
             "sidebet_metrics": side_bets if args.type != "predictions" else None}
 
 
-def q_trends(conn: apsw.Connection, args: DaysArgs, now: float) -> dict:
+def q_trends(conn: apsw.Connection, args: WeekArgs, now: float) -> dict:
     """Hourly e40, accuracy and ROI over the last days, and where each is heading."""
-    since, until = now - args.days * 86400, now
-    window = (utc_text(since), utc_text(until))
+    since, until = args.bounds(now)
+    period = (utc_text(since), utc_text(until))
     trends = {}
     for name, column in TRENDS.items():
-        n, mean, last, slope = conn.execute(SQL_Q_TREND[column], window).fetchone()
+        n, mean, last, slope = conn.execute(SQL_Q_TREND[column], period).fetchone()
         trends[name] = {"column": column, "n": n, "mean": mean, "last": last,
                         "slope_per_day": slope}
-    hourly = conn.execute(SQL_Q_TRENDS_HOURLY, window).get
-    return {**_window(since, until), "period_days": args.days,
+    hourly = conn.execute(SQL_Q_TRENDS_HOURLY, period).get
+    return {**_period(since, until), "period_days": round((until - since) / 86400, 6),
             "hourly": msgspec.Raw(hourly.encode()), "trends": trends}
 
 
-def q_patterns(conn: apsw.Connection, args: Window, now: float) -> dict:
+def q_patterns(conn: apsw.Connection, args: WeekArgs, now: float) -> dict:
     """The patterns of the games ended in the window (7 days), most games first."""
-    since, until = args.bounds(now, 7 * 24)
+    since, until = args.bounds(now)
     patterns, total = conn.execute(SQL_Q_PATTERNS, (utc_text(since), utc_text(until))).fetchone()
-    return {**_window(since, until), "total_patterns_detected": total,
+    return {**_period(since, until), "total_patterns_detected": total,
             "patterns": msgspec.Raw(patterns.encode())}
 
 
@@ -4414,7 +4485,7 @@ def q_rejects(conn: apsw.Connection, args: RejectsArgs, now: float) -> dict:
     bytes, so the rows are built here, each encoded as it comes and counted against the
     connection's length limit (the answer limit on the query threads), as SQLite counts
     the JSON it builds for other answers."""
-    since, until = args.bounds(now, 24)
+    since, until = args.bounds(now)
     budget, size, rows = conn.limit(apsw.SQLITE_LIMIT_LENGTH), 2, []
     for row in conn.execute(SQL_Q_REJECTS, (utc_text(since), utc_text(until), args.limit)):
         row = dict(zip(COLUMNS["rejects"], row))
@@ -4425,12 +4496,12 @@ def q_rejects(conn: apsw.Connection, args: RejectsArgs, now: float) -> dict:
         if size > budget:
             rows.clear()
             raise apsw.TooBigError("the answer is longer than the length limit")
-    return {**_window(since, until), "rejects": msgspec.Raw(b"[" + b",".join(rows) + b"]")}
+    return {**_period(since, until), "rejects": msgspec.Raw(b"[" + b",".join(rows) + b"]")}
 
 
 class Query(NamedTuple):
     args: type
-    answer: Callable[[apsw.Connection, Any, float], dict]
+    compute: Callable[[apsw.Connection, Any, float], dict]
 
 
 QUERIES = {
@@ -4438,8 +4509,8 @@ QUERIES = {
     "games": Query(GamesArgs, q_games),
     "metrics": Query(Window, q_metrics),
     "performance": Query(PerformanceArgs, q_performance),
-    "trends": Query(DaysArgs, q_trends),
-    "patterns": Query(Window, q_patterns),
+    "trends": Query(WeekArgs, q_trends),
+    "patterns": Query(WeekArgs, q_patterns),
     "recent_predictions": Query(RecentArgs, q_recent("predictions", 200)),
     "recent_side_bets": Query(RecentArgs, q_recent("side_bets", 200)),
     "recent_ticks": Query(RecentArgs, q_recent("tick_samples", 1200)),
@@ -4478,10 +4549,10 @@ def read_query_line(line: bytes) -> tuple[str, Any]:
 def run_query(conn: apsw.Connection, name: str, args: Any, now: float) -> bytes:
     """The answer to a checked query (query_args) as JSON, from one consistent snapshot."""
     with store_errors(f"the {name} query failed"), transaction(conn, "DEFERRED"):
-        return msgspec.json.encode(QUERIES[name].answer(conn, args, now))
+        return msgspec.json.encode(QUERIES[name].compute(conn, args, now))
 
 
-def answer_within_limits(conn: apsw.Connection, name: str, args: Any,
+def run_query_within_limits(conn: apsw.Connection, name: str, args: Any,
                          max_bytes: Optional[int] = None) -> bytes:
     """run_query for the socket: QUERY_SECONDS of work and QUERY_MAX_BYTES of answer at
     most (or max_bytes, while clients leave many answers unread), both enforced while the
@@ -4528,7 +4599,7 @@ def report_data(path: str, since: float, until: float, now: float) -> dict:
 
     def tables(conn: apsw.Connection) -> tuple[dict, list[dict]]:
         with transaction(conn, "DEFERRED"):
-            patterns = q_patterns(conn, Window(**window), now)
+            patterns = q_patterns(conn, WeekArgs(**window), now)
             worst = [dict(zip(("game_id", "ended_at", "predictions", "mean_absolute_error",
                                "prediction_accuracy", "patterns_detected"), row))
                      for row in conn.execute(SQL_Q_WORST_GAMES, bounds)]
@@ -4551,43 +4622,41 @@ def report_data(path: str, since: float, until: float, now: float) -> dict:
     for code in codes:
         if isinstance(code["newest_raw"], bytes):
             code["newest_raw"] = code["newest_raw"].decode("utf-8", "replace")
-    return {**_window(since, until), "generated_at": utc_text(now), "version": __version__,
+    return {**_period(since, until), "generated_at": utc_text(now), "version": __version__,
             "bucket": "hour" if hourly else "day", "buckets": buckets,
             "performance": performance, "patterns": patterns, "worst_games": worst,
             "rejects_by_code": codes}
 
 
 def _buckets(conn: apsw.Connection, since: float, until: float, period: int) -> list[dict]:
-    """The window cut at each hour or day, with the rollup's measures of each piece: read
-    from metrics_hourly or metrics_daily, or computed now for a piece not rolled up (yet)
-    or cut short by the window's ends, so that the pieces add up to the whole."""
+    """The window cut at each hour or day, with the measures the charts draw (CHARTS) for
+    each piece: read from metrics_hourly or metrics_daily, or measured now for a piece not
+    rolled up (yet) or cut short by the window's ends, so that the pieces add up to the
+    whole."""
     boundaries = range(int(-(-since // period) * period), int(-(-until // period) * period), period)
     starts = sorted({since, *boundaries} - {until})
     bounds = (utc_text(since), utc_text(until))
     rolled: dict[str, dict] = {}
+    latency: dict[str, Optional[float]] = {}       # per hour, or the worst hour of each day
     if period == 3600:
         for row in msgspec.json.decode(conn.execute(SQL_Q_METRICS, bounds).get):
-            rolled[row["hour_start"]] = {**row, "resolved": None}
-        p99 = {}
+            rolled[row["hour_start"]] = from_rollup("metrics_hourly", row)
+            latency[row["hour_start"]] = row[LATENCY]
     else:
+        latency = {day + " 00:00:00.000": p99
+                   for day, p99 in conn.execute(SQL_Q_DAILY_P99, bounds)}
         for row in conn.execute(SQL_Q_DAYS, (bounds[0][:10], bounds[1][:10])):
             day = dict(zip(COLUMNS["metrics_daily"], row))
-            rolled[day["day"] + " 00:00:00.000"] = {**day, "predictions_made": day["predictions"]}
-        p99 = dict(conn.execute(SQL_Q_DAILY_P99, bounds))
+            rolled[day["day"] + " 00:00:00.000"] = from_rollup("metrics_daily", day)
     buckets = []
     for start, end in zip(starts, starts[1:] + [until]):
         row = rolled.get(utc_text(start))
         if row is None or end - start < period:          # not rolled up, or cut by the window
-            m = window_metrics(conn, utc_text(start), utc_text(end))
-            row = {**m._asdict(), "resolved": m.predictions_resolved}
-        buckets.append({
-            "start": utc_text(start), "end": utc_text(end),
-            **{key: row.get(key) for key in (
-                "games_analyzed", "predictions_made", "within_1_window", "within_2_windows",
-                "within_3_windows", "median_e40", "mean_absolute_error", "bets_won",
-                "bets_lost", "roi_percentage", "rejected_lines")},
-            "p99_commit_latency_ms": row.get("p99_commit_latency_ms",
-                                             p99.get(utc_text(start)[:10]))})
+            row = msgspec.structs.asdict(measure(conn, utc_text(start), utc_text(end)))
+        row[LATENCY] = latency.get(utc_text(start // period * period) if period == 86400
+                                   else utc_text(start))
+        buckets.append({"start": utc_text(start), "end": utc_text(end),
+                        **{key: row.get(key) for key in CHARTED}})
     return buckets
 
 
@@ -4763,22 +4832,12 @@ class Reader:
 # Both read one row at a time, so memory stays flat whatever the size. Events are the
 # RECORDS Structs, so export and import share one definition of the wire.
 
-# Each table's time column, the one a window filters on, and its index.
-EXPORT_TABLES = {
-    "games": ("created_at", "games_created_at"),
-    "predictions": ("created_at", "predictions_created_at"),
-    "side_bets": ("created_at", "side_bets_created_at"),
-    "tick_samples": ("created_at", "tick_samples_created_at"),
-    "metrics_hourly": ("hour_start", "sqlite_autoindex_metrics_hourly_1"),
-    "metrics_daily": ("day", "sqlite_autoindex_metrics_daily_1"),
-    "state": ("updated_at", None),                       # a few rows: no index needed
-    "rejects": ("received_at", "rejects_received_at"),
-}
 SQL_EXPORT = {
-    table: f"SELECT {', '.join(COLUMNS[table])} FROM {table}"
-           f"{f' INDEXED BY {index}' if index else ''} WHERE {column} >= ?1 AND {column} < ?2 "
-           f"ORDER BY {column}, rowid"
-    for table, (column, index) in EXPORT_TABLES.items()}
+    table.name: f"SELECT {', '.join(table.columns)} FROM {table.name}"
+                f"{f' INDEXED BY {table.time_index}' if table.time_index else ''} "
+                f"WHERE {table.time_column} >= ?1 AND {table.time_column} < ?2 "
+                f"ORDER BY {table.time_column}, rowid"
+    for table in TABLES.values()}
 SQL_EXPORT_SAMPLES = """
 SELECT tick, price, volatility_10, volatility_40, momentum, rsi, volume_ratio, ts
 FROM tick_samples INDEXED BY sqlite_autoindex_tick_samples_1 WHERE game_id = ?1 ORDER BY tick"""
@@ -4786,8 +4845,8 @@ FROM tick_samples INDEXED BY sqlite_autoindex_tick_samples_1 WHERE game_id = ?1 
 
 def export_rows(conn: apsw.Connection, table: str, since: str, until: str) -> Iterator[tuple]:
     """The rows of `table` whose time column is in [since, until), oldest first."""
-    if table not in EXPORT_TABLES:
-        raise ConfigError(f"no table {table!r}: choose one of {', '.join(EXPORT_TABLES)}")
+    if table not in TABLES:
+        raise ConfigError(f"no table {table!r}: choose one of {', '.join(TABLES)}")
     with store_errors(f"cannot read {table}"):
         yield from conn.execute(SQL_EXPORT[table], (since, until))
 
@@ -4968,14 +5027,91 @@ MAX_TIME_LABELS = 9
 
 
 class Series(NamedTuple):
-    """One series of a chart: a name for the legend, a value (or None: a gap) per bucket,
-    its style (s1..s3: colour; dash and dot: line pattern) and its unit."""
+    """One series as svg_chart draws it: a name for the legend, a value (or None: a gap)
+    per bucket, its style (s1..s3: colour; dash and dot: line pattern) and its unit."""
 
     name: str
     values: list[Optional[float]]
     style: str
     unit: str
     digits: int = 1
+
+
+class Plot(NamedTuple):
+    """A series of a chart, declared: the measure it draws (a field of Measures, or the
+    commit latency), its legend name, style, unit and digits, and the header of its column
+    in the chart's table of numbers (its name and unit unless given)."""
+
+    measure: str
+    name: str
+    style: str = "s1"
+    unit: str = ""
+    digits: int = 1
+    header: str = ""
+
+    def series(self, buckets: list[dict]) -> Series:
+        return Series(self.name, [b[self.measure] for b in buckets], self.style, self.unit,
+                      self.digits)
+
+    @property
+    def column(self) -> str:
+        return self.header or (f"{self.name} ({self.unit})" if self.unit else self.name)
+
+
+class Chart(NamedTuple):
+    """A panel of the report over the buckets (hours or days) of its period: a chart, its
+    question (`{per_day}` marks where a daily chart says how a day is summed up), and its
+    numbers in a table beside it. `right` has an axis of its own; `extra` columns are in the
+    table only; `unmeasured` is said when the first series has no value at all (the right
+    one is then drawn alone). Adding a chart over an existing measure is one entry here."""
+
+    title: str
+    question: str
+    series: tuple[Plot, ...]
+    y_label: str
+    bars: bool = False                   # one bar per bucket, gains and losses told apart
+    zero_line: bool = False
+    floor: Optional[float] = None
+    ceiling: Optional[float] = None
+    right: Optional[Plot] = None
+    right_label: str = ""
+    extra: tuple[Plot, ...] = ()
+    unmeasured: str = ""
+    per_day: str = ""
+
+    @property
+    def plots(self) -> tuple[Plot, ...]:
+        return (*self.series, *((self.right,) if self.right else ()), *self.extra)
+
+
+LATENCY = "p99_commit_latency_ms"        # measured by the daemon, kept in metrics_hourly
+CHARTS = (
+    Chart("Accuracy", "How often does the predicted end fall within one, two or three "
+                      "40-tick windows of the real end?",
+          (Plot("within_1_window", "within 1 window", "s1", "%"),
+           Plot("within_2_windows", "within 2 windows", "s2 dash", "%"),
+           Plot("within_3_windows", "within 3 windows", "s3 dot", "%")),
+          "share of resolved predictions (%)", floor=0, ceiling=100),
+    Chart("e40 bias", "Do predictions end too late (above zero) or too early (below)?",
+          (Plot("median_e40", "median e40", digits=3),), "median e40 (40-tick windows)",
+          zero_line=True),
+    Chart("Side-bet ROI", "Did the recommended side bets gain or lose?",
+          (Plot("roi_percentage", "side-bet ROI", unit="%", header="ROI (%)"),),
+          "return on BETs (%)", bars=True,
+          extra=(Plot("bets_won", "won"), Plot("bets_lost", "lost"))),
+    Chart("Volume", "How many games ended, and how many predictions were made?",
+          (Plot("games_analyzed", "games ended", digits=0),
+           Plot("predictions_made", "predictions", "s2 dash", digits=0)),
+          "count", floor=0),
+    Chart("Ingest health", "How long did commits take (p99{per_day}), and how many lines were "
+                           "refused?",
+          (Plot(LATENCY, "p99 commit latency", unit="ms", digits=2),),
+          "p99 commit latency (ms)", floor=0,
+          right=Plot("rejected_lines", "rejected lines", "s2 dash", digits=0),
+          right_label="rejected lines", per_day=", the day's worst hour",
+          unmeasured=" (No commit latency was measured: the daemon measures it while it runs.)"),
+)
+CHARTED = tuple(dict.fromkeys(plot.measure for chart in CHARTS for plot in chart.plots))
 
 
 def _number(value: Optional[float], digits: int = 1, unit: str = "") -> str:
@@ -5193,11 +5329,32 @@ def _panel(title: str, question: str, chart: Optional[str], headers: list[str],
             f'<div class="scroll">{html_table(headers, rows)}</div></details></div></section>')
 
 
+def chart_panel(chart: Chart, buckets: list[dict], hourly: bool) -> str:
+    """A chart of CHARTS over the buckets, with its question and its table of numbers."""
+    starts = [b["start"] for b in buckets]
+    when = [_bucket_name(start, hourly) for start in starts]
+    drawn = [plot.series(buckets) for plot in chart.series]
+    right = chart.right.series(buckets) if chart.right else None
+    question = chart.question.format(per_day="" if hourly else chart.per_day)
+    y_label, right_label = chart.y_label, chart.right_label
+    if chart.unmeasured and all(value is None for value in drawn[0].values):
+        question += chart.unmeasured
+        if right is not None:                 # the right series alone, on the main axis
+            drawn, right, y_label, right_label = [right], None, chart.right_label, ""
+    present = any(b[plot.measure] not in (None, 0) for b in buckets for plot in chart.plots)
+    svg = svg_chart(chart.title, starts, hourly, drawn, y_label=y_label, bars=chart.bars,
+                    zero_line=chart.zero_line, floor=chart.floor, ceiling=chart.ceiling,
+                    right=right, right_label=right_label) if present else None
+    columns = [plot.series(buckets) for plot in chart.plots]
+    rows = [[when[i]] + [_number(x.values[i], x.digits, x.unit) for x in columns]
+            for i in range(len(buckets))]
+    return _panel(chart.title, question, svg,
+                  [f"{'hour' if hourly else 'day'} (UTC)"] + [p.column for p in chart.plots], rows)
+
+
 def render_report(data: dict, database: str) -> str:
     """The report page for report_data()'s object."""
     buckets, hourly = data["buckets"], data["bucket"] == "hour"
-    starts = [b["start"] for b in buckets]
-    when = [_bucket_name(s, hourly) for s in starts]
     title = f"tedstore report: {data['since'][:16]} to {data['until'][:16]} UTC"
     meta = (f"{len(buckets)} {'hours' if hourly else 'days'} · generated "
             f"{data['generated_at'][:19]} UTC · database {_page_text(database)} · "
@@ -5215,65 +5372,7 @@ def render_report(data: dict, database: str) -> str:
                ("rejected lines", f"{rejected:,}")]
     summary = "\n".join(f'<div class="figure"><b>{value}</b><span>{name}</span></div>'
                         for name, value in figures)
-
-    def column(key: str) -> list[Optional[float]]:
-        return [b[key] for b in buckets]
-
-    def present(*keys: str) -> bool:
-        return any(b[key] not in (None, 0) for b in buckets for key in keys)
-
-    def numbers(*series: Series) -> list[list[str]]:
-        return [[when[i]] + [_number(x.values[i], x.digits, x.unit) for x in series]
-                for i in range(len(buckets))]
-
-    accuracy = [Series("within 1 window", column("within_1_window"), "s1", "%"),
-                Series("within 2 windows", column("within_2_windows"), "s2 dash", "%"),
-                Series("within 3 windows", column("within_3_windows"), "s3 dot", "%")]
-    e40 = Series("median e40", column("median_e40"), "s1", "", 3)
-    roi = Series("side-bet ROI", column("roi_percentage"), "s1", "%")
-    volume = [Series("games ended", column("games_analyzed"), "s1", "", 0),
-              Series("predictions", column("predictions_made"), "s2 dash", "", 0)]
-    latency = Series("p99 commit latency", column("p99_commit_latency_ms"), "s1", "ms", 2)
-    rejects = Series("rejected lines", column("rejected_lines"), "s2 dash", "", 0)
-    measured = present("p99_commit_latency_ms")      # only the daemon measures latency
-    charts = [
-        _panel("Accuracy", "How often does the predicted end fall within one, two or three "
-               "40-tick windows of the real end?",
-               svg_chart("Accuracy", starts, hourly, accuracy, floor=0, ceiling=100,
-                         y_label="share of resolved predictions (%)")
-               if present("within_1_window") else None,
-               [f"{'hour' if hourly else 'day'} (UTC)"] + [f"{x.name} (%)" for x in accuracy],
-               numbers(*accuracy)),
-        _panel("e40 bias", "Do predictions end too late (above zero) or too early (below)?",
-               svg_chart("e40 bias", starts, hourly, [e40], zero_line=True,
-                         y_label="median e40 (40-tick windows)")
-               if present("median_e40") else None,
-               [f"{'hour' if hourly else 'day'} (UTC)", "median e40"], numbers(e40)),
-        _panel("Side-bet ROI", "Did the recommended side bets gain or lose?",
-               svg_chart("Side-bet ROI", starts, hourly, [roi], bars=True,
-                         y_label="return on BETs (%)")
-               if present("bets_won", "bets_lost") else None,
-               [f"{'hour' if hourly else 'day'} (UTC)", "ROI (%)", "won", "lost"],
-               [[when[i], _number(b["roi_percentage"], 1, "%"), _number(b["bets_won"]),
-                 _number(b["bets_lost"])] for i, b in enumerate(buckets)]),
-        _panel("Volume", "How many games ended, and how many predictions were made?",
-               svg_chart("Volume", starts, hourly, volume, floor=0, y_label="count")
-               if present("games_analyzed", "predictions_made") else None,
-               [f"{'hour' if hourly else 'day'} (UTC)", "games ended", "predictions"],
-               numbers(*volume)),
-        _panel("Ingest health", "How long did commits take (p99"
-               + ("" if hourly else ", the day's worst hour") + "), and how many lines were "
-               "refused?" + ("" if measured else " (No commit latency was measured: the "
-                                                 "daemon measures it while it runs.)"),
-               (svg_chart("Ingest health", starts, hourly, [latency], floor=0,
-                          y_label="p99 commit latency (ms)", right=rejects,
-                          right_label="rejected lines") if measured else
-                svg_chart("Ingest health", starts, hourly, [rejects], floor=0,
-                          y_label="rejected lines"))
-               if present("p99_commit_latency_ms", "rejected_lines") else None,
-               [f"{'hour' if hourly else 'day'} (UTC)", "p99 commit latency (ms)",
-                "rejected lines"], numbers(latency, rejects)),
-    ]
+    charts = [chart_panel(chart, buckets, hourly) for chart in CHARTS]
     patterns = data["patterns"]["patterns"]
     return REPORT_PAGE.substitute(
         title=html.escape(title), meta=meta, summary=summary, charts="\n".join(charts),
@@ -5408,7 +5507,7 @@ def diagnose(settings: Settings, now: float) -> Iterator[tuple[bool, str]]:
 
 
 # ---------------------------------------------------------------------------
-# CLI
+# CLI: the tedstore command, a thin layer over all of the above
 # ---------------------------------------------------------------------------
 # A thin layer: each command reads its options, calls the library, and formats what it
 # gets back. Shared options are decorators that hand the command a ready Settings.
@@ -5480,7 +5579,7 @@ def with_output(command: Callable) -> Callable:
     return run
 
 
-def closing(conn: apsw.Connection) -> apsw.Connection:
+def closed_at_exit(conn: apsw.Connection) -> apsw.Connection:
     """The connection, closed when the command ends, however it ends."""
     click.get_current_context().call_on_close(conn.close)
     return conn
@@ -5516,32 +5615,56 @@ def readable(path: str) -> bool:
     return os.access(path, os.R_OK) and os.access(os.path.dirname(os.path.abspath(path)), os.X_OK)
 
 
-def window_options(hours: Optional[float] = None, days: Optional[float] = None) -> Callable:
-    """--since/--until, and --hours or --days with their default."""
+def window_options(args: type[Window]) -> Callable:
+    """--hours, --days, --since and --until, the same for every command over a time window;
+    the command gets `window`, the ones given (the query's parameters default the rest)."""
+    span = click.FloatRange(min=0, min_open=True)
+
     def decorate(command: Callable) -> Callable:
-        command = click.option("--until", help="End of the window (2026-11-22T08:00, 1h) "
-                                               "[default: now].")(command)
-        command = click.option("--since", help="Start of the window (2026-11-20, 48h).")(command)
-        if days is not None:
-            command = click.option("--days", type=click.FloatRange(min=0, min_open=True),
-                                   help=f"The last N days [default: {days:g}].")(command)
-        if hours is not None:
-            command = click.option("--hours", type=click.FloatRange(min=0, min_open=True),
-                                   help=f"The last N hours [default: {hours:g}].")(command)
-        return command
+        @functools.wraps(command)
+        def run(hours: Optional[float], days: Optional[float], since: Optional[str],
+                until: Optional[str], **options: Any) -> Any:
+            given = {name: value for name, value in (("hours", hours), ("days", days),
+                                                     ("since", since), ("until", until))
+                     if value is not None}
+            if len(given.keys() & {"hours", "days"}) + bool(given.keys() & {"since", "until"}) > 1:
+                first, second, *_ = given
+                raise click.UsageError(f"give --{first} or --{second}, not both")
+            now = time.time()
+            for name in given.keys() & {"since", "until"}:    # CLI times: UTC, or spans back
+                given[name] = parse_when(given[name], now)
+            if given.get("since", -math.inf) >= given.get("until", math.inf):
+                raise ConfigError(f"the window starts ({utc_text(given['since'])}) after it "
+                                  f"ends ({utc_text(given['until'])})")
+            return command(window=given, **options)
+        for option in (
+                click.option("--until", help="End of the window (2026-11-22T08:00, 1h) "
+                                             "[default: now]."),
+                click.option("--since", help="Start of the window: an ISO-8601 date or time "
+                                             "in UTC (2026-11-20) or a span back (48h, 7d)."),
+                click.option("--days", type=span, help="The last N days."),
+                click.option("--hours", type=span, help=f"The last N hours [default: "
+                                                        f"{args().described()}].")):
+            run = option(run)
+        return run
     return decorate
 
 
-def window(since: Optional[str], until: Optional[str], **span: Optional[float]) -> dict:
-    """The window parameters of a query, CLI times read as UTC."""
-    now = time.time()
-    given = {name: value for name, value in span.items() if value is not None}
-    if since is not None or until is not None:
-        if given:
-            raise ConfigError(f"give --{next(iter(given))} or --since/--until, not both")
-        return {"since": parse_when(since, now) if since else None,
-                "until": parse_when(until, now) if until else None}
-    return given
+def read_command(name: str, window: Optional[type[Window]] = None) -> Callable:
+    """A read command (section 7's queries): --json, --db or --socket (it gets a `reader`),
+    and, for a query over a time window, the window options."""
+    def decorate(command: Callable) -> Callable:
+        if window is not None:
+            command = window_options(window)(command)
+        return cli.command(name)(with_reader(with_output(command)))
+    return decorate
+
+
+def listing(rows: list[dict], empty: str, heading: str,
+            columns: list[tuple[str, str, Callable[[Any], str]]]) -> list[str]:
+    """A read command's lines: one that says the window holds nothing, or a heading and
+    the rows as a table."""
+    return [empty] if not rows else [heading, *table(rows, columns)]
 
 
 def fmt(digits: int = 1, unit: str = "") -> Callable[[Any], str]:
@@ -5769,7 +5892,7 @@ def status_command(settings: Settings, output: Output, form: Optional[str]) -> N
     Example: tedstore status --json
     """
     try:
-        answer = {"running": True, **request(settings.socket, "status")["status"]}
+        status = {"running": True, **request(settings.socket, "status")["status"]}
     except ProtocolError as exc:
         if form == "prometheus":
             click.echo("\n".join(prometheus_lines(None)))
@@ -5779,9 +5902,9 @@ def status_command(settings: Settings, output: Output, form: Optional[str]) -> N
             *tree_lines({"database": offline["database"], "jobs": offline.get("jobs")})])
         sys.exit(1)
     if form == "prometheus":
-        click.echo("\n".join(prometheus_lines(answer)))
+        click.echo("\n".join(prometheus_lines(status)))
         return
-    output.show(answer, lambda answer: status_lines(answer, time.time()))
+    output.show(status, lambda status: status_lines(status, time.time()))
 
 
 def _label(value: str) -> str:
@@ -6083,7 +6206,7 @@ def retention_command(settings: Settings, dry_run: bool, output: Output) -> None
 
     Example: tedstore retention --dry-run
     """
-    conn = closing(open_store(settings.db, create=False, synchronous=settings.synchronous,
+    conn = closed_at_exit(open_store(settings.db, create=False, synchronous=settings.synchronous,
                               checkpoint=settings.checkpoint))
     removed = run_retention(conn, yielding_steps(conn), settings, time.time(), dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
@@ -6106,7 +6229,7 @@ def rollup_command(settings: Settings, since: Optional[str], output: Output) -> 
     """
     now = time.time()
     start = parse_when(since, now) if since else None
-    conn = closing(open_store(settings.db, create=False, synchronous=settings.synchronous,
+    conn = closed_at_exit(open_store(settings.db, create=False, synchronous=settings.synchronous,
                               checkpoint=settings.checkpoint))
     hours = hours_to_roll(conn, now, settings, since=start)
     with progress_bar(len(hours), "rolling up") as bar:
@@ -6126,9 +6249,7 @@ SIDE_BET_COLUMNS = [("placed_at_tick", "placed at tick", fmt()), ("window_end_ti
                     ("payout", "payout", fmt(2))]
 
 
-@cli.command("game")
-@with_reader
-@with_output
+@read_command("game")
 @click.argument("game_id")
 def game_command(reader: Reader, output: Output, game_id: str) -> None:
     """One game: its outcome, predictions, side bets and tick samples.
@@ -6161,46 +6282,39 @@ def game_command(reader: Reader, output: Output, game_id: str) -> None:
     output.show(found, lines)
 
 
-@cli.command("games")
-@with_reader
-@with_output
-@window_options(hours=24)
+@read_command("games", GamesArgs)
 @click.option("--limit", type=click.IntRange(1, MAX_ROWS), default=50, show_default=True,
               help="The most games to show.")
 @click.option("--pattern", help="Only games with this pattern.")
-def games_command(reader: Reader, output: Output, hours: Optional[float], since: Optional[str],
-                  until: Optional[str], limit: int, pattern: Optional[str]) -> None:
+def games_command(reader: Reader, output: Output, window: dict, limit: int,
+                  pattern: Optional[str]) -> None:
     """Games that ended in a window, newest first.
 
     Example: tedstore games --since 2026-11-21 --pattern moonshot
     """
-    result = reader.games(**window(since, until, hours=hours), limit=limit, pattern=pattern)
-    output.show(result, lambda result: [f"no games ended from {period(result)}"] if not
-                result["games"] else [f"{len(result['games'])} game(s) ended from {period(result)}",
-                                      *table(result["games"], [
-        ("ended_at", "ended (UTC)", moment), ("game_id", "game", text),
-        ("duration_ticks", "ticks", fmt()), ("peak_price", "peak", fmt(3)),
-        ("predictions", "predictions", fmt()), ("mean_absolute_error", "MAE (ticks)", fmt()),
-        ("prediction_accuracy", "within 1 (%)", share), ("side_bets_placed", "BETs", fmt()),
-        ("side_bets_won", "won", fmt()), ("side_bet_payout", "payout", fmt(1)),
-        ("patterns_detected", "patterns", text)])])
+    result = reader.games(**window, limit=limit, pattern=pattern)
+    output.show(result, lambda result: listing(
+        result["games"], f"no games ended from {period(result)}",
+        f"{len(result['games'])} game(s) ended from {period(result)}", [
+            ("ended_at", "ended (UTC)", moment), ("game_id", "game", text),
+            ("duration_ticks", "ticks", fmt()), ("peak_price", "peak", fmt(3)),
+            ("predictions", "predictions", fmt()), ("mean_absolute_error", "MAE (ticks)", fmt()),
+            ("prediction_accuracy", "within 1 (%)", share), ("side_bets_placed", "BETs", fmt()),
+            ("side_bets_won", "won", fmt()), ("side_bet_payout", "payout", fmt(1)),
+            ("patterns_detected", "patterns", text)]))
 
 
-@cli.command("metrics")
-@with_reader
-@with_output
-@window_options(hours=24)
-def metrics_command(reader: Reader, output: Output, hours: Optional[float], since: Optional[str],
-                    until: Optional[str]) -> None:
+@read_command("metrics", Window)
+def metrics_command(reader: Reader, output: Output, window: dict) -> None:
     """The hourly metrics of a window, oldest first.
 
     Example: tedstore metrics --hours 48
     """
-    result = reader.ask("metrics", **window(since, until, hours=hours))
-    output.show(result, lambda result: [
-        f"no hourly metrics from {period(result)} (each hour is rolled up a minute after it "
-        f"ends)"] if not result["hours"] else [f"hourly metrics from {period(result)}", *table(
-        result["hours"], [
+    result = reader.ask("metrics", **window)
+    output.show(result, lambda result: listing(
+        result["hours"], f"no hourly metrics from {period(result)} (each hour is rolled up a "
+                         f"minute after it ends)",
+        f"hourly metrics from {period(result)}", [
             ("hour_start", "hour (UTC)", moment), ("games_analyzed", "games", fmt()),
             ("predictions_made", "predictions", fmt()), ("median_e40", "median e40", fmt(3)),
             ("mean_absolute_error", "MAE (ticks)", fmt()),
@@ -6208,22 +6322,18 @@ def metrics_command(reader: Reader, output: Output, hours: Optional[float], sinc
             ("within_3_windows", "within 3 (%)", fmt()), ("bets_won", "won", fmt()),
             ("bets_lost", "lost", fmt()), ("roi_percentage", "ROI (%)", fmt()),
             ("p99_commit_latency_ms", "commit p99 (ms)", fmt(2)),
-            ("rejected_lines", "rejects", fmt())])])
+            ("rejected_lines", "rejects", fmt())]))
 
 
-@cli.command("performance")
-@with_reader
-@with_output
-@window_options(hours=24)
+@read_command("performance", PerformanceArgs)
 @click.option("--type", "kind", type=click.Choice(["all", "predictions", "sidebets"]),
               default="all", show_default=True, help="Which measures.")
-def performance_command(reader: Reader, output: Output, hours: Optional[float],
-                        since: Optional[str], until: Optional[str], kind: str) -> None:
+def performance_command(reader: Reader, output: Output, window: dict, kind: str) -> None:
     """How the predictions and side bets did over a window.
 
     Example: tedstore performance --hours 24 --type predictions
     """
-    result = reader.ask("performance", **window(since, until, hours=hours), type=kind)
+    result = reader.ask("performance", **window, type=kind)
     def lines(result: dict) -> Iterator[str]:
         yield f"from {period(result)}: {result['games_analyzed']:,} game(s) ended"
         p, s = result["prediction_metrics"], result["sidebet_metrics"]
@@ -6241,70 +6351,55 @@ def performance_command(reader: Reader, output: Output, hours: Optional[float],
     output.show(result, lines)
 
 
-last_days = click.option("--days", type=click.FloatRange(min=0, min_open=True), default=7,
-                         show_default=True, help="The last N days.")
-
-
-@cli.command("trends")
-@with_reader
-@with_output
-@last_days
-def trends_command(reader: Reader, output: Output, days: float) -> None:
+@read_command("trends", WeekArgs)
+def trends_command(reader: Reader, output: Output, window: dict) -> None:
     """Whether e40 bias, accuracy and side-bet ROI drift, hour by hour.
 
     Example: tedstore trends --days 14
     """
-    result = reader.trends(days)
+    result = reader.ask("trends", **window)
     rows = [{"measure": name, **trend} for name, trend in result["trends"].items()]
-    output.show(result, lambda result: [
-        f"no rolled-up hours from {period(result)}"] if not result["hourly"] else [
-        f"trends over {len(result['hourly'])} hour(s) from {period(result)}", *table(rows, [
+    output.show(result, lambda result: listing(
+        result["hourly"] and rows, f"no rolled-up hours from {period(result)}",
+        f"trends over {len(result['hourly'])} hour(s) from {period(result)}", [
             ("measure", "measure", text), ("column", "column", text), ("n", "hours", fmt()),
             ("mean", "mean", fmt(3)), ("last", "latest", fmt(3)),
-            ("slope_per_day", "slope per day", fmt(4))])])
+            ("slope_per_day", "slope per day", fmt(4))]))
 
 
-@cli.command("patterns")
-@with_reader
-@with_output
-@last_days
-def patterns_command(reader: Reader, output: Output, days: float) -> None:
+@read_command("patterns", WeekArgs)
+def patterns_command(reader: Reader, output: Output, window: dict) -> None:
     """Which patterns the games of the last days had, and how the predictions did on them.
 
     Example: tedstore patterns --days 30
     """
-    result = reader.patterns(days)
-    output.show(result, lambda result: [
-        f"no game with a pattern ended from {period(result)}"] if not result["patterns"] else [
+    result = reader.ask("patterns", **window)
+    output.show(result, lambda result: listing(
+        result["patterns"], f"no game with a pattern ended from {period(result)}",
         f"{result['total_patterns_detected']:,} pattern detection(s) in the games ended from "
-        f"{period(result)}",
-        *table(result["patterns"], [
+        f"{period(result)}", [
             ("pattern", "pattern", text), ("games", "games", fmt()),
             ("avg_prediction_accuracy", "within 1 (%)", share),
             ("avg_duration_ticks", "avg ticks", fmt()),
-            ("recent_game_ids", "newest games", text)])])
+            ("recent_game_ids", "newest games", text)]))
 
 
-@cli.command("rejects")
-@with_reader
-@with_output
-@window_options(hours=24)
+@read_command("rejects", RejectsArgs)
 @click.option("--limit", type=click.IntRange(1, MAX_ROWS), default=100, show_default=True,
               help="The most lines to show.")
-def rejects_command(reader: Reader, output: Output, hours: Optional[float], since: Optional[str],
-                    until: Optional[str], limit: int) -> None:
+def rejects_command(reader: Reader, output: Output, window: dict, limit: int) -> None:
     """Lines tedstore refused, newest first, and why.
 
     Example: tedstore rejects --since 1h
     """
-    result = reader.rejects(**window(since, until, hours=hours), limit=limit)
-    output.show(result, lambda result: [f"no rejected lines from {period(result)}"] if not
-                result["rejects"] else [f"{len(result['rejects'])} rejected line(s) from "
-                                        f"{period(result)}", *table(result["rejects"], [
-        ("received_at", "received (UTC)", moment), ("line_no", "line", fmt()),
-        ("code", "code", text), ("peer_uid", "uid", fmt()),
-        ("error", "error", lambda error: text(error)[:70]),
-        ("raw", "raw", lambda raw: text(raw)[:40])])])
+    result = reader.rejects(**window, limit=limit)
+    output.show(result, lambda result: listing(
+        result["rejects"], f"no rejected lines from {period(result)}",
+        f"{len(result['rejects'])} rejected line(s) from {period(result)}", [
+            ("received_at", "received (UTC)", moment), ("line_no", "line", fmt()),
+            ("code", "code", text), ("peer_uid", "uid", fmt()),
+            ("error", "error", lambda error: text(error)[:70]),
+            ("raw", "raw", lambda raw: text(raw)[:40])]))
 
 
 @contextlib.contextmanager
@@ -6325,17 +6420,16 @@ def output_file(path: str) -> Iterator[io.BufferedWriter]:
 
 @cli.command("export")
 @with_settings("db")
-@click.option("--table", type=click.Choice(list(EXPORT_TABLES)), help="Export this table's rows.")
+@click.option("--table", type=click.Choice(list(TABLES)), help="Export this table's rows.")
 @click.option("--events", is_flag=True, help="Export wire events that `tedstore import` "
                                              "replays into the same rows.")
-@click.option("--since", help="From this time (2026-11-20, 7d), on the table's time column.")
-@click.option("--until", help="Before this time [default: no end].")
+@window_options(EverythingArgs)
 @click.option("--format", "form", type=click.Choice(["csv", "jsonl"]),
               help="Table rows as CSV or JSON lines [default: csv; events are always NDJSON].")
 @click.option("-o", "--output", "path", type=click.Path(dir_okay=False),
               help="Write to this file (it appears once complete) [default: stdout].")
-def export_command(settings: Settings, table: Optional[str], events: bool, since: Optional[str],
-                   until: Optional[str], form: Optional[str], path: Optional[str]) -> None:
+def export_command(settings: Settings, table: Optional[str], events: bool, window: dict,
+                   form: Optional[str], path: Optional[str]) -> None:
     """Export a table's rows, or the events that rebuild the store, streamed.
 
     It reads the database file (run it as the tedstore user). Rows keep their stored
@@ -6348,10 +6442,8 @@ def export_command(settings: Settings, table: Optional[str], events: bool, since
         raise click.UsageError("give --table NAME or --events")
     if events and form == "csv":
         raise click.UsageError("events are NDJSON: --format csv is for --table")
-    now = time.time()
-    start = utc_text(parse_when(since, now)) if since else ""
-    end = utc_text(parse_when(until, now)) if until else "~"
-    conn = closing(connect(settings.db, readonly=True))
+    start, end = map(utc_text, EverythingArgs(**window).bounds(time.time()))
+    conn = closed_at_exit(connect(settings.db, readonly=True))
     if events:
         blocks = (msgspec.json.encode(event) + b"\n" for event in export_events(conn, start, end))
     else:
@@ -6368,12 +6460,8 @@ def export_command(settings: Settings, table: Optional[str], events: bool, since
 @with_settings("db")
 @click.option("-o", "--output", "path", required=True, type=click.Path(dir_okay=False),
               help="The HTML file to write.")
-@click.option("--days", type=click.FloatRange(min=0, min_open=True),
-              help="The last N days [default: 7].")
-@click.option("--since", help="Start of the period (2026-11-01, 30d).")
-@click.option("--until", help="End of the period [default: now].")
-def report_command(settings: Settings, path: str, days: Optional[float], since: Optional[str],
-                   until: Optional[str]) -> None:
+@window_options(WeekArgs)
+def report_command(settings: Settings, path: str, window: dict) -> None:
     """Write a self-contained HTML report: summary, five charts, three tables.
 
     Hourly buckets up to 3 days, daily beyond. The page needs no network and no script.
@@ -6382,12 +6470,7 @@ def report_command(settings: Settings, path: str, days: Optional[float], since: 
     Example: tedstore report --days 30 -o tedstore-report.html
     """
     now = time.time()
-    end = parse_when(until, now) if until else now
-    start = parse_when(since, now) if since else end - (days or 7) * 86400
-    if days and since:
-        raise click.UsageError("give --days or --since, not both")
-    if start >= end:
-        raise ConfigError(f"the period starts ({utc_text(start)}) after it ends ({utc_text(end)})")
+    start, end = WeekArgs(**window).bounds(now)
     page = render_report(report_data(settings.db, start, end, now), settings.db).encode()
     with output_file(path) as out:
         out.write(page)

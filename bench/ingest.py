@@ -79,15 +79,16 @@ def per_event_commit(folder: str, events: list[dict], synchronous: str = "NORMAL
 
 
 class Daemon:
-    """tedstore serve as a subprocess on a fresh database (from `root`: this checkout, or
-    the one --against names)."""
+    """tedstore serve as a subprocess (from `root`: this checkout, or the one --against
+    names) on a fresh database, or on `db` as it is."""
 
-    def __init__(self, folder: str, name: str, synchronous: str = "NORMAL", root: Path = ROOT):
+    def __init__(self, folder: str, name: str, synchronous: str = "NORMAL", root: Path = ROOT,
+                 db: str | None = None, env: dict | None = None):
         unique = f"{name}-{time.monotonic_ns()}"
-        self.db = os.path.join(folder, f"{unique}.db")
+        self.db = db or os.path.join(folder, f"{unique}.db")
         self.socket = os.path.join(folder, f"{unique}.sock")
         env = dict(os.environ, TEDSTORE_DB=self.db, TEDSTORE_SOCKET=self.socket,
-                   TEDSTORE_SYNCHRONOUS=synchronous)
+                   TEDSTORE_SYNCHRONOUS=synchronous, **(env or {}))
         self.proc = subprocess.Popen([sys.executable, str(root / "tedstore.py"), "serve"],
                                      env=env, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20

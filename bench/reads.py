@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,87 +23,18 @@ import msgspec
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
 import tedstore  # noqa: E402
-
-YEAR = {f"{name}_RETENTION_DAYS": "36500" for name in
-        ("PREDICTION", "SIDEBET", "GAME", "TICK", "METRICS")}
-
-
-def build(db: str) -> None:
-    """150,000 resolved predictions over a year and 20,000 rejects of 4 KiB."""
-    conn = tedstore.open_store(db)
-    now = time.time()
-    with tedstore.transaction(conn):
-        conn.executemany(
-            "INSERT INTO predictions (game_id, predicted_at_tick, predicted_end_tick, confidence,"
-            " model_version, created_at, actual_end_tick, raw_error) VALUES (?, ?, 100, 0.5, "
-            "'v', ?, 100, ?)",
-            ((f"year-{n // 100}", n % 100, tedstore.utc_text(now - 365 * 86400 * n / 150_000),
-              n % 301 - 150) for n in range(150_000)))
-        conn.executemany(
-            "INSERT INTO rejects (received_at, line_no, code, error, raw) VALUES (?, ?, "
-            "'bad_json', 'not valid JSON', ?)",
-            ((tedstore.utc_text(now - 3600), n, "x" * 4095) for n in range(20_000)))
-    conn.close()
-
-
-class Daemon:
-    def __init__(self, folder: str):
-        self.db = os.path.join(folder, "tedstore.db")
-        self.socket = os.path.join(folder, "tedstore.sock")
-        build(self.db)
-        env = dict(os.environ, TEDSTORE_DB=self.db, TEDSTORE_SOCKET=self.socket, **YEAR)
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tedstore.py"), "serve"],
-                                     env=env, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while not tedstore.socket_answers(self.socket):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise SystemExit("the daemon did not start")
-            time.sleep(0.05)
-
-    def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
+from ingest import Daemon  # noqa: E402
+from loads import (YEAR_OF_RETENTION, heavy_queries, heavy_rejects, status_flood,  # noqa: E402
+                   year_of_predictions)
 
 
 def ack_latencies(socket_path: str, seconds: float, seed: int) -> list[float]:
     events = list(tedstore.simulate_events(events=int(1000 * seconds), seed=seed))
     lines = [msgspec.json.encode(e) + b"\n" for e in events]
     return tedstore.stream_lines(socket_path, lines, rate=1000, measure_latency=True).latencies_ms
-
-
-def status_flood(socket_path: str, stop, read: bool) -> None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(socket_path)
-    sock.settimeout(0.2)
-    burst = b'{"op":"status"}\n' * 4096
-    while not stop.is_set():
-        try:
-            sock.sendall(burst)
-            while read and sock.recv(1 << 20):
-                pass
-        except (socket.timeout, BlockingIOError):
-            continue
-        except OSError:
-            break
-    sock.close()
-
-
-def heavy_queries(socket_path: str, stop, number: int) -> None:
-    query = ({"name": "rejects", "hours": 24, "limit": 3000} if number % 2 else
-             {"name": "performance", "days": 3650})
-    with tedstore.Reader(socket_path) as reader:
-        while not stop.is_set():
-            try:
-                reader.ask(**query)
-            except tedstore.QueryRejected:
-                pass                       # over a limit: refused, as it should be
 
 
 def under(load: str, socket_path: str, seconds: float, seed: int) -> list[float]:
@@ -141,7 +70,10 @@ def main() -> None:
     p99s: dict[str, list[float]] = {load: [] for load in loads}
     p50s: dict[str, list[float]] = {load: [] for load in loads}
     with tempfile.TemporaryDirectory(prefix="tedstore-reads-") as folder:
-        daemon = Daemon(folder)
+        db = os.path.join(folder, "year.db")
+        year_of_predictions(db)
+        heavy_rejects(db, rows=20_000)
+        daemon = Daemon(folder, "reads", db=db, env=YEAR_OF_RETENTION)
         try:
             for round_ in range(args.rounds):
                 for n, load in enumerate(loads):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -291,6 +293,20 @@ def inprocess(tmp):
             daemon.stop()
 
 
+# -- events, as trackers send them: every test builds them here ------------------------------
+
+def game_start(game: str = "g", tick: int = 0, price: float = 1.0, **extra) -> dict:
+    return {"event": "gameStart", "gameId": game, "tick": tick, "price": price, **extra}
+
+
+def price_update(game: str, tick: int, price: float, **extra) -> dict:
+    return {"event": "priceUpdate", "gameId": game, "tick": tick, "price": price, **extra}
+
+
+def game_end(game: str = "g", at: int = 100, final: float = 0.2, **extra) -> dict:
+    return {"event": "gameEnd", "gameId": game, "tick": at, "finalPrice": final, **extra}
+
+
 def prediction(game: str, at: int, end: int, **extra) -> dict:
     return {"event": "prediction", "game_id": game, "predicted_at_tick": at,
             "predicted_end_tick": end, "confidence": 0.5, **extra}
@@ -299,6 +315,102 @@ def prediction(game: str, at: int, end: int, **extra) -> dict:
 def side_bet(game: str, at: int, recommendation: str = "BET", **extra) -> dict:
     return {"event": "sideBet", "game_id": game, "placed_at_tick": at, "probability": 0.2,
             "expected_value": 0.2, "confidence": 0.6, "recommendation": recommendation, **extra}
+
+
+def state_write(key: str, value, **extra) -> dict:
+    return {"event": "state", "key": key, "value": value, **extra}
+
+
+def predictions(game: str, n: int, start: int = 0) -> list[dict]:
+    """n predictions of one game, at ticks start, start + 1, ..., each 50 ticks out."""
+    return [prediction(game, tick, tick + 50) for tick in range(start, start + n)]
+
+
+HOUR = tedstore.text_epoch("2026-11-20 10:00:00.000")      # a fixed hour the jobs' tests use
+
+
+def at(hour: float, minute: float) -> float:
+    """Unix seconds at `minute` past the hour, as a ts in milliseconds."""
+    return (hour + minute * 60) * 1000
+
+
+def local_write(conn: apsw.Connection):
+    """A job's write steps run on `conn` itself (the CLI's way; the daemon's is its writer)."""
+    return lambda fn: fn(conn)
+
+
+# -- a play with known outcomes: the plain-Python oracle of the queries ---------------------
+
+NOW = time.time()
+FIRST_HOUR = tedstore.hour_floor(NOW) - 8 * 3600           # eight complete hours of play
+PATTERNS = ("alpha", "beta", "gamma", "delta")
+
+
+class Play:
+    """Games, predictions and side bets with known outcomes, and what each query should say."""
+
+    def __init__(self, seed: int = 7, games: int = 48):
+        rng = random.Random(seed)
+        self.events, self.games, self.predictions, self.bets = [], [], [], []
+        for number in range(games):
+            hour = FIRST_HOUR + (number % 6) * 3600
+            start = hour + rng.randint(60, 2400) + rng.randint(0, 999) / 1000
+            end_tick = rng.randint(60, 500)
+            ends = number % 7 != 3                            # a few games never end
+            ended = start + end_tick * 0.25 if ends else None
+            game = {"id": f"g{seed}-{number:02d}", "start": start, "end_tick": end_tick,
+                    "ended": ended, "patterns": sorted(rng.sample(PATTERNS, rng.randint(0, 2))),
+                    "predictions": []}
+            self.events.append(game_start(game["id"], 0, 1.0, ts=start))
+            for tick in range(20, end_tick, 40):
+                ts = start + tick * 0.25
+                guess = tick + rng.randint(0, 300)
+                self.events.append(prediction(game["id"], tick, guess, ts=ts,
+                                              features_used={"epr_active": tick % 80 == 20}))
+                row = {"game": game["id"], "ts": ts, "error": guess - end_tick if ends else None}
+                self.predictions.append(row)
+                game["predictions"].append(row)
+            for tick in range(30, end_tick + 40, 60):
+                ts = start + tick * 0.25
+                if ended is not None and ts > ended:
+                    break
+                advice = "BET" if tick % 120 == 30 else "SKIP"
+                ev = round(rng.uniform(-0.5, 0.5), 3)
+                self.events.append(side_bet(game["id"], tick, advice, expected_value=ev, ts=ts))
+                outcome = None if not ends else ("WON" if tick <= end_tick <= tick + 40 else "LOST")
+                self.bets.append({"ts": ts, "advice": advice, "ev": ev, "outcome": outcome})
+            if ends:
+                self.events.append(game_end(game["id"], at=end_tick, final=0.5,
+                                            patterns=game["patterns"], ts=ended))
+            self.games.append(game)
+
+    def performance(self, since: float, until: float) -> dict:
+        made = [p for p in self.predictions if since <= round(p["ts"], 3) < until]
+        errors = [p["error"] for p in made if p["error"] is not None]
+        bets = [b for b in self.bets if since <= round(b["ts"], 3) < until]
+        advised = [b for b in bets if b["advice"] == "BET"]
+        settled = [b for b in advised if b["outcome"]]
+        won = sum(b["outcome"] == "WON" for b in settled)
+        payout = 5.0 * won - (len(settled) - won)
+
+        def share(windows: int) -> float | None:
+            return 100.0 * sum(abs(e) <= 40 * windows for e in errors) / len(errors) \
+                if errors else None
+        return {
+            "games_analyzed": sum(1 for g in self.games
+                                  if g["ended"] is not None and since <= round(g["ended"], 3) < until),
+            "prediction_metrics": {
+                "predictions_made": len(made), "resolved": len(errors),
+                "median_e40": statistics.median(errors) / 40 if errors else None,
+                "mean_absolute_error": sum(map(abs, errors)) / len(errors) if errors else None,
+                "within_1_window": share(1), "within_2_windows": share(2),
+                "within_3_windows": share(3)},
+            "sidebet_metrics": {
+                "recommended": len(advised), "positive_ev": sum(b["ev"] > 0 for b in bets),
+                "bets_won": won, "bets_lost": len(settled) - won,
+                "pending": len(advised) - len(settled),
+                "total_ev": sum(b["ev"] for b in settled),
+                "roi_percentage": 100.0 * payout / len(settled) if settled else None}}
 
 
 # Retention long enough for the fixed instants (2025) that the lifecycle tests pin down;

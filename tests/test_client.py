@@ -14,7 +14,7 @@ import time
 
 import tedstore
 import conftest
-from conftest import clean_env, prediction, query, wait_for
+from conftest import clean_env, game_start, prediction, query, state_write, wait_for
 
 
 run_cli = functools.partial(conftest.run_cli, text=False)        # these tests read bytes
@@ -111,7 +111,7 @@ def test_client_delivers_and_counts(daemon):
         for i in range(1000):
             client.send(prediction("c", i, i + 5))
         client.send(tedstore.GameStart(gameId="c", tick=0, price=1.0))
-        client.send({"event": "gameStart", "gameId": "c", "tick": -1, "price": 1.0})
+        client.send(game_start("c", -1, 1.0))
         assert client.flush(15)
         assert (client.sent, client.acked, client.rejected, client.dropped) == (1002, 1001, 1, 0)
     assert daemon.query("SELECT count(*) FROM predictions") == [(1000,)]
@@ -135,7 +135,7 @@ def test_client_send_returns_while_the_other_end_reads_nothing(tmp):
     server.listen(1)
     client = tedstore.Client(path, buffer_size=1000)
     wait_for(lambda: client.connected, what="the client to connect")
-    big = {"event": "state", "key": "k", "value": "v" * 1000}
+    big = state_write("k", "v" * 1000)
     sender = threading.Thread(target=lambda: [client.send(big) for _ in range(20_000)])
     sender.start()
     sender.join(60)                          # 20 MB into a socket nobody reads

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 import tedstore
-from conftest import Conn, clean_env, prediction, query, run_cli, wait_for
+from conftest import Conn, clean_env, game_end, prediction, query, run_cli, state_write, wait_for
 
 
 def test_sigint_drains_like_sigterm(daemon):
@@ -37,8 +37,7 @@ def test_import_without_a_daemon_goes_straight_into_the_database(tmp):
     played = int(time.time()) - 3600
     log = tmp / "old.ndjson"
     write_log(log, [prediction("imp", 1, 50, ts=played), "{broken",
-                    {"event": "gameEnd", "gameId": "imp", "tick": 40, "finalPrice": 0.1,
-                     "ts": played + 100}])
+                    game_end("imp", at=40, final=0.1, ts=played + 100)])
     db = str(tmp / "t.db")
     assert run_cli("init", "--db", db).returncode == 0
     result = run_cli("import", "--db", db, "--socket", str(tmp / "none.sock"), str(log))
@@ -234,7 +233,7 @@ def test_write_commands_never_create_a_database(tmp):
 def test_import_and_send_count_duplicates_apart_from_stored_lines(daemon, tmp):
     log = tmp / "twice.ndjson"
     write_log(log, [prediction("dup", i, i + 5) for i in range(4)]
-              + [{"event": "state", "key": "k", "value": 1, "ts": time.time() - 60}, "{broken"])
+              + [state_write("k", 1, ts=time.time() - 60), "{broken"])
     first = run_cli("import", "--db", daemon.db, str(log), env={"TEDSTORE_SOCKET": daemon.socket})
     assert "6 lines into the daemon: 5 stored, 0 duplicates, 1 rejected" in first.stderr
     again = run_cli("send", "--socket", daemon.socket, str(log))

@@ -14,7 +14,8 @@ import msgspec
 import pytest
 
 import tedstore
-from conftest import Conn, Store, clean_env, prediction, query, run_cli, side_bet
+from conftest import (Conn, Store, clean_env, game_end, game_start, prediction, price_update,
+                      query, run_cli, side_bet, state_write)
 
 NATURAL_ORDER = {"games": "game_id", "predictions": "game_id, predicted_at_tick, model_version",
                  "side_bets": "game_id, placed_at_tick", "tick_samples": "game_id, tick",
@@ -38,12 +39,11 @@ def filled(tmp) -> Store:
     store = Store(tmp / "source.db")
     now = time.time()
     events = list(tedstore.simulate_events(25, seed=12, start=now - 3 * 3600))
-    events += [{"event": "priceUpdate", "gameId": "open", "tick": 3, "price": 9.5, "ts": now - 60},
-               {"event": "gameStart", "gameId": "open", "tick": 0, "price": 1.5, "ts": now - 50},
-               {"event": "priceUpdate", "gameId": "open", "tick": 10, "price": 2.0, "ts": now - 40},
+    events += [price_update("open", 3, 9.5, ts=now - 60),
+               game_start("open", 0, 1.5, ts=now - 50),
+               price_update("open", 10, 2.0, ts=now - 40),
                prediction("nobody's", 5, 90, ts=now - 30), side_bet("nobody's", 5, ts=now - 30),
-               {"event": "state", "key": "tracker.model", "value": {"w": [1.5, None, "x"]},
-                "ts": now - 20}]
+               state_write("tracker.model", {"w": [1.5, None, "x"]}, ts=now - 20)]
     assert store.send(*events) == []
     store.send(b"\xff not utf-8")
     return store
@@ -152,7 +152,7 @@ def test_an_import_into_the_file_rolls_up_the_hours_it_touched(tmp):
     log = tmp / "late.ndjson"
     log.write_text("".join(json.dumps(e) + "\n" for e in [
         prediction("late", 10, 50, ts=hour + 600),
-        {"event": "gameEnd", "gameId": "late", "tick": 60, "finalPrice": 0.1, "ts": hour + 900}]))
+        game_end("late", at=60, final=0.1, ts=hour + 900)]))
     db = str(tmp / "t.db")
     assert run_cli("init", "--db", db).returncode == 0
     assert run_cli("import", "--db", db, "--socket", str(tmp / "none.sock"), str(log)).returncode == 0

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tedstore
-from conftest import Conn, prediction, query, side_bet, wait_for
+from conftest import (Conn, game_end, game_start, prediction, price_update, query, side_bet,
+                      state_write, wait_for)
 
 # -- generated streams ---------------------------------------------------------------------
 
@@ -216,7 +217,7 @@ def test_whatever_goes_wrong_with_one_line_is_only_that_lines_reject(inprocess, 
     conn = Conn(daemon.socket)
     lines = [prediction("ok", i, i + 5) for i in range(40)]
     lines[10] = prediction("ts", 1, 5, ts="2026-11-22T00:00:00+13:37")
-    lines[25] = {"event": "gameStart", "gameId": "boom", "tick": 0, "price": 1.0}
+    lines[25] = game_start("boom", 0, 1.0)
     conn.send(*lines)
     rejected = conn.wait_ack(40)
     assert [(r["rejected"], r["code"]) for r in rejected] == [(11, "bad_event"), (26, "bad_event")]
@@ -248,7 +249,7 @@ def test_ts_ahead_of_the_clock_is_refused_with_how_far(daemon_factory):
     now = time.time()
     conn = daemon.connect()
     conn.send(prediction("near", 1, 9, ts=now + 30), prediction("far", 1, 9, ts=now + 3600),
-              {"event": "state", "key": "frozen", "value": 1, "ts": now + 10 * 365 * 86400})
+              state_write("frozen", 1, ts=now + 10 * 365 * 86400))
     rejected = conn.wait_ack(3)
     assert [(r["rejected"], r["code"]) for r in rejected] == [(2, "bad_event"), (3, "bad_event")]
     ahead = int(rejected[0]["error"].split(" is ")[1].split(" s ")[0].replace(",", ""))
@@ -256,7 +257,7 @@ def test_ts_ahead_of_the_clock_is_refused_with_how_far(daemon_factory):
     assert "TEDSTORE_MAX_CLOCK_SKEW (60 s)" in rejected[0]["error"]
     assert "fix the sender's clock" in rejected[0]["error"]
     # no write from the far future froze the key: a write made now still wins
-    conn.send({"event": "state", "key": "frozen", "value": 2})
+    conn.send(state_write("frozen", 2))
     assert conn.wait_ack(4) == []
     assert daemon.query("SELECT value FROM state WHERE key = 'frozen'") == [("2",)]
 
@@ -264,11 +265,11 @@ def test_ts_ahead_of_the_clock_is_refused_with_how_far(daemon_factory):
 @pytest.mark.parametrize("event, days, table, setting", [
     (prediction("p", 1, 9), 91, "predictions", "PREDICTION_RETENTION_DAYS"),
     (side_bet("s", 1), 91, "side_bets", "SIDEBET_RETENTION_DAYS"),
-    ({"event": "gameStart", "gameId": "g", "tick": 0, "price": 1.0}, 181, "games",
+    (game_start("g", 0, 1.0), 181, "games",
      "GAME_RETENTION_DAYS"),
-    ({"event": "priceUpdate", "gameId": "g", "tick": 10, "price": 1.0}, 181, "games",
+    (price_update("g", 10, 1.0), 181, "games",
      "GAME_RETENTION_DAYS"),
-    ({"event": "gameEnd", "gameId": "g", "tick": 10, "finalPrice": 1.0}, 181, "games",
+    (game_end("g", at=10, final=1.0), 181, "games",
      "GAME_RETENTION_DAYS"),
 ])
 def test_ts_older_than_its_tables_retention_is_refused(store, event, days, table, setting):
@@ -283,17 +284,15 @@ def test_ts_older_than_its_tables_retention_is_refused(store, event, days, table
 def test_old_price_updates_update_their_game_but_store_no_sample(store):
     store.settings = tedstore.load_settings(db=store.path)
     now = time.time()
-    assert store.send({"event": "priceUpdate", "gameId": "old", "tick": 10, "price": 9.0,
-                       "ts": (now - 8 * 86400) * 1000},
-                      {"event": "priceUpdate", "gameId": "old", "tick": 20, "price": 2.0,
-                       "ts": (now - 6 * 86400) * 1000}) == []
+    assert store.send(price_update("old", 10, 9.0, ts=(now - 8 * 86400) * 1000),
+                      price_update("old", 20, 2.0, ts=(now - 6 * 86400) * 1000)) == []
     assert store.rows("SELECT peak_price, peak_tick FROM games") == [(9.0, 10)]
     assert store.rows("SELECT tick FROM tick_samples") == [(20,)]
 
 
 def test_state_has_no_lower_bound(store):
     store.settings = tedstore.load_settings(db=store.path)
-    assert store.send({"event": "state", "key": "k", "value": 1, "ts": 86400.0}) == []
+    assert store.send(state_write("k", 1, ts=86400.0)) == []
     assert store.rows("SELECT updated_at FROM state") == [("1970-01-02 00:00:00.000",)]
 
 

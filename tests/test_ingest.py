@@ -14,11 +14,7 @@ import time
 
 
 import tedstore
-from conftest import Conn, prediction, query, wait_for
-
-
-def predictions(game: str, n: int, start: int = 0) -> list[dict]:
-    return [prediction(game, start + i, start + i + 50) for i in range(n)]
+from conftest import Conn, game_start, prediction, predictions, query, wait_for
 
 
 def test_pipelined_lines_are_acked_and_stored(daemon):
@@ -52,13 +48,11 @@ def test_batches_never_exceed_the_batch_size(daemon_factory):
 def test_a_duplicate_is_acked_and_changes_nothing(daemon):
     first_seen = int(time.time()) - 3600
     first = daemon.connect()
-    first.send(prediction("g", 10, 90), {"event": "gameStart", "gameId": "g", "tick": 0,
-                                         "price": 1.0, "ts": first_seen})
+    first.send(prediction("g", 10, 90), game_start("g", 0, 1.0, ts=first_seen))
     first.wait_ack(2)
     before = daemon.query("SELECT * FROM predictions")
     second = daemon.connect()
-    second.send(prediction("g", 10, 95), {"event": "gameStart", "gameId": "g", "tick": 3,
-                                          "price": 9.0, "ts": first_seen + 600})
+    second.send(prediction("g", 10, 95), game_start("g", 3, 9.0, ts=first_seen + 600))
     assert second.wait_ack(2) == []
     assert daemon.query("SELECT * FROM predictions") == before
     assert daemon.query("SELECT start_tick, peak_price, started_at FROM games") == \

@@ -12,21 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tedstore
-from conftest import LONG_RETENTION, Store, prediction, side_bet
+from conftest import (LONG_RETENTION, Store, game_end, game_start, prediction, price_update,
+                      side_bet, state_write)
 
 FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def start(game="g", tick=0, price=1.0, **extra):
-    return {"event": "gameStart", "gameId": game, "tick": tick, "price": price, **extra}
-
-
-def tick(game, n, price, **extra):
-    return {"event": "priceUpdate", "gameId": game, "tick": n, "price": price, **extra}
-
-
-def end(game="g", at=100, final=0.2, **extra):
-    return {"event": "gameEnd", "gameId": game, "tick": at, "finalPrice": final, **extra}
 
 
 FEATURES = {"volatility_10": 0.1, "volatility_40": 0.2, "momentum": -0.3, "rsi": 55.5,
@@ -34,10 +23,10 @@ FEATURES = {"volatility_10": 0.1, "volatility_40": 0.2, "momentum": -0.3, "rsi":
 
 
 def test_a_game_from_start_to_end(store):
-    events = [start(ts=1_763_800_000)]
+    events = [game_start(ts=1_763_800_000)]
     prices = {1: 1.1, 2: 1.5, 3: 1.5, 10: 1.2, 20: 2.5, 25: 2.5, 30: 0.9}
-    events += [tick("g", n, p, features=FEATURES, ts=1_763_800_000 + n) for n, p in prices.items()]
-    events.append(end(at=42, final=0.05, treasuryRemainder=1234, patterns=["moonshot", "bleed"],
+    events += [price_update("g", n, p, features=FEATURES, ts=1_763_800_000 + n) for n, p in prices.items()]
+    events.append(game_end(at=42, final=0.05, treasuryRemainder=1234, patterns=["moonshot", "bleed"],
                       ts=1_763_800_050))
     assert store.send(*events) == []
     game = store.one("SELECT * FROM games")
@@ -58,25 +47,25 @@ def test_a_game_from_start_to_end(store):
 
 def test_tick_sample_every_one_keeps_every_tick(tmp):
     store = Store(tmp / "all.db", tick_sample_every=1)
-    store.send(start(), *[tick("g", n, 1 + n / 10) for n in range(1, 8)])
+    store.send(game_start(), *[price_update("g", n, 1 + n / 10) for n in range(1, 8)])
     assert store.rows("SELECT count(*) FROM tick_samples") == [(7,)]
 
 
 def test_price_updates_for_an_unknown_game_create_it(store):
-    store.send(tick("new", 5, 3.0), tick("new", 6, 4.0))
+    store.send(price_update("new", 5, 3.0), price_update("new", 6, 4.0))
     game = store.one("SELECT * FROM games WHERE game_id = 'new'")
     assert (game["start_tick"], game["peak_price"], game["peak_tick"]) == (None, 4.0, 6)
 
 
 def test_game_end_for_an_unknown_game_creates_it(store):
-    store.send(end("lost", at=77, startTick=7, peakPrice=3.0, peakTick=30))
+    store.send(game_end("lost", at=77, startTick=7, peakPrice=3.0, peakTick=30))
     game = store.one("SELECT * FROM games WHERE game_id = 'lost'")
     assert (game["start_tick"], game["end_tick"], game["duration_ticks"]) == (7, 77, 70)
     assert (game["peak_price"], game["peak_tick"]) == (3.0, 30)
 
 
 def test_game_end_resolves_predictions_and_side_bets_in_the_same_batch(store):
-    store.send(start(),
+    store.send(game_start(),
                prediction("g", 10, 130, ts=1_763_800_001),      # error +30
                prediction("g", 20, 60),                          # error -40
                prediction("g", 30, 300),                         # error +200
@@ -85,7 +74,7 @@ def test_game_end_resolves_predictions_and_side_bets_in_the_same_batch(store):
                side_bet("g", 101),                               # LOST
                side_bet("g", 50, window_ticks=50),               # 50..100: WON (edge)
                side_bet("g", 20, "SKIP"),                        # 20..60: LOST
-               end(at=100, ts=1_763_800_100))
+               game_end(at=100, ts=1_763_800_100))
     ended_at = "2025-11-22 08:28:20.000"
     predictions = store.rows("SELECT predicted_at_tick, actual_end_tick, raw_error, signed_error, "
                              "e40, within_windows, resolved_at FROM predictions ORDER BY 1")
@@ -103,17 +92,17 @@ def test_game_end_resolves_predictions_and_side_bets_in_the_same_batch(store):
 
 
 def test_predictions_stored_before_the_end_are_resolved_by_it(store):
-    store.send(start(), prediction("g", 10, 90), side_bet("g", 80))
+    store.send(game_start(), prediction("g", 10, 90), side_bet("g", 80))
     assert store.rows("SELECT actual_end_tick FROM predictions") == [(None,)]
     assert store.rows("SELECT actual_outcome, payout FROM side_bets") == [("PENDING", None)]
-    store.send(end(at=95, ts=1_763_800_100))
+    store.send(game_end(at=95, ts=1_763_800_100))
     assert store.rows("SELECT raw_error, resolved_at FROM predictions") == \
         [(-5, "2025-11-22 08:28:20.000")]
     assert store.rows("SELECT actual_outcome, payout FROM side_bets") == [("WON", 5.0)]
 
 
 def test_late_arrivals_are_resolved_on_arrival_with_the_games_end_time(store):
-    store.send(start(), end(at=100, ts=1_763_800_100), prediction("g", 5, 95))
+    store.send(game_start(), game_end(at=100, ts=1_763_800_100), prediction("g", 5, 95))
     store.send(prediction("g", 10, 300, ts=1_763_900_000), side_bet("g", 70))
     assert store.rows("SELECT raw_error, resolved_at FROM predictions ORDER BY 1") == \
         [(-5, "2025-11-22 08:28:20.000"), (200, "2025-11-22 08:28:20.000")]
@@ -125,13 +114,13 @@ def test_late_arrivals_are_resolved_on_arrival_with_the_games_end_time(store):
 
 def test_payout_multiplier_is_configurable(tmp):
     store = Store(tmp / "m.db", payout_multiplier=3.5)
-    store.send(side_bet("g", 10), side_bet("g", 200), end(at=20))
+    store.send(side_bet("g", 10), side_bet("g", 200), game_end(at=20))
     assert store.rows("SELECT payout FROM side_bets ORDER BY placed_at_tick") == [(3.5,), (-1.0,)]
 
 
 def test_a_second_game_end_with_another_tick_is_a_conflict_and_the_first_stands(store):
-    store.send(start(), prediction("g", 10, 90), end(at=100, final=0.3, patterns=["a"]))
-    rejections = store.send(end(at=120, final=0.9, patterns=["b"]))
+    store.send(game_start(), prediction("g", 10, 90), game_end(at=100, final=0.3, patterns=["a"]))
+    rejections = store.send(game_end(at=120, final=0.9, patterns=["b"]))
     assert [(code, "already ended at tick 100" in error) for _, code, error in rejections] == \
         [("conflict", True)]
     assert store.rows("SELECT end_tick, final_price, patterns_detected FROM games") == \
@@ -141,21 +130,21 @@ def test_a_second_game_end_with_another_tick_is_a_conflict_and_the_first_stands(
 
 
 def test_a_resent_game_end_is_a_duplicate_and_merges_patterns(store):
-    store.send(start(), end(at=100, patterns=["a"]))
-    assert store.send(end(at=100, patterns=["b", "a"])) == []
+    store.send(game_start(), game_end(at=100, patterns=["a"]))
+    assert store.send(game_end(at=100, patterns=["b", "a"])) == []
     assert store.rows("SELECT end_tick, patterns_detected FROM games") == [(100, '["a","b"]')]
 
 
 def test_conflicts_inside_one_batch_keep_the_first(store):
-    rejections = store.send(start(), end(at=50), end(at=60))
+    rejections = store.send(game_start(), game_end(at=50), game_end(at=60))
     assert [(line, code) for line, code, _ in rejections] == [(3, "conflict")]
     assert store.rows("SELECT end_tick FROM games") == [(50,)]
 
 
 @pytest.mark.parametrize("events, words", [
-    ([start(tick=10), end(at=5)], "before the start tick 10"),
-    ([end(at=5), start(tick=10)], "after the end tick 5"),
-    ([end(at=5, startTick=10)], "before startTick 10"),
+    ([game_start(tick=10), game_end(at=5)], "before the start tick 10"),
+    ([game_end(at=5), game_start(tick=10)], "after the end tick 5"),
+    ([game_end(at=5, startTick=10)], "before startTick 10"),
     ([prediction("g", 50, 40)], "before predicted_at_tick"),
 ])
 def test_semantic_nonsense_is_a_bad_event_and_changes_nothing(store, events, words):
@@ -168,12 +157,12 @@ def test_semantic_nonsense_is_a_bad_event_and_changes_nothing(store, events, wor
 
 
 def test_state_keeps_the_newest_write(store):
-    store.send({"event": "state", "key": "k", "value": {"v": 2}, "ts": 2000},
-               {"event": "state", "key": "k", "value": {"v": 1}, "ts": 1000},
-               {"event": "state", "key": "other", "value": [1, "x"]})
+    store.send(state_write("k", {"v": 2}, ts=2000),
+               state_write("k", {"v": 1}, ts=1000),
+               state_write("other", [1, "x"]))
     assert store.rows("SELECT key, value FROM state ORDER BY key") == \
         [("k", '{"v":2}'), ("other", '[1,"x"]')]
-    store.send({"event": "state", "key": "k", "value": None, "ts": 3000})
+    store.send(state_write("k", None, ts=3000))
     assert store.rows("SELECT value FROM state WHERE key = 'k'") == [("null",)]
 
 
@@ -196,18 +185,17 @@ def generated_game(rng: random.Random, number: int) -> list[dict]:
     game = f"h{number}"
     base = 1_763_800_000_000 + number * 1_000_000
     end_tick = rng.randint(5, 120)
-    events = [start(game, 0, 1.0, ts=base)]
+    events = [game_start(game, 0, 1.0, ts=base)]
     for n in range(1, end_tick):
-        events.append(tick(game, n, round(rng.uniform(0.5, 3.0), 1), ts=base + n * 250,
+        events.append(price_update(game, n, round(rng.uniform(0.5, 3.0), 1), ts=base + n * 250,
                            features=FEATURES))
         if rng.random() < 0.15:
             events.append(prediction(game, n, n + rng.randint(0, 150), ts=base + n * 250))
         if rng.random() < 0.1:
             events.append(side_bet(game, n, rng.choice(["BET", "SKIP"]), ts=base + n * 250))
-    events.append(end(game, end_tick, 0.1, startTick=0, patterns=rng.sample("abcd", 2),
+    events.append(game_end(game, end_tick, 0.1, startTick=0, patterns=rng.sample("abcd", 2),
                       ts=base + end_tick * 250))
-    events.append({"event": "state", "key": f"last-{number % 2}", "value": number,
-                   "ts": base + end_tick * 250})
+    events.append(state_write(f"last-{number % 2}", number, ts=base + end_tick * 250))
     return events
 
 
@@ -255,7 +243,7 @@ def test_receipt_time_compares_with_sqlite_now(daemon):
 
 
 def test_every_stored_time_has_the_one_format(store):
-    store.send(start(ts="2025-11-22T08:30:15Z"), prediction("g", 1, 9), end(at=9, ts=1.7e12))
+    store.send(game_start(ts="2025-11-22T08:30:15Z"), prediction("g", 1, 9), game_end(at=9, ts=1.7e12))
     times = store.rows("SELECT created_at, started_at, ended_at, updated_at FROM games "
                        "UNION ALL SELECT created_at, resolved_at, created_at, created_at "
                        "FROM predictions")
@@ -271,7 +259,7 @@ def test_reader_restores_a_trackers_buffers_while_the_daemon_writes(daemon):
     with tedstore.Client(daemon.socket) as client:
         for event in tedstore.simulate_events(8, seed=11):
             client.send(event)
-        client.send({"event": "state", "key": "tracker.model", "value": {"epoch": 12}})
+        client.send(state_write("tracker.model", {"epoch": 12}))
         assert client.flush(30)
     predictions, bets, ticks = deque(maxlen=200), deque(maxlen=200), deque(maxlen=1200)
     with tedstore.Reader(daemon.socket) as reader:       # a tracker reads over the socket
@@ -335,7 +323,7 @@ def test_a_version_1_database_is_upgraded_without_losing_rows(tmp):
     assert {table: tedstore_count(path, table) for table in before} == before
     assert tedstore_count(path, "game_summary") == before["games"]
     store = Store(path)
-    store.send(prediction("upgraded", 1, 50), end("upgraded", 60))
+    store.send(prediction("upgraded", 1, 50), game_end("upgraded", 60))
     assert store.rows("SELECT raw_error FROM predictions WHERE game_id = 'upgraded'") == [(-10,)]
 
 

@@ -7,7 +7,6 @@ import re
 import statistics
 import subprocess
 import time
-from pathlib import Path
 
 import apsw
 import pytest

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -14,7 +13,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -24,82 +22,8 @@ import msgspec
 import pytest
 
 import tedstore
-from conftest import (LONG_RETENTION, ROOT, Conn, Store, clean_env, prediction, run_cli,
-                      side_bet, wait_for)
-
-NOW = time.time()
-FIRST_HOUR = tedstore.hour_floor(NOW) - 8 * 3600           # eight complete hours of play
-PATTERNS = ("alpha", "beta", "gamma", "delta")
-
-
-class Play:
-    """Games, predictions and side bets with known outcomes, and what each query should say."""
-
-    def __init__(self, seed: int = 7, games: int = 48):
-        rng = random.Random(seed)
-        self.events, self.games, self.predictions, self.bets = [], [], [], []
-        for number in range(games):
-            hour = FIRST_HOUR + (number % 6) * 3600
-            start = hour + rng.randint(60, 2400) + rng.randint(0, 999) / 1000
-            end_tick = rng.randint(60, 500)
-            ends = number % 7 != 3                            # a few games never end
-            ended = start + end_tick * 0.25 if ends else None
-            game = {"id": f"g{seed}-{number:02d}", "start": start, "end_tick": end_tick,
-                    "ended": ended, "patterns": sorted(rng.sample(PATTERNS, rng.randint(0, 2))),
-                    "predictions": []}
-            self.events.append({"event": "gameStart", "gameId": game["id"], "tick": 0,
-                                "price": 1.0, "ts": start})
-            for tick in range(20, end_tick, 40):
-                ts = start + tick * 0.25
-                guess = tick + rng.randint(0, 300)
-                self.events.append(prediction(game["id"], tick, guess, ts=ts,
-                                              features_used={"epr_active": tick % 80 == 20}))
-                row = {"game": game["id"], "ts": ts, "error": guess - end_tick if ends else None}
-                self.predictions.append(row)
-                game["predictions"].append(row)
-            for tick in range(30, end_tick + 40, 60):
-                ts = start + tick * 0.25
-                if ended is not None and ts > ended:
-                    break
-                advice = "BET" if tick % 120 == 30 else "SKIP"
-                ev = round(rng.uniform(-0.5, 0.5), 3)
-                self.events.append(side_bet(game["id"], tick, advice, expected_value=ev, ts=ts))
-                outcome = None if not ends else ("WON" if tick <= end_tick <= tick + 40 else "LOST")
-                self.bets.append({"ts": ts, "advice": advice, "ev": ev, "outcome": outcome})
-            if ends:
-                self.events.append({"event": "gameEnd", "gameId": game["id"], "tick": end_tick,
-                                    "finalPrice": 0.5, "patterns": game["patterns"],
-                                    "ts": ended})
-            self.games.append(game)
-
-    def performance(self, since: float, until: float) -> dict:
-        made = [p for p in self.predictions if since <= round(p["ts"], 3) < until]
-        errors = [p["error"] for p in made if p["error"] is not None]
-        bets = [b for b in self.bets if since <= round(b["ts"], 3) < until]
-        advised = [b for b in bets if b["advice"] == "BET"]
-        settled = [b for b in advised if b["outcome"]]
-        won = sum(b["outcome"] == "WON" for b in settled)
-        payout = 5.0 * won - (len(settled) - won)
-
-        def share(windows: int) -> float | None:
-            return 100.0 * sum(abs(e) <= 40 * windows for e in errors) / len(errors) \
-                if errors else None
-        return {
-            "games_analyzed": sum(1 for g in self.games
-                                  if g["ended"] is not None and since <= round(g["ended"], 3) < until),
-            "prediction_metrics": {
-                "predictions_made": len(made), "resolved": len(errors),
-                "median_e40": statistics.median(errors) / 40 if errors else None,
-                "mean_absolute_error": sum(map(abs, errors)) / len(errors) if errors else None,
-                "within_1_window": share(1), "within_2_windows": share(2),
-                "within_3_windows": share(3)},
-            "sidebet_metrics": {
-                "recommended": len(advised), "positive_ev": sum(b["ev"] > 0 for b in bets),
-                "bets_won": won, "bets_lost": len(settled) - won,
-                "pending": len(advised) - len(settled),
-                "total_ev": sum(b["ev"] for b in settled),
-                "roi_percentage": 100.0 * payout / len(settled) if settled else None}}
-
+from conftest import (Conn, FIRST_HOUR, PATTERNS, Play, ROOT, Store, clean_env, game_end,
+                      prediction, run_cli, state_write, wait_for)
 
 @pytest.fixture(scope="module")
 def played(tmp_path_factory):
@@ -108,7 +32,7 @@ def played(tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("read") / "read.db")
     assert store.send(*play.events) == []
     store.send(b"{oops", b'{"event":"prediction","game_id":"\xff"}')
-    store.send({"event": "state", "key": "tracker.model", "value": {"weights": [1, 2]}})
+    store.send(state_write("tracker.model", {"weights": [1, 2]}))
     now = time.time()
     tedstore.run_rollups(store.conn, lambda step: step(store.conn),
                          tedstore.hours_to_roll(store.conn, now, store.settings), now)
@@ -228,10 +152,8 @@ def test_patterns_count_each_game_once_per_pattern(played):
 def test_a_pattern_listed_twice_in_a_stored_game_counts_once(store):
     """As a version-1 database, or a hand edit, may hold it: unsorted, with a repeat."""
     now = time.time()
-    store.send({"event": "gameEnd", "gameId": "g1", "tick": 90, "finalPrice": 0.5,
-                "patterns": ["alpha"], "ts": now - 60},
-               {"event": "gameEnd", "gameId": "g2", "tick": 90, "finalPrice": 0.5,
-                "patterns": ["beta"], "ts": now - 30})
+    store.send(game_end("g1", at=90, final=0.5, patterns=["alpha"], ts=now - 60),
+               game_end("g2", at=90, final=0.5, patterns=["beta"], ts=now - 30))
     store.conn.execute("""UPDATE games SET patterns_detected = '["beta","alpha","beta"]'
                           WHERE game_id = 'g1'""")
     with tedstore.Reader(db_path=store.path) as reader:
@@ -466,9 +388,7 @@ def test_a_read_command_asks_the_daemon_when_it_cannot_read_the_file(daemon):
 
 def test_export_and_import_through_msgspec_structs_share_the_wire():
     event = tedstore.GameEnd("g", 10, 0.5, startTick=0, patterns=["a"], ts="2026-11-22 10:00:00.000")
-    assert msgspec.json.decode(msgspec.json.encode(event)) == {
-        "event": "gameEnd", "gameId": "g", "tick": 10, "finalPrice": 0.5, "startTick": 0,
-        "patterns": ["a"], "ts": "2026-11-22 10:00:00.000"}
+    assert msgspec.json.decode(msgspec.json.encode(event)) == game_end("g", at=10, final=0.5, startTick=0, patterns=["a"], ts="2026-11-22 10:00:00.000")
 
 
 # -- trackers read through the socket, as a user who cannot open the files -----------------
@@ -529,7 +449,7 @@ def test_a_tracker_that_cannot_open_the_files_reads_over_the_socket(daemon_facto
     daemon = daemon_factory(env={"TEDSTORE_SOCKET_MODE": "0666"})
     conn = daemon.connect()
     conn.send(*[prediction("warm", i, i + 40) for i in range(5)],
-              {"event": "state", "key": "tracker.model", "value": {"epoch": 3}})
+              state_write("tracker.model", {"epoch": 3}))
     conn.wait_ack(6)
     result = as_nobody(READ_AS_A_TRACKER, daemon.socket, daemon.db)
     assert result.returncode == 0, result.stderr
@@ -566,38 +486,6 @@ def test_a_tracker_reads_while_the_daemon_is_stopped_through_socket_activation(t
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-
-
-@pytest.mark.slow
-def test_heavy_queries_do_not_raise_the_ack_p99_of_a_steady_stream(daemon_factory, tmp):
-    """Performance over ten years of a year of predictions, asked back to back, beside a
-    stream of 1,000 events/s: the stream's acks keep a p99 within 10 ms."""
-    year = {f"{name}_RETENTION_DAYS": "36500" for name in
-            ("PREDICTION", "SIDEBET", "GAME", "TICK", "METRICS")}
-    store = Store(tmp / "tedstore.db", **LONG_RETENTION)
-    now = time.time()
-    store.send(*[prediction(f"year-{n // 100}", n % 100, n % 100 + 50,
-                            ts=now - 365 * 86400 * n / 150_000) for n in range(150_000)])
-    store.conn.close()
-    daemon = daemon_factory(env=year)
-    asked, stop = [], threading.Event()
-
-    def ask_heavy_queries() -> None:
-        with tedstore.Reader(daemon.socket) as reader:
-            while not stop.is_set():
-                asked.append(reader.performance(days=3650)["prediction_metrics"]["predictions_made"])
-
-    asker = threading.Thread(target=ask_heavy_queries)
-    asker.start()
-    wait_for(lambda: asked, what="a first heavy answer")
-    lines = [msgspec.json.encode(e) + b"\n" for e in tedstore.simulate_events(events=5000, seed=4)]
-    result = tedstore.stream_lines(daemon.socket, lines, rate=1000, measure_latency=True)
-    stop.set()
-    asker.join()
-    latencies = sorted(result.latencies_ms)
-    p99 = latencies[int(len(latencies) * 0.99) - 1]
-    assert len(asked) >= 5 and asked[0] >= 150_000
-    assert p99 <= 10.0, f"ack p99 {p99:.1f} ms while {len(asked)} heavy queries ran"
 
 
 # -- Datasette, beside a live daemon --------------------------------------------------------

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-import tedstore
 from conftest import (BIN, README, DaemonProcess, clean_env, commands_of, localized, prediction,
                       query, readme_block, readme_blocks, shell, wait_for)
 

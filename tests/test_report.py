@@ -24,13 +24,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tedstore
-from conftest import LONG_RETENTION, Store, prediction, run_cli
+from conftest import LONG_RETENTION, Store, game_end, game_start, prediction, run_cli
 
 HOUR, DAY = 3600, 86400
 NOW = math.floor(time.time())
 TODAY = NOW // DAY * DAY
 SKIPPED_DAYS = (4, 5)                  # days ago without a game: gaps in the charts
-PANELS = ("Accuracy", "e40 bias", "Side-bet ROI", "Volume", "Ingest health")
+PANELS = tuple(chart.title for chart in tedstore.CHARTS)
 TABLES = ("Patterns", "The 10 games with the largest mean absolute error",
           "Rejected lines by code")
 
@@ -172,12 +172,10 @@ def played(tmp_path_factory):
     hostile_games = [names[0], names[1] + ", " + names[2]]
     for number, game in enumerate(hostile_games):
         start = NOW - 2 * HOUR + number * 600
-        events.append({"event": "gameStart", "gameId": game, "tick": 0, "price": 1.0,
-                       "ts": start})
+        events.append(game_start(game, 0, 1.0, ts=start))
         events += [prediction(game, tick, 5000 + tick, ts=start + tick / 4)
                    for tick in range(20, 200, 20)]
-        events.append({"event": "gameEnd", "gameId": game, "tick": 200, "finalPrice": 0.1,
-                       "patterns": names[3:6], "ts": start + 50})
+        events.append(game_end(game, at=200, final=0.1, patterns=names[3:6], ts=start + 50))
     assert store.send(*events) == []
     one_line = names[7].replace("\n", " ")
     refused = [json.dumps({"event": names[6], "ts": NOW}).encode(), ("{" + one_line).encode(),

@@ -174,3 +174,48 @@ def test_kill_9_during_a_restore_leaves_the_old_database_usable_and_no_leftovers
                         ([(50,)], [(0,)]) for name in kept)
     assert any(query(str(tmp / name), "SELECT count(*) FROM predictions") == [(50,)]
                for name in kept + ["tedstore.db"])
+
+
+def test_restore_puts_a_backup_in_place_and_keeps_what_it_replaced(daemon_factory, tmp):
+    daemon = daemon_factory()
+    conn = daemon.connect()
+    conn.send(*[prediction("keep", i, i + 1) for i in range(100)])
+    conn.wait_ack(100)
+    assert run_cli("backup", "--db", daemon.db, str(tmp / "b.db")).returncode == 0
+    conn.send(*[prediction("later", i, i + 1) for i in range(10)])
+    conn.wait_ack(110)
+    refused = run_cli("restore", "--db", daemon.db, str(tmp / "b.db"))
+    assert refused.returncode == 1 and "is running on" in refused.stderr
+    assert "stop it first" in refused.stderr
+    assert daemon.stop() == 0
+    (tmp / "tedstore.db-wal").write_bytes(b"")           # stale files a crash may leave
+    (tmp / "tedstore.db-shm").write_bytes(b"\0" * 32768)
+    done = run_cli("restore", "--db", daemon.db, str(tmp / "b.db"))
+    assert done.returncode == 0, done.stderr
+    assert "integrity ok" in done.stdout and "kept as" in done.stdout
+    assert not (tmp / "tedstore.db-wal").exists() and not (tmp / "tedstore.db-shm").exists()
+    assert not [p for p in os.listdir(tmp) if ".partial-" in p]
+    kept = [p for p in os.listdir(tmp) if p.startswith("tedstore.db.replaced-")
+            and not p.endswith(("-wal", "-shm"))]
+    assert len(kept) == 1
+    assert query(str(tmp / kept[0]), "SELECT count(*) FROM predictions") == [(110,)]
+    assert os.stat(tmp / "tedstore.db").st_mode & 0o777 == 0o600
+    restored = daemon_factory()
+    assert restored.query("SELECT game_id, count(*) FROM predictions GROUP BY 1") == [("keep", 100)]
+
+
+def test_restore_refuses_what_is_not_a_usable_backup(tmp):
+    store = Store(tmp / "tedstore.db")
+    store.send(prediction("g", 1, 2))
+    store.conn.close()
+    (tmp / "garbage.db").write_bytes(b"not a database at all" * 100)
+    apsw.Connection(str(tmp / "empty.db")).close()
+    cases = [(tmp / "missing.db", "there is no backup at"),
+             (tmp / "garbage.db", "is not a usable tedstore backup"),
+             (tmp / "empty.db", "is not a usable tedstore backup")]
+    for backup, words in cases:
+        done = run_cli("restore", "--db", str(tmp / "tedstore.db"), str(backup))
+        assert done.returncode == 1 and words in done.stderr, (backup, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert query(str(tmp / "tedstore.db"), "SELECT count(*) FROM predictions") == [(1,)]
+    assert not [p for p in os.listdir(tmp) if "replaced" in p or ".partial-" in p]
