@@ -4386,7 +4386,13 @@ class EverythingArgs(Window, kw_only=True):
 
 
 class RecentArgs(msgspec.Struct, forbid_unknown_fields=True):
-    n: Optional[Rows] = None
+    """The newest n rows: the size of a tracker's buffer of predictions or side bets."""
+    n: Rows = 200
+
+
+class RecentTicksArgs(RecentArgs, forbid_unknown_fields=True):
+    """The newest n tick samples: the size of a tracker's buffer of ticks."""
+    n: Rows = 1200
 
 
 class StateArgs(msgspec.Struct, forbid_unknown_fields=True):
@@ -4464,10 +4470,10 @@ def q_patterns(conn: apsw.Connection, args: WeekArgs, now: float) -> dict:
             "patterns": msgspec.Raw(patterns.encode())}
 
 
-def q_recent(table: str, default: int) -> Callable[[apsw.Connection, RecentArgs, float], dict]:
+def q_recent(table: str) -> Callable[[apsw.Connection, RecentArgs, float], dict]:
     def recent(conn: apsw.Connection, args: RecentArgs, now: float) -> dict:
         """The newest n rows, oldest first: what a tracker refills its buffers with."""
-        rows = conn.execute(SQL_Q_RECENT[table], (args.n or default,)).get
+        rows = conn.execute(SQL_Q_RECENT[table], (args.n,)).get
         return {"rows": msgspec.Raw(rows.encode())}
     return recent
 
@@ -4511,9 +4517,9 @@ QUERIES = {
     "performance": Query(PerformanceArgs, q_performance),
     "trends": Query(WeekArgs, q_trends),
     "patterns": Query(WeekArgs, q_patterns),
-    "recent_predictions": Query(RecentArgs, q_recent("predictions", 200)),
-    "recent_side_bets": Query(RecentArgs, q_recent("side_bets", 200)),
-    "recent_ticks": Query(RecentArgs, q_recent("tick_samples", 1200)),
+    "recent_predictions": Query(RecentArgs, q_recent("predictions")),
+    "recent_side_bets": Query(RecentArgs, q_recent("side_bets")),
+    "recent_ticks": Query(RecentTicksArgs, q_recent("tick_samples")),
     "state": Query(StateArgs, q_state),
     "rejects": Query(RejectsArgs, q_rejects),
 }
@@ -4771,15 +4777,19 @@ class Reader:
                 return
         link.close()
 
-    def recent_predictions(self, n: int = 200) -> list[dict]:
-        """The newest n predictions, oldest first (ready to refill a deque)."""
+    # The methods below ask their query; every parameter left out takes its query's own
+    # default (the last 24 hours, the last week, 200 rows...), so that none is restated here.
+
+    def recent_predictions(self, n: Optional[int] = None) -> list[dict]:
+        """The newest n predictions (200), oldest first: ready to refill a deque."""
         return self.ask("recent_predictions", n=n)["rows"]
 
-    def recent_side_bets(self, n: int = 200) -> list[dict]:
+    def recent_side_bets(self, n: Optional[int] = None) -> list[dict]:
+        """The newest n side bets (200), oldest first."""
         return self.ask("recent_side_bets", n=n)["rows"]
 
-    def recent_ticks(self, n: int = 1200) -> list[dict]:
-        """The newest n stored tick samples (every TICK_SAMPLE_EVERY-th tick), oldest first."""
+    def recent_ticks(self, n: Optional[int] = None) -> list[dict]:
+        """The newest n stored tick samples (1,200; every TICK_SAMPLE_EVERY-th tick)."""
         return self.ask("recent_ticks", n=n)["rows"]
 
     def load_state(self, key: str, default: Any = None) -> Any:
@@ -4793,24 +4803,23 @@ class Reader:
         except QueryRejected:
             return None
 
-    def games(self, **window: Any) -> dict:
-        return self.ask("games", **window)
+    def games(self, **params: Any) -> dict:
+        return self.ask("games", **params)
 
-    def metrics(self, hours: Optional[float] = 24, **window: Any) -> dict:
-        return self.ask("metrics", hours=None if window else hours, **window)
+    def metrics(self, hours: Optional[float] = None, **window: Any) -> dict:
+        return self.ask("metrics", hours=hours, **window)
 
-    def performance(self, hours: Optional[float] = 24, type: str = "all",
-                    **window: Any) -> dict:
-        return self.ask("performance", hours=None if window else hours, type=type, **window)
+    def performance(self, hours: Optional[float] = None, **params: Any) -> dict:
+        return self.ask("performance", hours=hours, **params)
 
-    def trends(self, days: float = 7) -> dict:
-        return self.ask("trends", days=days)
+    def trends(self, days: Optional[float] = None, **window: Any) -> dict:
+        return self.ask("trends", days=days, **window)
 
-    def patterns(self, days: Optional[float] = 7, **window: Any) -> dict:
-        return self.ask("patterns", days=None if window else days, **window)
+    def patterns(self, days: Optional[float] = None, **window: Any) -> dict:
+        return self.ask("patterns", days=days, **window)
 
-    def rejects(self, **window: Any) -> dict:
-        return self.ask("rejects", **window)
+    def rejects(self, **params: Any) -> dict:
+        return self.ask("rejects", **params)
 
     def close(self) -> None:
         """Close the connections kept between calls (calls still running close their own)."""

@@ -136,13 +136,19 @@ def the_year(db: str | None, folder: str) -> str:
     return db
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def year_from_arguments(doc: str, runs: int) -> tuple[argparse.Namespace, str, str]:
+    """--db and --runs, as every benchmark over the year takes them: (arguments, a scratch
+    folder, the year's database)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--db", help="Build the year here, or reuse it if it exists.")
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=runs)
     args = parser.parse_args()
-    folder = tempfile.mkdtemp(prefix="tedstore-queries-")
-    db = the_year(args.db, folder)
+    folder = tempfile.mkdtemp(prefix="tedstore-bench-")
+    return args, folder, the_year(args.db, folder)
+
+
+def main() -> None:
+    args, folder, db = year_from_arguments(__doc__, runs=20)
     conn = tedstore.connect(db, readonly=True)
     counts = {table: conn.execute(f"SELECT count(*) FROM {table}").get for table in
               ("games", "predictions", "side_bets", "tick_samples", "metrics_hourly", "rejects")}

@@ -9,12 +9,10 @@ then the page) and as the wall time of the CLI command, and prints the page size
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,16 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import tedstore  # noqa: E402
-from queries import the_year  # noqa: E402
+from queries import year_from_arguments  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", help="Build the year here, or reuse it if it exists.")
-    parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
-    folder = tempfile.mkdtemp(prefix="tedstore-report-")
-    db = the_year(args.db, folder)
+    args, folder, db = year_from_arguments(__doc__, runs=5)
     print(f"{'period':>8}  {'data p50':>9}  {'page p50':>9}  {'in process':>10}  "
           f"{'CLI wall':>9}  {'size':>8}")
     for days in (7, 365):

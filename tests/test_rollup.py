@@ -175,3 +175,41 @@ def test_rollup_cli_recomputes_a_range(tmp):
     assert query(store.path, "SELECT predictions_made FROM metrics_hourly WHERE hour_start = ?",
                  (tedstore.utc_text(HOUR),)) == [(5,)]
     assert "rolled up" in run_cli("rollup", "--db", store.path, "--since", "2026-11-20").stdout
+
+
+def test_the_daily_views_say_what_the_measures_say_rolled_up_or_not(store):
+    """prediction_accuracy_daily and side_bet_roi_daily read metrics_daily for the days
+    rolled up and the base tables for the others (their own SQL); either way each day's
+    row is the day's Measures, rounded as the view rounds them."""
+    first = tedstore.hour_floor(time.time()) // 86400 * 86400 - 5 * 86400
+    for day in range(5):
+        events = tedstore.simulate_events(6, seed=40 + day, start=first + day * 86400 + 3600)
+        assert store.send(*events) == []
+    now = time.time()
+    rolled = [first, first + 86400]                        # two days rolled up, three not
+    tedstore.run_rollups(store.conn, local_write(store.conn), [], now, days=rolled)
+    assert [row[0] for row in store.rows("SELECT day FROM metrics_daily")] == \
+        [tedstore.utc_text(day)[:10] for day in rolled]
+    accuracy = {row["day"]: row for row in tedstore.rows_as_dicts(
+        store.conn.execute("SELECT * FROM prediction_accuracy_daily"))}
+    roi = {row["day"]: row for row in
+           tedstore.rows_as_dicts(store.conn.execute("SELECT * FROM side_bet_roi_daily"))}
+    assert len(accuracy) == len(roi) == 5
+
+    def rounded(value, digits):
+        return None if value is None else round(value, digits)
+
+    for day in range(first, first + 5 * 86400, 86400):
+        m = tedstore.measure(store.conn, tedstore.utc_text(day), tedstore.utc_text(day + 86400))
+        name = tedstore.utc_text(day)[:10]
+        assert accuracy[name] == {
+            "day": name, "predictions": m.predictions_made, "resolved": m.predictions_resolved,
+            "mean_absolute_error": rounded(m.mean_absolute_error, 2),
+            "mean_e40": rounded(m.mean_e40, 3),
+            "within_1_window_pct": rounded(m.within_1_window, 1),
+            "within_2_windows_pct": rounded(m.within_2_windows, 1),
+            "within_3_windows_pct": rounded(m.within_3_windows, 1)}, name
+        assert roi[name] == {
+            "day": name, "bets": m.bets, "won": m.bets_won, "lost": m.bets_lost,
+            "pending": m.bets_pending, "total_payout": rounded(m.total_payout, 2),
+            "roi_percentage": rounded(m.roi_percentage, 1)}, name
