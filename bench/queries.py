@@ -91,7 +91,7 @@ def build_year(path: str) -> float:
 
 
 ASKED = [  # (query, parameters over its default window, over 365 days)
-    ("game", {"id": "y364-100"}, None),
+    ("game", {"id": "y363-100"}, None),                  # yesterday: always played
     ("games", {}, {"days": DAYS}),
     ("metrics", {}, {"days": DAYS}),
     ("performance", {}, {"days": DAYS}),
@@ -161,7 +161,7 @@ def main() -> None:
     try:
         while not tedstore.socket_answers(sock):
             time.sleep(0.05)
-        remote = tedstore.Reader(sock)
+        remote, local_reader = tedstore.Reader(sock), tedstore.Reader(db_path=db)
         print(f"\n{'query':<20}{'window':>8}  {'in process p50/p99':>20}  "
               f"{'socket p50/p99':>18}  {'CLI wall':>9}")
         for name, default, year in ASKED:
@@ -169,7 +169,7 @@ def main() -> None:
                 if params is None:
                     continue
                 runs = args.runs if label == "default" else max(3, args.runs // 4)
-                local = timed(lambda: tedstore.answer(conn, name, params, time.time()), runs)
+                local = timed(lambda: local_reader.ask(name, **params), runs)
                 over = timed(lambda: remote.ask(name, **params), runs)
                 wall = "-"
                 if name not in COMMAND:
@@ -179,6 +179,7 @@ def main() -> None:
                 print(f"{name:<20}{label:>8}  {local[0]:>9.1f}/{local[1]:>7.1f} ms  "
                       f"{over[0]:>8.1f}/{over[1]:>6.1f} ms  {wall:>9}")
         remote.close()
+        local_reader.close()
     finally:
         daemon.terminate()
         daemon.wait(60)
