@@ -1,8 +1,8 @@
 -- tedstore schema.
 --
--- Each "-- version: N" block upgrades a database at PRAGMA user_version N-1 to N.
--- Blocks are forward-only and idempotent (CREATE ... IF NOT EXISTS), so this whole
--- file can also be run as it is:  sqlite3 tedstore.db < schema.sql
+-- Each "-- version: N" block upgrades a database at PRAGMA user_version N-1 to N, and
+-- tedstore runs only the blocks above a database's version. Blocks are forward-only; run
+-- as it is, the whole file makes a new database:  sqlite3 new.db < schema.sql
 --
 -- Every timestamp is UTC text 'YYYY-MM-DD HH:MM:SS.SSS', so that comparisons such
 -- as  created_at > datetime('now', '-1 hour')  are correct in the sqlite3 CLI.
@@ -289,3 +289,180 @@ SELECT g.game_id,
 FROM games g;
 
 PRAGMA user_version = 3;
+
+-- version: 4
+-- Trackers as a dimension: predictions, side bets and state carry the tracker that made
+-- them, part of their natural keys, so that two trackers on one feed (a production model
+-- and a candidate in shadow mode, or hosts merged into one database) never swallow or
+-- overwrite each other's records. SQLite cannot change a UNIQUE constraint in place, so
+-- each table is rebuilt with every row it holds, each given the tracker 'default'. (The
+-- game_id comes first in each key, so that lookups by game keep using it.) The views that
+-- read the tables are dropped first and made again below, unchanged but for game_summary's
+-- index names. metrics_hourly_by keeps the hourly measures per tracker and per model
+-- (tracker or model_version '*': all of them).
+
+DROP VIEW IF EXISTS game_summary;
+DROP VIEW IF EXISTS prediction_accuracy_daily;
+DROP VIEW IF EXISTS side_bet_roi_daily;
+
+CREATE TABLE predictions_v4 (
+    id                 INTEGER PRIMARY KEY,
+    game_id            TEXT NOT NULL,
+    tracker            TEXT NOT NULL DEFAULT 'default',   -- who predicted it
+    predicted_at_tick  INTEGER NOT NULL,
+    predicted_end_tick INTEGER NOT NULL,
+    actual_end_tick    INTEGER,                           -- NULL until the game ends
+    confidence         REAL NOT NULL,
+    bound_lower        REAL,
+    bound_upper        REAL,
+    epr_active         INTEGER,
+    peak_ratio         REAL,
+    volatility         REAL,
+    momentum           REAL,
+    raw_error          INTEGER,                           -- predicted_end_tick - actual_end_tick
+    signed_error       INTEGER,
+    e40                REAL,                              -- raw_error / 40
+    within_windows     INTEGER,                           -- floor(|raw_error| / 40)
+    model_version      TEXT NOT NULL,
+    created_at         TEXT NOT NULL,
+    resolved_at        TEXT,
+    UNIQUE (game_id, tracker, predicted_at_tick, model_version)
+);
+INSERT INTO predictions_v4 (id, game_id, predicted_at_tick, predicted_end_tick, actual_end_tick,
+                            confidence, bound_lower, bound_upper, epr_active, peak_ratio,
+                            volatility, momentum, raw_error, signed_error, e40, within_windows,
+                            model_version, created_at, resolved_at)
+SELECT id, game_id, predicted_at_tick, predicted_end_tick, actual_end_tick, confidence,
+       bound_lower, bound_upper, epr_active, peak_ratio, volatility, momentum, raw_error,
+       signed_error, e40, within_windows, model_version, created_at, resolved_at
+FROM predictions;
+DROP TABLE predictions;
+ALTER TABLE predictions_v4 RENAME TO predictions;
+-- By time, with what the measures read, so that a window's measures never read the table.
+CREATE INDEX predictions_created_at ON predictions (created_at, tracker, model_version, raw_error);
+
+CREATE TABLE side_bets_v4 (
+    id              INTEGER PRIMARY KEY,
+    game_id         TEXT NOT NULL,
+    tracker         TEXT NOT NULL DEFAULT 'default',      -- who recommended it
+    placed_at_tick  INTEGER NOT NULL,
+    window_end_tick INTEGER NOT NULL,
+    probability     REAL NOT NULL,
+    expected_value  REAL NOT NULL,
+    confidence      REAL NOT NULL,
+    recommendation  TEXT NOT NULL CHECK (recommendation IN ('BET', 'SKIP')),
+    actual_outcome  TEXT NOT NULL DEFAULT 'PENDING'
+                    CHECK (actual_outcome IN ('PENDING', 'WON', 'LOST')),
+    payout          REAL,
+    created_at      TEXT NOT NULL,
+    resolved_at     TEXT,
+    UNIQUE (game_id, tracker, placed_at_tick)
+);
+INSERT INTO side_bets_v4 (id, game_id, placed_at_tick, window_end_tick, probability,
+                          expected_value, confidence, recommendation, actual_outcome, payout,
+                          created_at, resolved_at)
+SELECT id, game_id, placed_at_tick, window_end_tick, probability, expected_value, confidence,
+       recommendation, actual_outcome, payout, created_at, resolved_at
+FROM side_bets;
+DROP TABLE side_bets;
+ALTER TABLE side_bets_v4 RENAME TO side_bets;
+CREATE INDEX side_bets_created_at ON side_bets (created_at, tracker, recommendation,
+                                                actual_outcome, expected_value, payout);
+
+CREATE TABLE state_v4 (
+    tracker    TEXT NOT NULL DEFAULT 'default',           -- whose state it is
+    key        TEXT NOT NULL,
+    value      TEXT NOT NULL,                             -- JSON text
+    updated_at TEXT NOT NULL,                             -- ts of the winning write
+    PRIMARY KEY (tracker, key)
+);
+INSERT INTO state_v4 (key, value, updated_at) SELECT key, value, updated_at FROM state;
+DROP TABLE state;
+ALTER TABLE state_v4 RENAME TO state;
+
+CREATE TABLE IF NOT EXISTS metrics_hourly_by (
+    hour_start            TEXT NOT NULL,
+    tracker               TEXT NOT NULL,                  -- '*': all trackers
+    model_version         TEXT NOT NULL,                  -- '*': all the tracker's models
+    games_analyzed        INTEGER NOT NULL,
+    predictions_made      INTEGER NOT NULL,
+    median_e40            REAL,
+    mean_absolute_error   REAL,
+    within_1_window       REAL,
+    within_2_windows      REAL,
+    within_3_windows      REAL,
+    sidebets_recommended  INTEGER NOT NULL,               -- side bets have no model: the
+    sidebets_positive_ev  INTEGER NOT NULL,               -- tracker's, in every row of it
+    bets_won              INTEGER NOT NULL,
+    bets_lost             INTEGER NOT NULL,
+    total_ev              REAL,
+    roi_percentage        REAL,
+    rejected_lines        INTEGER NOT NULL,
+    created_at            TEXT NOT NULL,
+    PRIMARY KEY (hour_start, tracker, model_version)
+);
+
+CREATE VIEW prediction_accuracy_daily AS
+SELECT day, predictions, resolved,
+       round(mean_absolute_error, 2)                              AS mean_absolute_error,
+       round(mean_e40, 3)                                         AS mean_e40,
+       round(within_1_window, 1)                                  AS within_1_window_pct,
+       round(within_2_windows, 1)                                 AS within_2_windows_pct,
+       round(within_3_windows, 1)                                 AS within_3_windows_pct
+FROM metrics_daily
+UNION ALL
+SELECT substr(created_at, 1, 10),
+       count(*),
+       count(actual_end_tick),
+       round(avg(abs(raw_error)), 2),
+       round(avg(e40), 3),
+       round(100.0 * avg(abs(raw_error) <= 40), 1),
+       round(100.0 * avg(abs(raw_error) <= 80), 1),
+       round(100.0 * avg(abs(raw_error) <= 120), 1)
+FROM predictions
+WHERE created_at >= coalesce((SELECT date(max(day), '+1 day') FROM metrics_daily), '')
+GROUP BY substr(created_at, 1, 10);
+
+CREATE VIEW side_bet_roi_daily AS
+SELECT day, bets, bets_won AS won, bets_lost AS lost, bets_pending AS pending,
+       round(total_payout, 2)                                     AS total_payout,
+       round(roi_percentage, 1)                                   AS roi_percentage
+FROM metrics_daily
+UNION ALL
+SELECT substr(created_at, 1, 10),
+       count(*),
+       sum(actual_outcome = 'WON'),
+       sum(actual_outcome = 'LOST'),
+       sum(actual_outcome = 'PENDING'),
+       round(sum(payout), 2),
+       round(100.0 * sum(payout) / nullif(sum(actual_outcome <> 'PENDING'), 0), 1)
+FROM side_bets
+WHERE recommendation = 'BET'
+  AND created_at >= coalesce((SELECT date(max(day), '+1 day') FROM metrics_daily), '')
+GROUP BY substr(created_at, 1, 10);
+
+CREATE VIEW game_summary AS
+SELECT g.game_id,
+       g.start_tick,
+       g.end_tick,
+       g.duration_ticks,
+       g.peak_price,
+       g.final_price,
+       g.patterns_detected,
+       (SELECT count(*) FROM predictions p INDEXED BY sqlite_autoindex_predictions_1
+         WHERE p.game_id = g.game_id)                                          AS predictions,
+       (SELECT round(avg(abs(p.raw_error)), 1)
+          FROM predictions p INDEXED BY sqlite_autoindex_predictions_1
+         WHERE p.game_id = g.game_id)                                          AS mean_absolute_error,
+       g.prediction_accuracy,
+       g.side_bets_placed,
+       (SELECT count(*) FROM side_bets s INDEXED BY sqlite_autoindex_side_bets_1
+         WHERE s.game_id = g.game_id AND s.recommendation = 'BET'
+           AND s.actual_outcome = 'WON')                                       AS side_bets_won,
+       (SELECT sum(s.payout) FROM side_bets s INDEXED BY sqlite_autoindex_side_bets_1
+         WHERE s.game_id = g.game_id AND s.recommendation = 'BET')             AS side_bet_payout,
+       g.started_at,
+       g.ended_at
+FROM games g;
+
+PRAGMA user_version = 4;

@@ -60,6 +60,7 @@ import shutil
 import signal
 import socket
 import stat
+import statistics
 import string
 import struct
 import sys
@@ -159,6 +160,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     allow_uids: Annotated[Optional[list[Annotated[int, Meta(ge=0, le=2 ** 32 - 1)]]],
                           env("TEDSTORE_ALLOW_UIDS")] = None
     persistence_enabled: Annotated[bool, env("PERSISTENCE_ENABLED")] = True
+    tracker: Annotated[Optional[Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]],
+                       env("TEDSTORE_TRACKER")] = None
     payout_multiplier: Annotated[float, Meta(gt=0, le=1_000_000),
                                  env("TEDSTORE_PAYOUT_MULTIPLIER")] = 5.0
     max_line_bytes: Annotated[int, Meta(ge=64, le=64 * 1024 ** 2),
@@ -258,7 +261,8 @@ def _accepted(name: str) -> str:
     if isinstance(kind, msgspec.inspect.ListType):
         return "a list of uids (non-negative integers), such as 1000,1001"
     if isinstance(kind, msgspec.inspect.StrType) and kind.pattern:
-        return "an octal file mode such as 0660"
+        return ("an octal file mode such as 0660" if "0-7" in kind.pattern else
+                "a name of 1 to 64 letters, digits, dots, dashes or underscores")
     if isinstance(kind, (msgspec.inspect.IntType, msgspec.inspect.FloatType)):
         noun = "an integer" if isinstance(kind, msgspec.inspect.IntType) else "a number"
         if kind.ge is not None and kind.le is not None:
@@ -429,6 +433,9 @@ Text = Annotated[str, Meta(min_length=1, max_length=256)]
 Unit = Annotated[float, Meta(ge=0, le=1)]
 Positive = Annotated[float, Meta(gt=0)]
 Timestamp = Optional[Union[float, Annotated[str, Meta(max_length=64)]]]
+TrackerName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+ModelVersion = Annotated[str, Meta(min_length=1, max_length=64)]
+DEFAULT_TRACKER = "default"
 
 
 class Event(msgspec.Struct, tag_field="event", omit_defaults=True, gc=False):
@@ -494,8 +501,9 @@ class Prediction(Event, tag="prediction"):
     confidence: Unit
     uncertainty_bounds: Optional[UncertaintyBounds] = None
     features_used: Optional[FeaturesUsed] = None
-    model_version: Annotated[str, Meta(min_length=1, max_length=64)] = "v2.1.0"
+    model_version: ModelVersion = "v2.1.0"
     ts: Timestamp = None
+    tracker: TrackerName = DEFAULT_TRACKER
 
     def __post_init__(self) -> None:
         if self.predicted_end_tick < self.predicted_at_tick:
@@ -516,15 +524,19 @@ class SideBet(Event, tag="sideBet"):
     recommendation: Literal["BET", "SKIP"]
     window_ticks: Annotated[int, Meta(ge=1, le=1_000_000)] = 40
     ts: Timestamp = None
+    tracker: TrackerName = DEFAULT_TRACKER
 
 
 class StateWrite(Event, tag="state"):
     key: Text
     value: msgspec.Raw
     ts: Timestamp = None
+    tracker: TrackerName = DEFAULT_TRACKER
 
 
 EVENT_TYPES = (GameStart, PriceUpdate, GameEnd, Prediction, SideBet, StateWrite)
+RECORD_TYPES = (Prediction, SideBet, StateWrite)     # a tracker's own: they carry its name
+RECORD_EVENTS = tuple(cls.__struct_config__.tag for cls in RECORD_TYPES)
 EVENT_NAMES = tuple(cls.__struct_config__.tag for cls in EVENT_TYPES)
 CONTROL_OPS = ("ping", "status", "query")
 _DECODER = msgspec.json.Decoder(Union[EVENT_TYPES])  # type: ignore[valid-type]
@@ -676,14 +688,14 @@ TABLES = {table.name: table for table in (
         "volume_ratio", "ts", "created_at"),
         "created_at", "tick_samples_created_at", "tick_retention_days"),
     StoredTable("predictions", (
-        "id", "game_id", "predicted_at_tick", "predicted_end_tick", "actual_end_tick",
+        "id", "game_id", "tracker", "predicted_at_tick", "predicted_end_tick", "actual_end_tick",
         "confidence", "bound_lower", "bound_upper", "epr_active", "peak_ratio", "volatility",
         "momentum", "raw_error", "signed_error", "e40", "within_windows", "model_version",
         "created_at", "resolved_at"),
         "created_at", "predictions_created_at", "prediction_retention_days", rolled=True,
         bounds=(Prediction,)),
     StoredTable("side_bets", (
-        "id", "game_id", "placed_at_tick", "window_end_tick", "probability", "expected_value",
+        "id", "game_id", "tracker", "placed_at_tick", "window_end_tick", "probability", "expected_value",
         "confidence", "recommendation", "actual_outcome", "payout", "created_at",
         "resolved_at"),
         "created_at", "side_bets_created_at", "sidebet_retention_days", rolled=True,
@@ -720,7 +732,13 @@ TABLES = {table.name: table for table in (
         "within_3_windows", "bets", "bets_won", "bets_lost", "bets_pending", "total_payout",
         "roi_percentage", "rejected_lines", "created_at"),
         "day", "sqlite_autoindex_metrics_daily_1", "metrics_retention_days"),
-    StoredTable("state", ("key", "value", "updated_at"), "updated_at", None),
+    StoredTable("metrics_hourly_by", (
+        "hour_start", "tracker", "model_version", "games_analyzed", "predictions_made",
+        "median_e40", "mean_absolute_error", "within_1_window", "within_2_windows",
+        "within_3_windows", "sidebets_recommended", "sidebets_positive_ev", "bets_won",
+        "bets_lost", "total_ev", "roi_percentage", "rejected_lines", "created_at"),
+        "hour_start", "sqlite_autoindex_metrics_hourly_by_1", "metrics_retention_days"),
+    StoredTable("state", ("tracker", "key", "value", "updated_at"), "updated_at", None),
 )}
 TABLE_OF_EVENT = {kind: table for table in TABLES.values() for kind in table.bounds}
 
@@ -963,18 +981,22 @@ SQL_SAVE_PREDICTIONS = """
 INSERT OR IGNORE INTO predictions (game_id, predicted_at_tick, predicted_end_tick,
                                    confidence, bound_lower, bound_upper, epr_active,
                                    peak_ratio, volatility, momentum, model_version,
-                                   created_at)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"""
+                                   created_at, tracker)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"""
 
 SQL_SAVE_SIDE_BETS = """
 INSERT OR IGNORE INTO side_bets (game_id, placed_at_tick, window_end_tick, probability,
-                                 expected_value, confidence, recommendation, created_at)
-VALUES (?1, ?2, ?2 + ?3, ?4, ?5, ?6, ?7, ?8)"""
+                                 expected_value, confidence, recommendation, created_at,
+                                 tracker)
+VALUES (?1, ?2, ?2 + ?3, ?4, ?5, ?6, ?7, ?8, ?9)"""
 
-SQL_SAVE_STATE = """
-INSERT INTO state (key, value, updated_at)
-SELECT value->>'key', value->'value', value->>'ts' FROM json_each(?1) WHERE true
-ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
+# A state write's tracker is left out of its JSON when it is the default (omit_defaults).
+SQL_SAVE_STATE = f"""
+INSERT INTO state (tracker, key, value, updated_at)
+SELECT coalesce(value->>'tracker', '{DEFAULT_TRACKER}'), value->>'key', value->'value',
+       value->>'ts'
+FROM json_each(?1) WHERE true
+ON CONFLICT (tracker, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at
 WHERE excluded.updated_at > state.updated_at
    OR (excluded.updated_at = state.updated_at AND excluded.value IS NOT state.value)"""
 
@@ -1258,11 +1280,11 @@ class IngestBatch:
                     None if used is None else used.peak_ratio,
                     None if used is None else used.volatility,
                     None if used is None else used.momentum,
-                    event.model_version, event.ts))
+                    event.model_version, event.ts, event.tracker))
             elif kind is SideBet:
                 side_bets.append((event.game_id, event.placed_at_tick, event.window_ticks,
                                   event.probability, event.expected_value, event.confidence,
-                                  event.recommendation, event.ts))
+                                  event.recommendation, event.ts, event.tracker))
             elif kind is StateWrite:
                 self.states.append(event)
             else:
@@ -2470,7 +2492,8 @@ class Server:
 # ---------------------------------------------------------------------------
 # MEASURES: one window's accuracy and ROI, for the rollups, the queries and the report
 # ---------------------------------------------------------------------------
-# One statement measures any window [start, end), so that an hour's rollup, a day's, the
+# One statement measures any window [start, end), of all trackers or one (and one model),
+# so that an hour's rollup, a day's, the
 # performance query over any window and each bucket of the report can never disagree (the
 # daily views' rows for days not rolled up yet spell the same sums in SQL; a test compares
 # them). The resolved predictions are read once, as a histogram of raw_error (whole ticks,
@@ -2482,13 +2505,16 @@ WITH errors AS (
     SELECT raw_error AS v, count(*) AS c
     FROM predictions INDEXED BY predictions_created_at
     WHERE created_at >= :start AND created_at < :end AND raw_error IS NOT NULL
+      AND (:tracker IS NULL OR tracker = :tracker) AND (:model IS NULL OR model_version = :model)
     GROUP BY raw_error),
 ranked AS (SELECT v, c, sum(c) OVER (ORDER BY v) AS upto, sum(c) OVER () AS n FROM errors)
 SELECT
   (SELECT count(*) FROM games INDEXED BY games_ended_at
    WHERE ended_at >= :start AND ended_at < :end) AS games_analyzed,
   (SELECT count(*) FROM predictions INDEXED BY predictions_created_at
-   WHERE created_at >= :start AND created_at < :end) AS predictions_made,
+   WHERE created_at >= :start AND created_at < :end
+     AND (:tracker IS NULL OR tracker = :tracker)
+     AND (:model IS NULL OR model_version = :model)) AS predictions_made,
   e.resolved AS predictions_resolved, e.median_e40, e.abs_error AS mean_absolute_error,
   e.e40 AS mean_e40, e.within_1 AS within_1_window, e.within_2 AS within_2_windows,
   e.within_3 AS within_3_windows, s.bets, s.positive_ev, s.resolved_bets,
@@ -2520,7 +2546,8 @@ FROM (SELECT coalesce(max(n), 0) AS resolved,
              sum(CASE WHEN recommendation = 'BET' AND actual_outcome <> 'PENDING'
                       THEN payout END) AS payout
       FROM side_bets INDEXED BY side_bets_created_at
-      WHERE created_at >= :start AND created_at < :end) AS s"""
+      WHERE created_at >= :start AND created_at < :end
+        AND (:tracker IS NULL OR tracker = :tracker)) AS s"""
 
 
 class Measures(msgspec.Struct, frozen=True, kw_only=True):
@@ -2549,9 +2576,13 @@ class Measures(msgspec.Struct, frozen=True, kw_only=True):
     rejected_lines: int
 
 
-def measure(conn: apsw.Connection, start: str, end: str) -> Measures:
-    """The measures of [start, end) (UTC text)."""
-    cursor = conn.execute(SQL_MEASURES, {"start": start, "end": end})
+def measure(conn: apsw.Connection, start: str, end: str, tracker: Optional[str] = None,
+            model: Optional[str] = None) -> Measures:
+    """The measures of [start, end) (UTC text), of one tracker's records (and of one
+    model's predictions: side bets have no model) or of all of them. Games and rejects are
+    the feed's and the daemon's: the same whoever asks."""
+    cursor = conn.execute(SQL_MEASURES, {"start": start, "end": end, "tracker": tracker,
+                                         "model": model})
     names = [column for column, _ in cursor.get_description()]
     return Measures(**dict(zip(names, cursor.fetchone())))
 
@@ -2578,6 +2609,8 @@ ROLLED_UP = {
         "total_payout": "total_payout", "roi_percentage": "roi_percentage",
         "rejected_lines": "rejected_lines"},
 }
+ROLLED_UP["metrics_hourly_by"] = ROLLED_UP["metrics_hourly"]
+ALL = "*"                 # metrics_hourly_by's tracker or model_version for all of them
 
 
 def rolled_up(table: str, measures: Measures) -> dict:
@@ -2658,6 +2691,24 @@ SQL_SAVE_DAY = f"""
 INSERT OR REPLACE INTO metrics_daily ({", ".join(TABLES["metrics_daily"].columns)})
 VALUES ({", ".join(":" + column for column in TABLES["metrics_daily"].columns)})"""
 
+# Each tracker's rows of an hour replace those it had (a tracker may have gone since).
+SQL_CLEAR_ROLLUP_BY = "DELETE FROM metrics_hourly_by WHERE hour_start = ?1"
+SQL_SAVE_ROLLUP_BY = f"""
+INSERT INTO metrics_hourly_by ({", ".join(TABLES["metrics_hourly_by"].columns)})
+VALUES ({", ".join(":" + column for column in TABLES["metrics_hourly_by"].columns)})"""
+
+# Who made what in a window: each tracker's models, each tracker (model '*'), and each
+# model across trackers (tracker '*').
+SQL_TRACKER_MODELS = f"""
+SELECT tracker, model_version FROM predictions INDEXED BY predictions_created_at
+WHERE created_at >= ?1 AND created_at < ?2
+UNION SELECT tracker, '{ALL}' FROM predictions INDEXED BY predictions_created_at
+WHERE created_at >= ?1 AND created_at < ?2
+UNION SELECT '{ALL}', model_version FROM predictions INDEXED BY predictions_created_at
+WHERE created_at >= ?1 AND created_at < ?2
+UNION SELECT tracker, '{ALL}' FROM side_bets INDEXED BY side_bets_created_at
+WHERE created_at >= ?1 AND created_at < ?2"""
+
 SQL_LAST_ROLLUP = "SELECT max(hour_start) FROM metrics_hourly"
 SQL_ROLLED = {3600: "SELECT hour_start FROM metrics_hourly WHERE hour_start BETWEEN ?1 AND ?2",
               86400: "SELECT day || ' 00:00:00.000' FROM metrics_daily WHERE day BETWEEN "
@@ -2702,14 +2753,23 @@ def hours_to_roll(conn: apsw.Connection, now: float, settings: Settings,
 
 
 def rollup_hour(conn: apsw.Connection, hour: int, latency: Optional[LatencyHistogram],
-                now: float) -> dict:
-    """One metrics_hourly row, every column as the README's "Hourly metrics" defines it."""
+                now: float) -> tuple[dict, list[dict]]:
+    """One metrics_hourly row, every column as the README's "Hourly metrics" defines it,
+    and the hour's metrics_hourly_by rows: each tracker's, and each of its models'."""
     start, end = utc_text(hour), utc_text(hour + 3600)
-    return {"hour_start": start, "hour_end": end,
-            **rolled_up("metrics_hourly", measure(conn, start, end)),
-            "avg_commit_latency_ms": latency.mean if latency else None,
-            "p99_commit_latency_ms": latency.quantile(0.99) if latency else None,
-            "created_at": utc_text(now)}
+    everyone = measure(conn, start, end)
+    groups = conn.execute(SQL_TRACKER_MODELS, (start, end)).fetchall()
+    trackers, models = ({name for group in groups if (name := group[i]) != ALL} for i in (0, 1))
+    alone = len(trackers) <= 1 and len(models) <= 1     # then every group's rows are everyone's
+    by = [{"hour_start": start, "tracker": tracker, "model_version": model,
+           **rolled_up("metrics_hourly_by", everyone if alone else measure(
+               conn, start, end, None if tracker == ALL else tracker,
+               None if model == ALL else model)),
+           "created_at": utc_text(now)} for tracker, model in groups]
+    return ({"hour_start": start, "hour_end": end, **rolled_up("metrics_hourly", everyone),
+             "avg_commit_latency_ms": latency.mean if latency else None,
+             "p99_commit_latency_ms": latency.quantile(0.99) if latency else None,
+             "created_at": utc_text(now)}, by)
 
 
 def rollup_day(conn: apsw.Connection, day: int, now: float) -> dict:
@@ -2733,7 +2793,7 @@ def run_rollups(conn: apsw.Connection, run_step: StepRunner, hours: list[int], n
         for first in range(0, len(hours), ROLLUP_HOURS_PER_WRITE):
             rows = [rollup_hour(conn, hour, latency_for(hour), now)
                     for hour in hours[first:first + ROLLUP_HOURS_PER_WRITE]]
-            run_step(lambda db, rows=rows: _save(db, SQL_SAVE_ROLLUP, rows))
+            run_step(lambda db, rows=rows: _save_hours(db, rows))
             progress(len(rows))
         for first in range(0, len(days), ROLLUP_HOURS_PER_WRITE):
             rows = [rollup_day(conn, day, now) for day in days[first:first + ROLLUP_HOURS_PER_WRITE]]
@@ -2748,6 +2808,13 @@ def run_rollups(conn: apsw.Connection, run_step: StepRunner, hours: list[int], n
 def _save(db: apsw.Connection, sql: str, rows: list[dict]) -> None:
     with transaction(db):
         db.executemany(sql, rows)
+
+
+def _save_hours(db: apsw.Connection, hours: list[tuple[dict, list[dict]]]) -> None:
+    with transaction(db):
+        db.executemany(SQL_SAVE_ROLLUP, [row for row, _ in hours])
+        db.executemany(SQL_CLEAR_ROLLUP_BY, [(row["hour_start"],) for row, _ in hours])
+        db.executemany(SQL_SAVE_ROLLUP_BY, [row for _, by in hours for row in by])
 
 
 def unrolled(conn: apsw.Connection, before: str, now: float, period: int = 3600) -> list[int]:
@@ -3774,6 +3841,23 @@ def _count_outcomes(sock: socket.socket, replies: Replies, result: IngestResult)
     result.stored, result.duplicates = counts.get("stored"), counts.get("duplicates")
 
 
+def as_tracker(blocks: Iterable[bytes], tracker: str) -> Iterator[bytes]:
+    """NDJSON with every record line (prediction, side bet, state) made `tracker`'s; any
+    other line, readable or not, passes as it is, for the daemon to judge."""
+    for block in blocks:
+        lines = block.split(b"\n")
+        for number, line in enumerate(lines):
+            if b'"event"' not in line:
+                continue
+            try:
+                event = msgspec.json.decode(line)
+            except (msgspec.MsgspecError, RecursionError, ValueError):
+                continue
+            if isinstance(event, dict) and event.get("event") in RECORD_EVENTS:
+                lines[number] = msgspec.json.encode({**event, "tracker": tracker})
+        yield b"\n".join(lines)
+
+
 def daemon_serving(settings: Settings) -> Optional[str]:
     """The socket of the daemon that serves settings.db, if one runs: the one its lock file
     names, or settings.socket if the daemon answering there says it serves that file."""
@@ -3873,10 +3957,12 @@ class Client:
     says whether a connection is up.
     """
 
-    def __init__(self, socket_path: Optional[str] = None, *, buffer_size: int = 100_000):
-        settings = load_settings(socket=socket_path)
+    def __init__(self, socket_path: Optional[str] = None, *, tracker: Optional[str] = None,
+                 buffer_size: int = 100_000):
+        settings = load_settings(socket=socket_path, tracker=tracker)
         self.enabled = settings.persistence_enabled
         self.socket_path = settings.socket
+        self.tracker = settings.tracker          # put on every record event that names none
         self.buffer_size = buffer_size
         self.sent = self.acked = self.rejected = self.dropped = 0
         self.connected = False
@@ -3900,7 +3986,7 @@ class Client:
         if not self.enabled:
             return
         try:
-            line = msgspec.json.encode(event) + b"\n"
+            line = msgspec.json.encode(self._of_tracker(event)) + b"\n"
         except (TypeError, ValueError, msgspec.EncodeError) as exc:
             with self._settled:
                 self.dropped += 1
@@ -3925,6 +4011,18 @@ class Client:
                 f"dropped the oldest event: the buffer is full ({self.buffer_size:,} events "
                 f"not yet acknowledged)")
         self._wake()
+
+    def _of_tracker(self, event: Union[dict, Event]) -> Union[dict, Event]:
+        """The event, with this client's tracker if it is a record that names none."""
+        if self.tracker is None:
+            return event
+        if isinstance(event, RECORD_TYPES):
+            return (msgspec.structs.replace(event, tracker=self.tracker)
+                    if event.tracker == DEFAULT_TRACKER else event)
+        if isinstance(event, dict) and event.get("event") in RECORD_EVENTS \
+                and "tracker" not in event:
+            return {**event, "tracker": self.tracker}
+        return event
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait until everything sent so far is acknowledged; False on timeout."""
@@ -4071,46 +4169,85 @@ class Client:
 # ---------------------------------------------------------------------------
 
 PATTERN_NAMES = ("double_top", "slow_bleed", "moonshot", "flatline", "whipsaw")
+GAMES_A_DAY = 500                    # TED's volume
+BET_WINDOW_TICKS = 40                # a side bet wins if the game ends within this many ticks
+
+
+class SimulatedTracker(NamedTuple):
+    """A tracker the simulator plays, imperfect in known ways: its predictions miss the end
+    by `error_sd` ticks (a normal error), its uncertainty bounds are `bounds_shrink` times
+    as wide as its stated confidence needs (so they cover less often than claimed), and its
+    side-bet probabilities are over-confident at the high end: calibrated q becomes
+    q * (1 + overconfidence * q)."""
+
+    name: str
+    model: str
+    error_sd: float
+    bounds_shrink: float
+    overconfidence: float
+
+
+SIMULATED_TRACKERS = (
+    SimulatedTracker(DEFAULT_TRACKER, "v2.1.0", 60, 0.7, 0.6),
+    SimulatedTracker("candidate", "v2.2.0", 45, 0.9, 0.2),
+    SimulatedTracker("challenger", "v3.0.0-rc1", 80, 0.6, 0.9),
+    SimulatedTracker("baseline", "v1.9.4", 100, 1.0, 0.0),
+    SimulatedTracker("experiment", "v3.1.0-dev", 70, 0.8, 0.4),
+)
 
 
 def simulate_events(games: Optional[int] = None, *, events: Optional[int] = None,
                     seed: Optional[int] = None, start: Optional[float] = None,
-                    latest: Optional[float] = None, mix: str = "game",
-                    prefix: str = "sim") -> Iterator[dict]:
+                    latest: Optional[float] = None, mix: str = "game", prefix: str = "sim",
+                    trackers: int = 1, days: Optional[float] = None) -> Iterator[dict]:
     """Crash-style games: a random-walk price that crashes at a random tick.
 
-    Plays `games` games, or as many as `events` events need (stopping there). mix="game"
-    gives the tracker's full feed (ticks with features, a prediction every 20 ticks, a
-    side bet every 40, start and end); mix="predictions" gives one prediction per tick
-    and nothing else. Ticks are 250 ms apart; without `start`, the games are placed so
-    that the last one ends now. Game ids are SIM-SEED-N: without a seed, a fresh one
-    makes them new. With `latest`, games that would end after it are a ValueError.
+    Plays `games` games, or as many as `events` events need (stopping there), or TED's
+    volume (GAMES_A_DAY) over the last `days`. mix="game" gives the tracker's full feed
+    (ticks with features, a prediction every 20 ticks, a side bet every 40, start and
+    end); mix="predictions" gives one prediction per tick and nothing else. With
+    `trackers` K > 1, K trackers (SIMULATED_TRACKERS) predict and bet on the same games,
+    each with its own model and its own flaws. Ticks are 250 ms apart and games 5 s apart
+    (with `days`, spread evenly); without `start`, the games are placed so that the last
+    one ends now. Game ids are SIM-SEED-N: without a seed, a fresh one makes them new.
+    With `latest`, games that would end after it are a ValueError.
     """
-    if games is None and events is None:
-        raise ValueError("simulate_events needs games or events")
+    if games is None and events is None and days is None:
+        raise ValueError("simulate_events needs games, events or days")
+    if not 1 <= trackers <= len(SIMULATED_TRACKERS):
+        raise ValueError(f"tedstore simulates 1 to {len(SIMULATED_TRACKERS)} trackers")
     if seed is None:
         seed = random.SystemRandom().randrange(1 << 31)
+    if days is not None:
+        games = max(1, round(days * GAMES_A_DAY))
     lengths = random.Random(seed)
     end_ticks, planned = [], 0
     while (games is None or len(end_ticks) < games) and (events is None or planned < events):
         end_ticks.append(20 + int(lengths.expovariate(1 / 280)))
         ticks = end_ticks[-1] - 1
-        planned += ticks if mix == "predictions" else ticks + ticks // 20 + ticks // 40 + 2
-    length = sum(end * 0.25 + 5 for end in end_ticks)      # 5 s between games
+        planned += ticks if mix == "predictions" else \
+            ticks + trackers * (ticks // 20 + ticks // 40) + 2
+    slot = 86400 / GAMES_A_DAY if days is not None else None
+    length = (len(end_ticks) * slot + end_ticks[-1] * 0.25 - slot if slot else
+              sum(end * 0.25 + 5 for end in end_ticks) - 5)
     if start is None:
-        start = time.time() - length
-    if latest is not None and start + length - 5 > latest:
-        raise ValueError(f"those games would end at {utc_text(start + length - 5)} UTC, after "
+        start = time.time() - 5 - length             # the last game ended 5 s ago
+    if latest is not None and start + length > latest:
+        raise ValueError(f"those games would end at {utc_text(start + length)} UTC, after "
                          f"{utc_text(latest)}, and tedstore refuses events from the future "
                          f"(TEDSTORE_MAX_CLOCK_SKEW): start earlier, or play fewer")
-    played = _play(end_ticks, seed, start, mix, prefix)
+    played = _play(end_ticks, seed, start, mix, prefix, SIMULATED_TRACKERS[:trackers], slot)
     return played if events is None else itertools.islice(played, events)
 
 
-def _play(end_ticks: list[int], seed: int, start: float, mix: str, prefix: str) -> Iterator[dict]:
+def _play(end_ticks: list[int], seed: int, start: float, mix: str, prefix: str,
+          trackers: tuple[SimulatedTracker, ...], slot: Optional[float]) -> Iterator[dict]:
     rng = random.Random(seed + 1)
+    named = len(trackers) > 1            # one tracker: the default, named on no line
     clock_ms = int(start * 1000)
     for number, end_tick in enumerate(end_ticks):
+        if slot is not None:
+            clock_ms = int((start + number * slot) * 1000)
         game_id = f"{prefix}-{seed}-{number}"
         price, peak, peak_tick = 1.0, 1.0, 0
         if mix == "game":
@@ -4118,7 +4255,7 @@ def _play(end_ticks: list[int], seed: int, start: float, mix: str, prefix: str) 
         for tick in range(1, end_tick):
             ts = clock_ms + tick * 250
             if mix == "predictions":
-                yield _simulated_prediction(rng, game_id, tick, end_tick, ts)
+                yield _simulated_prediction(rng, game_id, tick, end_tick, ts, trackers[0], named)
                 continue
             price = round(price * math.exp(rng.gauss(0.003, 0.04)), 6)
             if price > peak:
@@ -4130,15 +4267,11 @@ def _play(end_ticks: list[int], seed: int, start: float, mix: str, prefix: str) 
                                 "rsi": round(rng.uniform(0, 100), 2),
                                 "volume_ratio": round(rng.uniform(0.5, 2), 3)},
                    "ts": ts}
-            if tick % 20 == 0:
-                yield _simulated_prediction(rng, game_id, tick, end_tick, ts)
-            if tick % 40 == 0:
-                probability = round(rng.uniform(0.05, 0.35), 4)
-                expected_value = round(probability * 6 - 1, 4)
-                yield {"event": "sideBet", "game_id": game_id, "placed_at_tick": tick,
-                       "probability": probability, "expected_value": expected_value,
-                       "confidence": round(rng.uniform(0.3, 0.9), 3),
-                       "recommendation": "BET" if expected_value > 0 else "SKIP", "ts": ts}
+            for tracker in trackers:
+                if tick % 20 == 0:
+                    yield _simulated_prediction(rng, game_id, tick, end_tick, ts, tracker, named)
+                if tick % 40 == 0:
+                    yield _simulated_side_bet(rng, game_id, tick, end_tick, ts, tracker, named)
         clock_ms += end_tick * 250
         if mix == "game":
             yield {"event": "gameEnd", "gameId": game_id, "tick": end_tick,
@@ -4149,17 +4282,43 @@ def _play(end_ticks: list[int], seed: int, start: float, mix: str, prefix: str) 
         clock_ms += 5000
 
 
-def _simulated_prediction(rng: random.Random, game_id: str, tick: int, end_tick: int,
-                          ts: int) -> dict:
-    guess = max(tick, end_tick + int(rng.gauss(0, 60)))
+def _whose(tracker: SimulatedTracker, named: bool) -> dict:
+    return {"tracker": tracker.name, "model_version": tracker.model} if named else {}
+
+
+def _simulated_prediction(rng: random.Random, game_id: str, tick: int, end_tick: int, ts: int,
+                          tracker: SimulatedTracker, named: bool) -> dict:
+    """A prediction `error_sd` off, with bounds for its confidence, `bounds_shrink` wide."""
+    guess = max(tick, end_tick + int(rng.gauss(0, tracker.error_sd)))
+    confidence = round(rng.uniform(0.5, 0.95), 3)
+    half_width = round(statistics.NormalDist().inv_cdf((1 + confidence) / 2)
+                       * tracker.error_sd * tracker.bounds_shrink)
     return {"event": "prediction", "game_id": game_id, "predicted_at_tick": tick,
-            "predicted_end_tick": guess, "confidence": round(rng.uniform(0.2, 0.95), 3),
-            "uncertainty_bounds": {"lower": guess - 40, "upper": guess + 40},
+            "predicted_end_tick": guess, "confidence": confidence,
+            "uncertainty_bounds": {"lower": guess - half_width, "upper": guess + half_width},
             "features_used": {"epr_active": rng.random() < 0.3,
                               "peak_ratio": round(rng.uniform(0.5, 1), 3),
                               "volatility": round(rng.uniform(0, 0.1), 4),
                               "momentum": round(rng.gauss(0, 1), 4)},
-            "ts": ts}
+            "ts": ts, **_whose(tracker, named)}
+
+
+def _simulated_side_bet(rng: random.Random, game_id: str, tick: int, end_tick: int, ts: int,
+                        tracker: SimulatedTracker, named: bool) -> dict:
+    """A side bet on the game ending within BET_WINDOW_TICKS: a score that leans towards
+    the real outcome gives the calibrated chance q (Bayes, from the base rate of a game
+    ending within 40 ticks), and the tracker states q made over-confident. A BET when
+    the stated chance makes the bet's expected value (+5 or -1) positive."""
+    ends = tick <= end_tick <= tick + BET_WINDOW_TICKS
+    score = rng.gauss(1.5 if ends else 0.0, 1.0)
+    calibrated = 1 / (1 + math.exp(-(1.5 * score - 1.125 + math.log(0.13 / 0.87))))
+    probability = round(min(0.99, calibrated * (1 + tracker.overconfidence * calibrated)), 4)
+    expected_value = round(probability * 6 - 1, 4)
+    return {"event": "sideBet", "game_id": game_id, "placed_at_tick": tick,
+            "probability": probability, "expected_value": expected_value,
+            "confidence": round(rng.uniform(0.3, 0.9), 3),
+            "recommendation": "BET" if expected_value > 0 else "SKIP", "ts": ts,
+            **_whose(tracker, named)}
 
 
 # ---------------------------------------------------------------------------
@@ -4193,59 +4352,102 @@ def row_json(source: str) -> str:
     return "json_object(" + ", ".join(f"'{c}', {value(c)}" for c in COLUMNS[source]) + ")"
 
 
+# Every query may narrow itself to one tracker's records (:tracker) and, where predictions
+# are involved, one model's predictions (:model); NULL is all of them. Side bets have no
+# model, and games, ticks and rejects are the feed's: the same whoever asks.
+PREDICTIONS_OF = ("(:tracker IS NULL OR {t}tracker = :tracker) "
+                  "AND (:model IS NULL OR {t}model_version = :model)")
+SIDE_BETS_OF = "(:tracker IS NULL OR {t}tracker = :tracker)"
+
 SQL_Q_GAME = f"""
 SELECT (SELECT {row_json("games")} FROM games INDEXED BY sqlite_autoindex_games_1
-        WHERE game_id = ?1),
-       (SELECT json_group_array({row_json("predictions")} ORDER BY predicted_at_tick,
+        WHERE game_id = :id),
+       (SELECT json_group_array({row_json("predictions")} ORDER BY predicted_at_tick, tracker,
                                 model_version)
-        FROM predictions INDEXED BY sqlite_autoindex_predictions_1 WHERE game_id = ?1),
-       (SELECT json_group_array({row_json("side_bets")} ORDER BY placed_at_tick)
-        FROM side_bets INDEXED BY sqlite_autoindex_side_bets_1 WHERE game_id = ?1),
+        FROM predictions INDEXED BY sqlite_autoindex_predictions_1
+        WHERE game_id = :id AND {PREDICTIONS_OF.format(t="")}),
+       (SELECT json_group_array({row_json("side_bets")} ORDER BY placed_at_tick, tracker)
+        FROM side_bets INDEXED BY sqlite_autoindex_side_bets_1
+        WHERE game_id = :id AND {SIDE_BETS_OF.format(t="")}),
        (SELECT json_object('samples', count(*), 'first_tick', min(tick), 'last_tick', max(tick))
-        FROM tick_samples INDEXED BY sqlite_autoindex_tick_samples_1 WHERE game_id = ?1)"""
+        FROM tick_samples INDEXED BY sqlite_autoindex_tick_samples_1 WHERE game_id = :id)"""
 
-# Each picked game's summary is one lookup by game_id: as the inner side of a join, the
-# planner would rather scan games whenever its statistics say it is small.
+# A game's summary as the game_summary view has it, of one tracker's (and model's) records
+# if asked: each figure one lookup by game_id. The games picked are those ended in the
+# window (with the pattern, and with records of that tracker or model, if asked).
+_EACH_PREDICTION = (f"FROM predictions AS p INDEXED BY sqlite_autoindex_predictions_1 "
+                    f"WHERE p.game_id = g.game_id AND {PREDICTIONS_OF.format(t='p.')}")
+_EACH_SIDE_BET = (f"FROM side_bets AS s INDEXED BY sqlite_autoindex_side_bets_1 "
+                  f"WHERE s.game_id = g.game_id AND {SIDE_BETS_OF.format(t='s.')}")
+_EACH_BET = f"{_EACH_SIDE_BET} AND s.recommendation = 'BET'"
+_UNFILTERED = ":tracker IS NULL AND :model IS NULL"
+_HAS_RECORDS = (f"({_UNFILTERED} OR EXISTS (SELECT 1 {_EACH_PREDICTION}) "
+                f"OR (:model IS NULL AND EXISTS (SELECT 1 {_EACH_SIDE_BET})))")
 SQL_Q_GAMES = f"""
-SELECT json_group_array(json((SELECT {row_json("game_summary")} FROM game_summary
-                              WHERE game_id = picked.game_id)) ORDER BY ended_at DESC, game_id)
-FROM (SELECT game_id, ended_at FROM games INDEXED BY games_ended_at
-      WHERE ended_at >= ?1 AND ended_at < ?2
-        AND (?4 IS NULL OR EXISTS (SELECT 1 FROM json_each(patterns_detected) WHERE value = ?4))
-      ORDER BY ended_at DESC, game_id LIMIT ?3) AS picked"""
+SELECT json_group_array(json_object(
+         'game_id', g.game_id, 'start_tick', g.start_tick, 'end_tick', g.end_tick,
+         'duration_ticks', g.duration_ticks, 'peak_price', g.peak_price,
+         'final_price', g.final_price, 'patterns_detected', json(g.patterns_detected),
+         'predictions', (SELECT count(*) {_EACH_PREDICTION}),
+         'mean_absolute_error', (SELECT round(avg(abs(p.raw_error)), 1) {_EACH_PREDICTION}),
+         'prediction_accuracy', CASE WHEN {_UNFILTERED} THEN g.prediction_accuracy
+                                     ELSE (SELECT avg(abs(p.raw_error) <= 40)
+                                           {_EACH_PREDICTION}) END,
+         'side_bets_placed', CASE WHEN :tracker IS NULL THEN g.side_bets_placed
+                                  ELSE (SELECT count(*) {_EACH_BET}) END,
+         'side_bets_won', (SELECT count(*) {_EACH_BET} AND s.actual_outcome = 'WON'),
+         'side_bet_payout', (SELECT sum(s.payout) {_EACH_BET}),
+         'started_at', g.started_at, 'ended_at', g.ended_at) ORDER BY g.ended_at DESC, g.game_id)
+FROM (SELECT game_id FROM games AS g INDEXED BY games_ended_at
+      WHERE ended_at >= :since AND ended_at < :until
+        AND (:pattern IS NULL OR EXISTS (SELECT 1 FROM json_each(patterns_detected)
+                                         WHERE value = :pattern))
+        AND {_HAS_RECORDS}
+      ORDER BY ended_at DESC, game_id LIMIT :limit) AS picked
+     CROSS JOIN games AS g INDEXED BY sqlite_autoindex_games_1 ON g.game_id = picked.game_id"""
 
-SQL_Q_METRICS = f"""
-SELECT json_group_array({row_json("metrics_hourly")} ORDER BY hour_start)
-FROM metrics_hourly INDEXED BY sqlite_autoindex_metrics_hourly_1
-WHERE hour_start >= ?1 AND hour_start < ?2"""
+# The hourly rollups of a window: everyone's from metrics_hourly, one tracker's or model's
+# from metrics_hourly_by (its rows look the same: the daemon's latency is everyone's).
+HOURS = {
+    "everyone": "metrics_hourly INDEXED BY sqlite_autoindex_metrics_hourly_1 "
+                "WHERE hour_start >= :since AND hour_start < :until",
+    "one": "metrics_hourly_by INDEXED BY sqlite_autoindex_metrics_hourly_by_1 "
+           "WHERE hour_start >= :since AND hour_start < :until "
+           "AND tracker = :tracker AND model_version = :model"}
+_HOUR_OF_ONE = {"hour_end": "strftime('%Y-%m-%d %H:%M:%f', hour_start, '+1 hour')",
+                "avg_commit_latency_ms": "NULL", "p99_commit_latency_ms": "NULL"}
+SQL_Q_METRICS = {
+    "everyone": f"SELECT json_group_array({row_json('metrics_hourly')} ORDER BY hour_start) "
+                f"FROM {HOURS['everyone']}",
+    "one": "SELECT json_group_array(json_object(" + ", ".join(
+        f"'{column}', {_HOUR_OF_ONE.get(column, column)}"
+        for column in COLUMNS["metrics_hourly"]) + f") ORDER BY hour_start) FROM {HOURS['one']}"}
 
-SQL_Q_TRENDS_HOURLY = """
+SQL_Q_TRENDS_HOURLY = {source: f"""
 SELECT json_group_array(json_object('hour_start', hour_start,
                                     'predictions_made', predictions_made,
                                     'median_e40', median_e40,
                                     'within_2_windows', within_2_windows,
                                     'roi_percentage', roi_percentage) ORDER BY hour_start)
-FROM metrics_hourly INDEXED BY sqlite_autoindex_metrics_hourly_1
-WHERE hour_start >= ?1 AND hour_start < ?2"""
+FROM {hours}""" for source, hours in HOURS.items()}
 
 # A trend: n, mean, the newest value, and the least-squares slope against hour_start in
 # days (counted from the window's start, so that the sums stay small and exact enough).
 TRENDS = {"e40": "median_e40", "accuracy": "within_2_windows", "sidebet_roi": "roi_percentage"}
-SQL_Q_TREND = {column: f"""
+SQL_Q_TREND = {(column, source): f"""
 SELECT count(*), avg(v),
-       (SELECT {column} FROM metrics_hourly INDEXED BY sqlite_autoindex_metrics_hourly_1
-        WHERE hour_start >= ?1 AND hour_start < ?2 AND {column} IS NOT NULL
-        ORDER BY hour_start DESC LIMIT 1),
+       (SELECT {column} FROM {hours} AND {column} IS NOT NULL ORDER BY hour_start DESC LIMIT 1),
        CASE WHEN count(*) >= 2 THEN (count(*) * sum(x * v) - sum(x) * sum(v))
                                     / (count(*) * sum(x * x) - sum(x) * sum(x)) END
-FROM (SELECT julianday(hour_start) - julianday(?1) AS x, {column} AS v
-      FROM metrics_hourly INDEXED BY sqlite_autoindex_metrics_hourly_1
-      WHERE hour_start >= ?1 AND hour_start < ?2 AND {column} IS NOT NULL)"""
-               for column in TRENDS.values()}
+FROM (SELECT julianday(hour_start) - julianday(:since) AS x, {column} AS v
+      FROM {hours} AND {column} IS NOT NULL)"""
+               for column in TRENDS.values() for source, hours in HOURS.items()}
 
 # Each game counts once per pattern (its list is made distinct on the way in); the ten
 # newest games of a pattern come from walking games_ended_at backwards, not from a sort.
-SQL_Q_PATTERNS = """
+# Asked for one tracker (or model), a game counts if it has its records, with the share of
+# its predictions within 40 ticks.
+SQL_Q_PATTERNS = f"""
 SELECT json_group_array(json_object('pattern', pattern, 'games', games,
                                     'avg_prediction_accuracy', accuracy,
                                     'avg_duration_ticks', duration,
@@ -4253,58 +4455,84 @@ SELECT json_group_array(json_object('pattern', pattern, 'games', games,
                         ORDER BY games DESC, pattern),
        coalesce(sum(games), 0)
 FROM (SELECT tag.value AS pattern, count(*) AS games,
-             avg(g.prediction_accuracy) AS accuracy, avg(g.duration_ticks) AS duration,
+             avg(CASE WHEN {_UNFILTERED} THEN g.prediction_accuracy
+                      ELSE (SELECT avg(abs(p.raw_error) <= 40) {_EACH_PREDICTION}) END)
+                 AS accuracy,
+             avg(g.duration_ticks) AS duration,
              (SELECT json_group_array(game_id)
-              FROM (SELECT newest.game_id FROM games AS newest INDEXED BY games_ended_at
-                    WHERE newest.ended_at >= ?1 AND newest.ended_at < ?2
-                      AND EXISTS (SELECT 1 FROM json_each(newest.patterns_detected)
+              FROM (SELECT g.game_id FROM games AS g INDEXED BY games_ended_at
+                    WHERE g.ended_at >= :since AND g.ended_at < :until
+                      AND EXISTS (SELECT 1 FROM json_each(g.patterns_detected)
                                   WHERE value = tag.value)
-                    ORDER BY newest.ended_at DESC, newest.game_id LIMIT 10)) AS recent
+                      AND {_HAS_RECORDS}
+                    ORDER BY g.ended_at DESC, g.game_id LIMIT 10)) AS recent
       FROM games AS g INDEXED BY games_ended_at,
            json_each((SELECT json_group_array(DISTINCT value)
                       FROM json_each(g.patterns_detected))) AS tag
-      WHERE g.ended_at >= ?1 AND g.ended_at < ?2
+      WHERE g.ended_at >= :since AND g.ended_at < :until AND {_HAS_RECORDS}
       GROUP BY tag.value)"""
 
-# The newest n rows of a table, oldest first.
-SQL_Q_RECENT = {table.name: f"""
-SELECT json_group_array({row_json(table.name)} ORDER BY {table.time_column}, id)
-FROM (SELECT * FROM {table.name} INDEXED BY {table.time_index}
-      ORDER BY {table.time_column} DESC, id DESC LIMIT ?1)"""
-                for table in map(TABLES.get, ("predictions", "side_bets", "tick_samples"))}
+# The newest n rows of a table (of one tracker's, or model's), oldest first.
+SQL_Q_RECENT = {name: f"""
+SELECT json_group_array({row_json(name)} ORDER BY created_at, id)
+FROM (SELECT * FROM {name} INDEXED BY {TABLES[name].time_index}
+      WHERE {kept} ORDER BY created_at DESC, id DESC LIMIT :n)"""
+                for name, kept in (("predictions", PREDICTIONS_OF.format(t="")),
+                                   ("side_bets", SIDE_BETS_OF.format(t="")),
+                                   ("tick_samples", "true"))}
 
-SQL_Q_STATE = "SELECT json(value), updated_at FROM state WHERE key = ?1"
+SQL_Q_STATE = "SELECT json(value), updated_at FROM state WHERE tracker = :tracker AND key = :key"
 
-SQL_Q_REJECTS = """
+# A refused line is a tracker's if its JSON names it (or names none: the default's).
+SQL_Q_REJECTS = f"""
 SELECT id, received_at, peer_pid, peer_uid, line_no, code, error, raw
 FROM rejects INDEXED BY rejects_received_at
-WHERE received_at >= ?1 AND received_at < ?2
-ORDER BY received_at DESC, id DESC LIMIT ?3"""
+WHERE received_at >= :since AND received_at < :until
+  AND (:tracker IS NULL OR coalesce(CASE WHEN json_valid(raw) THEN raw ->> 'tracker' END,
+                                    '{DEFAULT_TRACKER}') = :tracker)
+ORDER BY received_at DESC, id DESC LIMIT :limit"""
+
+# Who sent what in a window: each tracker's models and predictions, and its side bets.
+SQL_Q_TRACKER_PREDICTIONS = """
+SELECT tracker, model_version, count(*), min(created_at), max(created_at)
+FROM predictions INDEXED BY predictions_created_at
+WHERE created_at >= :since AND created_at < :until AND (:tracker IS NULL OR tracker = :tracker)
+GROUP BY tracker, model_version"""
+SQL_Q_TRACKER_SIDE_BETS = """
+SELECT tracker, count(*), min(created_at), max(created_at)
+FROM side_bets INDEXED BY side_bets_created_at
+WHERE created_at >= :since AND created_at < :until AND (:tracker IS NULL OR tracker = :tracker)
+GROUP BY tracker"""
 
 # What the report adds to the queries: the games whose predictions made in the window
 # have the largest mean absolute error, the daily rollups, each day's worst hourly p99,
 # and the rejects by code.
-SQL_Q_WORST_GAMES = """
-SELECT g.game_id, g.ended_at, p.predictions, p.mae, g.prediction_accuracy, g.patterns_detected
-FROM (SELECT game_id, count(*) AS predictions, avg(abs(raw_error)) AS mae
+SQL_Q_WORST_GAMES = f"""
+SELECT g.game_id, g.ended_at, p.predictions, p.mae,
+       CASE WHEN {_UNFILTERED} THEN g.prediction_accuracy ELSE p.accuracy END,
+       g.patterns_detected
+FROM (SELECT game_id, count(*) AS predictions, avg(abs(raw_error)) AS mae,
+             avg(abs(raw_error) <= 40) AS accuracy
       FROM predictions INDEXED BY predictions_created_at
-      WHERE created_at >= ?1 AND created_at < ?2 AND raw_error IS NOT NULL
+      WHERE created_at >= :since AND created_at < :until AND raw_error IS NOT NULL
+        AND {PREDICTIONS_OF.format(t="")}
       GROUP BY game_id ORDER BY mae DESC, game_id LIMIT 10) AS p
      CROSS JOIN games AS g INDEXED BY sqlite_autoindex_games_1 ON g.game_id = p.game_id
 ORDER BY p.mae DESC, g.game_id"""
 SQL_Q_DAYS = f"""
 SELECT {", ".join(COLUMNS["metrics_daily"])}
-FROM metrics_daily INDEXED BY sqlite_autoindex_metrics_daily_1 WHERE day >= ?1 AND day < ?2"""
+FROM metrics_daily INDEXED BY sqlite_autoindex_metrics_daily_1
+WHERE day >= substr(:since, 1, 10) AND day < substr(:until, 1, 10)"""
 SQL_Q_DAILY_P99 = """
 SELECT substr(hour_start, 1, 10), max(p99_commit_latency_ms)
 FROM metrics_hourly INDEXED BY sqlite_autoindex_metrics_hourly_1
-WHERE hour_start >= ?1 AND hour_start < ?2 GROUP BY 1"""
+WHERE hour_start >= :since AND hour_start < :until GROUP BY 1"""
 # With one max() aggregate, SQLite takes the bare columns from the row holding the max:
-# each code's newest refusal.
+# each code's newest refusal. Refused lines are the daemon's: no tracker narrows them.
 SQL_Q_REJECT_CODES = """
 SELECT code, count(*), max(received_at), error, substr(raw, 1, 120)
 FROM rejects INDEXED BY rejects_received_at
-WHERE received_at >= ?1 AND received_at < ?2 GROUP BY code ORDER BY 2 DESC, code"""
+WHERE received_at >= :since AND received_at < :until GROUP BY code ORDER BY 2 DESC, code"""
 
 Days = Annotated[float, Meta(gt=0, le=3660)]
 Hours = Annotated[float, Meta(gt=0, le=3660 * 24)]
@@ -4316,7 +4544,8 @@ class Window(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A time window [since, until): the last `hours` or `days` up to now, or explicit
     `since`/`until` (ISO-8601 in UTC, a span such as 48h, or Unix seconds). Without any,
     the last DEFAULT_HOURS of each query's own parameters (its subclass); None means all
-    time, from the first row to the last."""
+    time, from the first row to the last. `tracker` narrows the answer to one tracker's
+    records (all trackers' without it)."""
 
     DEFAULT_HOURS: ClassVar[Optional[float]] = 24
 
@@ -4324,6 +4553,7 @@ class Window(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     days: Optional[Days] = None
     since: Optional[When] = None
     until: Optional[When] = None
+    tracker: Optional[TrackerName] = None
 
     def bounds(self, now: float) -> tuple[float, float]:
         if (self.hours or self.days) and (self.since is not None or self.until is not None) \
@@ -4342,6 +4572,13 @@ class Window(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise QueryRejected(f"since ({utc_text(since)}) is not before until "
                                 f"({utc_text(until)})")
         return since, until
+
+    def params(self, now: float) -> dict:
+        """The named parameters of a query's SQL: the window's bounds as UTC text, and its
+        filters (a model too, where the query has one)."""
+        since, until = self.bounds(now)
+        return {"since": utc_text(since), "until": utc_text(until), "tracker": self.tracker,
+                "model": getattr(self, "model", None)}
 
     def described(self) -> str:
         """The default window in words, for --help."""
@@ -4362,21 +4599,29 @@ def _moment(value: When, now: float, name: str) -> float:
     return moment
 
 
-class GameArgs(msgspec.Struct, forbid_unknown_fields=True):
+class ModelWindow(Window, kw_only=True):
+    """A window over predictions: `model` narrows them to one model_version."""
+    model: Optional[ModelVersion] = None
+
+
+class GameArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     id: Text
+    tracker: Optional[TrackerName] = None
+    model: Optional[ModelVersion] = None
 
 
-class GamesArgs(Window, kw_only=True):
+class GamesArgs(ModelWindow, kw_only=True):
     limit: Rows = 50
     pattern: Optional[Annotated[str, Meta(min_length=1, max_length=128)]] = None
 
 
-class PerformanceArgs(Window, kw_only=True):
+class PerformanceArgs(ModelWindow, kw_only=True):
     type: Literal["all", "predictions", "sidebets"] = "all"
+    by: Optional[Literal["tracker", "model"]] = None
 
 
-class WeekArgs(Window, kw_only=True):
-    """A window of a week unless given: trends and patterns look further back."""
+class WeekArgs(ModelWindow, kw_only=True):
+    """A window of a week unless given: trends, patterns and the report look further back."""
     DEFAULT_HOURS: ClassVar[Optional[float]] = 7 * 24
 
 
@@ -4385,18 +4630,28 @@ class EverythingArgs(Window, kw_only=True):
     DEFAULT_HOURS: ClassVar[Optional[float]] = None
 
 
-class RecentArgs(msgspec.Struct, forbid_unknown_fields=True):
-    """The newest n rows: the size of a tracker's buffer of predictions or side bets."""
+class RecentArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The newest n predictions (of a tracker, of a model): a tracker's buffer of them."""
     n: Rows = 200
+    tracker: Optional[TrackerName] = None
+    model: Optional[ModelVersion] = None
 
 
-class RecentTicksArgs(RecentArgs, forbid_unknown_fields=True):
-    """The newest n tick samples: the size of a tracker's buffer of ticks."""
+class RecentSideBetsArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The newest n side bets (of a tracker): a tracker's buffer of them."""
+    n: Rows = 200
+    tracker: Optional[TrackerName] = None
+
+
+class RecentTicksArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The newest n tick samples: a tracker's buffer of ticks (the feed's, everyone's)."""
     n: Rows = 1200
 
 
-class StateArgs(msgspec.Struct, forbid_unknown_fields=True):
+class StateArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A state key is a tracker's own: the default tracker's unless one is named."""
     key: Text
+    tracker: TrackerName = DEFAULT_TRACKER
 
 
 class RejectsArgs(Window, kw_only=True):
@@ -4407,83 +4662,120 @@ def _period(since: float, until: float) -> dict:
     return {"since": utc_text(since), "until": utc_text(until)}
 
 
+def _raw(text: str) -> msgspec.Raw:
+    """JSON that SQLite built, passed on as it is."""
+    return msgspec.Raw(text.encode())
+
+
 def q_game(conn: apsw.Connection, args: GameArgs, now: float) -> dict:
     """A game with its predictions, side bets and tick samples."""
-    game, predictions, side_bets, ticks = conn.execute(SQL_Q_GAME, (args.id,)).fetchone()
+    game, predictions, side_bets, ticks = conn.execute(SQL_Q_GAME, msgspec.structs.asdict(args)
+                                                       ).fetchone()
     if game is None:
         raise QueryRejected(f"no game {args.id!r}")
-    return {"game": msgspec.Raw(game.encode()), "predictions": msgspec.Raw(predictions.encode()),
-            "side_bets": msgspec.Raw(side_bets.encode()), "ticks": msgspec.Raw(ticks.encode())}
+    return {"game": _raw(game), "predictions": _raw(predictions), "side_bets": _raw(side_bets),
+            "ticks": _raw(ticks)}
 
 
 def q_games(conn: apsw.Connection, args: GamesArgs, now: float) -> dict:
-    """Games ended in the window, newest first, as rows of the game_summary view."""
-    since, until = args.bounds(now)
-    games = conn.execute(SQL_Q_GAMES, (utc_text(since), utc_text(until), args.limit,
-                                       args.pattern)).get
-    return {**_period(since, until), "games": msgspec.Raw(games.encode())}
+    """Games ended in the window, newest first, summed up as the game_summary view does."""
+    params = args.params(now)
+    games = conn.execute(SQL_Q_GAMES, params | {"limit": args.limit, "pattern": args.pattern}).get
+    return {"since": params["since"], "until": params["until"], "games": _raw(games)}
 
 
-def q_metrics(conn: apsw.Connection, args: Window, now: float) -> dict:
+def _hours_of(params: dict) -> tuple[str, dict]:
+    """Which hourly rollup answers: everyone's, or one tracker's or model's ('*': all)."""
+    if params["tracker"] is None and params["model"] is None:
+        return "everyone", params
+    return "one", params | {"tracker": params["tracker"] or ALL, "model": params["model"] or ALL}
+
+
+def q_metrics(conn: apsw.Connection, args: ModelWindow, now: float) -> dict:
     """The hourly rollups of the window, oldest first."""
-    since, until = args.bounds(now)
-    hours = conn.execute(SQL_Q_METRICS, (utc_text(since), utc_text(until))).get
-    return {**_period(since, until), "hours": msgspec.Raw(hours.encode())}
+    source, params = _hours_of(args.params(now))
+    hours = conn.execute(SQL_Q_METRICS[source], params).get
+    return {"since": params["since"], "until": params["until"], "hours": _raw(hours)}
+
+
+def _as_answer(m: Measures) -> tuple[dict, dict]:
+    """The measures as performance names them: (prediction metrics, side-bet metrics)."""
+    return ({"predictions_made": m.predictions_made, "resolved": m.predictions_resolved,
+             "median_e40": m.median_e40, "mean_absolute_error": m.mean_absolute_error,
+             "within_1_window": m.within_1_window, "within_2_windows": m.within_2_windows,
+             "within_3_windows": m.within_3_windows},
+            {"recommended": m.bets, "positive_ev": m.positive_ev, "bets_won": m.bets_won,
+             "bets_lost": m.bets_lost, "pending": m.bets_pending, "total_ev": m.total_ev,
+             "roi_percentage": m.roi_percentage})
 
 
 def q_performance(conn: apsw.Connection, args: PerformanceArgs, now: float) -> dict:
-    """The rollup's measures over the whole window (the same statement computes both)."""
+    """The rollup's measures over the whole window (the same statement computes both);
+    with `by`, one group per tracker or per model in the window."""
+    params = args.params(now)
     since, until = args.bounds(now)
-    m = measure(conn, utc_text(since), utc_text(until))
-    predictions = {"predictions_made": m.predictions_made, "resolved": m.predictions_resolved,
-                   "median_e40": m.median_e40, "mean_absolute_error": m.mean_absolute_error,
-                   "within_1_window": m.within_1_window, "within_2_windows": m.within_2_windows,
-                   "within_3_windows": m.within_3_windows}
-    side_bets = {"recommended": m.bets, "positive_ev": m.positive_ev, "bets_won": m.bets_won,
-                 "bets_lost": m.bets_lost, "pending": m.bets_pending, "total_ev": m.total_ev,
-                 "roi_percentage": m.roi_percentage}
-    return {**_period(since, until), "period_hours": round((until - since) / 3600, 6),
-            "games_analyzed": m.games_analyzed,
-            "prediction_metrics": predictions if args.type != "sidebets" else None,
-            "sidebet_metrics": side_bets if args.type != "predictions" else None}
+    answer = {"since": params["since"], "until": params["until"],
+              "period_hours": round((until - since) / 3600, 6)}
+    if args.by is None:
+        m = measure(conn, params["since"], params["until"], args.tracker, args.model)
+        predictions, side_bets = _as_answer(m)
+        return {**answer, "games_analyzed": m.games_analyzed,
+                "prediction_metrics": predictions if args.type != "sidebets" else None,
+                "sidebet_metrics": side_bets if args.type != "predictions" else None}
+    groups = []
+    for row in who_sent_what(conn, params):
+        names = [row["tracker"]] if args.by == "tracker" else row["models"]
+        for name in names:
+            if args.by == "model" and any(g["model_version"] == name for g in groups):
+                continue                           # a model shared by trackers: once
+            m = measure(conn, params["since"], params["until"],
+                        row["tracker"] if args.by == "tracker" else args.tracker,
+                        args.model if args.by == "tracker" else name)
+            predictions, side_bets = _as_answer(m)
+            groups.append({("tracker" if args.by == "tracker" else "model_version"): name,
+                           "prediction_metrics": predictions if args.type != "sidebets" else None,
+                           "sidebet_metrics": (side_bets if args.by == "tracker"
+                                               and args.type != "predictions" else None)})
+    key = "tracker" if args.by == "tracker" else "model_version"
+    return {**answer, "by": args.by, "groups": sorted(groups, key=lambda g: g[key])}
 
 
 def q_trends(conn: apsw.Connection, args: WeekArgs, now: float) -> dict:
     """Hourly e40, accuracy and ROI over the last days, and where each is heading."""
     since, until = args.bounds(now)
-    period = (utc_text(since), utc_text(until))
+    source, params = _hours_of(args.params(now))
     trends = {}
     for name, column in TRENDS.items():
-        n, mean, last, slope = conn.execute(SQL_Q_TREND[column], period).fetchone()
+        n, mean, last, slope = conn.execute(SQL_Q_TREND[column, source], params).fetchone()
         trends[name] = {"column": column, "n": n, "mean": mean, "last": last,
                         "slope_per_day": slope}
-    hourly = conn.execute(SQL_Q_TRENDS_HOURLY, period).get
-    return {**_period(since, until), "period_days": round((until - since) / 86400, 6),
-            "hourly": msgspec.Raw(hourly.encode()), "trends": trends}
+    hourly = conn.execute(SQL_Q_TRENDS_HOURLY[source], params).get
+    return {"since": params["since"], "until": params["until"],
+            "period_days": round((until - since) / 86400, 6), "hourly": _raw(hourly),
+            "trends": trends}
 
 
 def q_patterns(conn: apsw.Connection, args: WeekArgs, now: float) -> dict:
     """The patterns of the games ended in the window (7 days), most games first."""
-    since, until = args.bounds(now)
-    patterns, total = conn.execute(SQL_Q_PATTERNS, (utc_text(since), utc_text(until))).fetchone()
-    return {**_period(since, until), "total_patterns_detected": total,
-            "patterns": msgspec.Raw(patterns.encode())}
+    params = args.params(now)
+    patterns, total = conn.execute(SQL_Q_PATTERNS, params).fetchone()
+    return {"since": params["since"], "until": params["until"],
+            "total_patterns_detected": total, "patterns": _raw(patterns)}
 
 
-def q_recent(table: str) -> Callable[[apsw.Connection, RecentArgs, float], dict]:
-    def recent(conn: apsw.Connection, args: RecentArgs, now: float) -> dict:
+def q_recent(table: str) -> Callable[[apsw.Connection, Any, float], dict]:
+    def recent(conn: apsw.Connection, args: Any, now: float) -> dict:
         """The newest n rows, oldest first: what a tracker refills its buffers with."""
-        rows = conn.execute(SQL_Q_RECENT[table], (args.n,)).get
-        return {"rows": msgspec.Raw(rows.encode())}
+        params = {"tracker": None, "model": None, **msgspec.structs.asdict(args)}
+        return {"rows": _raw(conn.execute(SQL_Q_RECENT[table], params).get)}
     return recent
 
 
 def q_state(conn: apsw.Connection, args: StateArgs, now: float) -> dict:
     """A tracker's saved state under `key`."""
-    row = conn.execute(SQL_Q_STATE, (args.key,)).fetchone()
+    row = conn.execute(SQL_Q_STATE, msgspec.structs.asdict(args)).fetchone()
     return {"key": args.key, "found": row is not None,
-            "value": msgspec.Raw(row[0].encode()) if row else None,
-            "updated_at": row[1] if row else None}
+            "value": _raw(row[0]) if row else None, "updated_at": row[1] if row else None}
 
 
 def q_rejects(conn: apsw.Connection, args: RejectsArgs, now: float) -> dict:
@@ -4491,9 +4783,9 @@ def q_rejects(conn: apsw.Connection, args: RejectsArgs, now: float) -> dict:
     bytes, so the rows are built here, each encoded as it comes and counted against the
     connection's length limit (the answer limit on the query threads), as SQLite counts
     the JSON it builds for other answers."""
-    since, until = args.bounds(now)
+    params = args.params(now)
     budget, size, rows = conn.limit(apsw.SQLITE_LIMIT_LENGTH), 2, []
-    for row in conn.execute(SQL_Q_REJECTS, (utc_text(since), utc_text(until), args.limit)):
+    for row in conn.execute(SQL_Q_REJECTS, params | {"limit": args.limit}):
         row = dict(zip(COLUMNS["rejects"], row))
         if isinstance(row["raw"], bytes):
             row["raw"] = row["raw"].decode("utf-8", "replace")
@@ -4502,7 +4794,42 @@ def q_rejects(conn: apsw.Connection, args: RejectsArgs, now: float) -> dict:
         if size > budget:
             rows.clear()
             raise apsw.TooBigError("the answer is longer than the length limit")
-    return {**_period(since, until), "rejects": msgspec.Raw(b"[" + b",".join(rows) + b"]")}
+    return {"since": params["since"], "until": params["until"],
+            "rejects": msgspec.Raw(b"[" + b",".join(rows) + b"]")}
+
+
+def who_sent_what(conn: apsw.Connection, params: dict) -> list[dict]:
+    """Each tracker with records in the window: its models, how many predictions and side
+    bets it sent, and when it was first and last seen, by name."""
+    found: dict[str, dict] = {}
+
+    def tracker(name: str) -> dict:
+        return found.setdefault(name, {"tracker": name, "models": [], "predictions": 0,
+                                       "side_bets": 0, "first_seen": None, "last_seen": None})
+
+    def seen(row: dict, first: str, last: str) -> None:
+        row["first_seen"] = min(filter(None, (row["first_seen"], first)))
+        row["last_seen"] = max(filter(None, (row["last_seen"], last)))
+
+    for name, model, count, first, last in conn.execute(SQL_Q_TRACKER_PREDICTIONS, params):
+        row = tracker(name)
+        row["models"].append(model)
+        row["predictions"] += count
+        seen(row, first, last)
+    for name, count, first, last in conn.execute(SQL_Q_TRACKER_SIDE_BETS, params):
+        row = tracker(name)
+        row["side_bets"] = count
+        seen(row, first, last)
+    for row in found.values():
+        row["models"].sort()
+    return [found[name] for name in sorted(found)]
+
+
+def q_trackers(conn: apsw.Connection, args: Window, now: float) -> dict:
+    """The trackers that sent predictions or side bets in the window."""
+    params = args.params(now)
+    return {"since": params["since"], "until": params["until"],
+            "trackers": who_sent_what(conn, params)}
 
 
 class Query(NamedTuple):
@@ -4513,15 +4840,16 @@ class Query(NamedTuple):
 QUERIES = {
     "game": Query(GameArgs, q_game),
     "games": Query(GamesArgs, q_games),
-    "metrics": Query(Window, q_metrics),
+    "metrics": Query(ModelWindow, q_metrics),
     "performance": Query(PerformanceArgs, q_performance),
     "trends": Query(WeekArgs, q_trends),
     "patterns": Query(WeekArgs, q_patterns),
     "recent_predictions": Query(RecentArgs, q_recent("predictions")),
-    "recent_side_bets": Query(RecentArgs, q_recent("side_bets")),
+    "recent_side_bets": Query(RecentSideBetsArgs, q_recent("side_bets")),
     "recent_ticks": Query(RecentTicksArgs, q_recent("tick_samples")),
     "state": Query(StateArgs, q_state),
     "rejects": Query(RejectsArgs, q_rejects),
+    "trackers": Query(Window, q_trackers),
 }
 
 
@@ -4595,21 +4923,25 @@ def _too_big(name: str, max_bytes: int) -> QueryRejected:
 HOURLY_UP_TO_DAYS = 3                # longer reports are bucketed by day
 
 
-def report_data(path: str, since: float, until: float, now: float) -> dict:
-    """Everything the report shows over [since, until): the performance, patterns and
-    metrics queries, and per hour or day the same measures. Its two heavy halves run at
-    once on two read-only connections, which halves a year's time; each half reads one
-    snapshot, so on a live database the halves may be a commit apart."""
-    bounds = (utc_text(since), utc_text(until))
-    window = {"since": since, "until": until}
+def report_data(path: str, since: float, until: float, now: float,
+                tracker: Optional[str] = None, model: Optional[str] = None) -> dict:
+    """Everything the report shows over [since, until), of one tracker's (and model's)
+    records if asked: the performance, patterns and metrics queries, per hour or day the
+    same measures, and each tracker's and model's performance side by side. Its two heavy
+    halves run at once on two read-only connections, which halves a year's time; each half
+    reads one snapshot, so on a live database the halves may be a commit apart."""
+    window = {"since": since, "until": until, "tracker": tracker, "model": model}
+    params = WeekArgs(**window).params(now)
 
-    def tables(conn: apsw.Connection) -> tuple[dict, list[dict]]:
+    def tables(conn: apsw.Connection) -> tuple[dict, list[dict], dict]:
         with transaction(conn, "DEFERRED"):
             patterns = q_patterns(conn, WeekArgs(**window), now)
             worst = [dict(zip(("game_id", "ended_at", "predictions", "mean_absolute_error",
                                "prediction_accuracy", "patterns_detected"), row))
-                     for row in conn.execute(SQL_Q_WORST_GAMES, bounds)]
-        return msgspec.json.decode(msgspec.json.encode(patterns)), worst
+                     for row in conn.execute(SQL_Q_WORST_GAMES, params)]
+            by = {key: q_performance(conn, PerformanceArgs(**window, by=key), now)["groups"]
+                  for key in ("tracker", "model")}
+        return msgspec.json.decode(msgspec.json.encode(patterns)), worst, by
 
     hourly = until - since <= HOURLY_UP_TO_DAYS * 86400
     with (store_errors("cannot read the report's data"),
@@ -4619,46 +4951,52 @@ def report_data(path: str, since: float, until: float, now: float) -> dict:
         other_half = pool.submit(tables, other)
         with transaction(conn, "DEFERRED"):
             performance = q_performance(conn, PerformanceArgs(**window), now)
-            buckets = _buckets(conn, since, until, 3600 if hourly else 86400)
+            buckets = _buckets(conn, since, until, 3600 if hourly else 86400, tracker, model)
             codes = [dict(zip(("code", "lines", "newest_at", "newest_error", "newest_raw"), row))
-                     for row in conn.execute(SQL_Q_REJECT_CODES, bounds)]
-        patterns, worst = other_half.result()
+                     for row in conn.execute(SQL_Q_REJECT_CODES, params)]
+        patterns, worst, by = other_half.result()
     for game in worst:
         game["patterns_detected"] = json.loads(game["patterns_detected"])
     for code in codes:
         if isinstance(code["newest_raw"], bytes):
             code["newest_raw"] = code["newest_raw"].decode("utf-8", "replace")
     return {**_period(since, until), "generated_at": utc_text(now), "version": __version__,
-            "bucket": "hour" if hourly else "day", "buckets": buckets,
-            "performance": performance, "patterns": patterns, "worst_games": worst,
-            "rejects_by_code": codes}
+            "tracker": tracker, "model": model, "bucket": "hour" if hourly else "day",
+            "buckets": buckets, "performance": performance, "patterns": patterns,
+            "worst_games": worst, "rejects_by_code": codes, "trackers": by["tracker"],
+            "models": by["model"]}
 
 
-def _buckets(conn: apsw.Connection, since: float, until: float, period: int) -> list[dict]:
+def _buckets(conn: apsw.Connection, since: float, until: float, period: int,
+             tracker: Optional[str] = None, model: Optional[str] = None) -> list[dict]:
     """The window cut at each hour or day, with the measures the charts draw (CHARTS) for
-    each piece: read from metrics_hourly or metrics_daily, or measured now for a piece not
-    rolled up (yet) or cut short by the window's ends, so that the pieces add up to the
-    whole."""
+    each piece: read from the hourly or daily rollups (one tracker's or model's hours from
+    metrics_hourly_by; its days measured now), or measured now for a piece not rolled up
+    (yet) or cut short by the window's ends, so that the pieces add up to the whole. The
+    commit latency is the daemon's, everyone's."""
     boundaries = range(int(-(-since // period) * period), int(-(-until // period) * period), period)
     starts = sorted({since, *boundaries} - {until})
-    bounds = (utc_text(since), utc_text(until))
+    params = ModelWindow(since=since, until=until, tracker=tracker, model=model).params(0)
+    source, hours = _hours_of(params)
     rolled: dict[str, dict] = {}
     latency: dict[str, Optional[float]] = {}       # per hour, or the worst hour of each day
     if period == 3600:
-        for row in msgspec.json.decode(conn.execute(SQL_Q_METRICS, bounds).get):
-            rolled[row["hour_start"]] = from_rollup("metrics_hourly", row)
+        for row in msgspec.json.decode(conn.execute(SQL_Q_METRICS["everyone"], params).get):
             latency[row["hour_start"]] = row[LATENCY]
+        for row in msgspec.json.decode(conn.execute(SQL_Q_METRICS[source], hours).get):
+            rolled[row["hour_start"]] = from_rollup("metrics_hourly", row)
     else:
         latency = {day + " 00:00:00.000": p99
-                   for day, p99 in conn.execute(SQL_Q_DAILY_P99, bounds)}
-        for row in conn.execute(SQL_Q_DAYS, (bounds[0][:10], bounds[1][:10])):
+                   for day, p99 in conn.execute(SQL_Q_DAILY_P99, params)}
+        for row in conn.execute(SQL_Q_DAYS, params) if source == "everyone" else ():
             day = dict(zip(COLUMNS["metrics_daily"], row))
             rolled[day["day"] + " 00:00:00.000"] = from_rollup("metrics_daily", day)
     buckets = []
     for start, end in zip(starts, starts[1:] + [until]):
         row = rolled.get(utc_text(start))
         if row is None or end - start < period:          # not rolled up, or cut by the window
-            row = msgspec.structs.asdict(measure(conn, utc_text(start), utc_text(end)))
+            row = msgspec.structs.asdict(measure(conn, utc_text(start), utc_text(end),
+                                                 tracker, model))
         row[LATENCY] = latency.get(utc_text(start // period * period) if period == 86400
                                    else utc_text(start))
         buckets.append({"start": utc_text(start), "end": utc_text(end),
@@ -4713,9 +5051,11 @@ class Reader:
     """
 
     def __init__(self, socket_path: Optional[str] = None, *, db_path: Optional[str] = None,
-                 timeout: float = 30.0):
+                 tracker: Optional[str] = None, timeout: float = 30.0):
+        settings = load_settings(socket=socket_path, tracker=tracker)
         self.db_path = db_path
-        self.socket_path = None if db_path else load_settings(socket=socket_path).socket
+        self.socket_path = None if db_path else settings.socket
+        self.tracker = settings.tracker      # whose buffers and state the warm start reads
         self.timeout = timeout
         self._idle: list[Any] = []
         self._lock = threading.Lock()
@@ -4780,20 +5120,22 @@ class Reader:
     # The methods below ask their query; every parameter left out takes its query's own
     # default (the last 24 hours, the last week, 200 rows...), so that none is restated here.
 
-    def recent_predictions(self, n: Optional[int] = None) -> list[dict]:
-        """The newest n predictions (200), oldest first: ready to refill a deque."""
-        return self.ask("recent_predictions", n=n)["rows"]
+    def recent_predictions(self, n: Optional[int] = None, **params: Any) -> list[dict]:
+        """The newest n predictions (200) of this Reader's tracker (all trackers' if it has
+        none), oldest first: ready to refill a deque."""
+        return self.ask("recent_predictions", n=n, **{"tracker": self.tracker, **params})["rows"]
 
-    def recent_side_bets(self, n: Optional[int] = None) -> list[dict]:
-        """The newest n side bets (200), oldest first."""
-        return self.ask("recent_side_bets", n=n)["rows"]
+    def recent_side_bets(self, n: Optional[int] = None, **params: Any) -> list[dict]:
+        """The newest n side bets (200) of this Reader's tracker, oldest first."""
+        return self.ask("recent_side_bets", n=n, **{"tracker": self.tracker, **params})["rows"]
 
     def recent_ticks(self, n: Optional[int] = None) -> list[dict]:
         """The newest n stored tick samples (1,200; every TICK_SAMPLE_EVERY-th tick)."""
         return self.ask("recent_ticks", n=n)["rows"]
 
     def load_state(self, key: str, default: Any = None) -> Any:
-        state = self.ask("state", key=key)
+        """The value this Reader's tracker (the default tracker) saved under `key`."""
+        state = self.ask("state", key=key, tracker=self.tracker)
         return state["value"] if state["found"] else default
 
     def game(self, game_id: str) -> Optional[dict]:
@@ -4820,6 +5162,9 @@ class Reader:
 
     def rejects(self, **params: Any) -> dict:
         return self.ask("rejects", **params)
+
+    def trackers(self, **window: Any) -> dict:
+        return self.ask("trackers", **window)
 
     def close(self) -> None:
         """Close the connections kept between calls (calls still running close their own)."""
@@ -4852,23 +5197,29 @@ SELECT tick, price, volatility_10, volatility_40, momentum, rsi, volume_ratio, t
 FROM tick_samples INDEXED BY sqlite_autoindex_tick_samples_1 WHERE game_id = ?1 ORDER BY tick"""
 
 
-def export_rows(conn: apsw.Connection, table: str, since: str, until: str) -> Iterator[tuple]:
-    """The rows of `table` whose time column is in [since, until), oldest first."""
+def export_rows(conn: apsw.Connection, table: str, since: str, until: str,
+                tracker: Optional[str] = None) -> Iterator[tuple]:
+    """The rows of `table` whose time column is in [since, until), oldest first (of one
+    tracker, for the tables of a tracker's records)."""
     if table not in TABLES:
         raise ConfigError(f"no table {table!r}: choose one of {', '.join(TABLES)}")
+    columns = TABLES[table].columns
+    mine = columns.index("tracker") if tracker is not None and "tracker" in columns else None
     with store_errors(f"cannot read {table}"):
-        yield from conn.execute(SQL_EXPORT[table], (since, until))
+        for row in conn.execute(SQL_EXPORT[table], (since, until)):
+            if mine is None or row[mine] == tracker:
+                yield row
 
 
 def export_table(conn: apsw.Connection, table: str, since: str, until: str,
-                 form: str) -> Iterator[bytes]:
+                 form: str, tracker: Optional[str] = None) -> Iterator[bytes]:
     """The rows as CSV (a header first) or as JSON lines; raw bytes as text."""
     columns = COLUMNS[table]
     if form == "csv":
         buffer = io.StringIO()
         out = csv.writer(buffer, lineterminator="\n")
         out.writerow(columns)
-        for row in export_rows(conn, table, since, until):
+        for row in export_rows(conn, table, since, until, tracker):
             out.writerow(_text(value) for value in row)
             if buffer.tell() > 65536:
                 yield buffer.getvalue().encode()
@@ -4877,7 +5228,7 @@ def export_table(conn: apsw.Connection, table: str, since: str, until: str,
         yield buffer.getvalue().encode()
         return
     encode = msgspec.json.encode
-    for row in export_rows(conn, table, since, until):
+    for row in export_rows(conn, table, since, until, tracker):
         yield encode(dict(zip(columns, map(_text, row)))) + b"\n"
 
 
@@ -4885,13 +5236,15 @@ def _text(value: Any) -> Any:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def export_events(conn: apsw.Connection, since: str, until: str) -> Iterator[Event]:
+def export_events(conn: apsw.Connection, since: str, until: str,
+                  tracker: Optional[str] = None) -> Iterator[Event]:
     """Wire events that `import` turns back into the same rows: each game created in the
     window with its stored tick samples, then the predictions, side bets and state
-    written in it. (With a window, predictions of games outside it come unresolved.)"""
+    written in it (of one tracker, if asked), each carrying its tracker. (With a window,
+    predictions of games outside it come unresolved.)"""
     for row in export_rows(conn, "games", since, until):
         yield from _game_events(conn, dict(zip(COLUMNS["games"], row)))
-    for row in export_rows(conn, "predictions", since, until):
+    for row in export_rows(conn, "predictions", since, until, tracker):
         p = dict(zip(COLUMNS["predictions"], row))
         bounds = (UncertaintyBounds(p["bound_lower"], p["bound_upper"])
                   if p["bound_lower"] is not None or p["bound_upper"] is not None else None)
@@ -4900,14 +5253,15 @@ def export_events(conn: apsw.Connection, since: str, until: str) -> Iterator[Eve
                 FeaturesUsed(None if p["epr_active"] is None else bool(p["epr_active"]),
                              p["peak_ratio"], p["volatility"], p["momentum"]))
         yield Prediction(p["game_id"], p["predicted_at_tick"], p["predicted_end_tick"],
-                         p["confidence"], bounds, used, p["model_version"], p["created_at"])
-    for row in export_rows(conn, "side_bets", since, until):
+                         p["confidence"], bounds, used, p["model_version"], p["created_at"],
+                         p["tracker"])
+    for row in export_rows(conn, "side_bets", since, until, tracker):
         s = dict(zip(COLUMNS["side_bets"], row))
         yield SideBet(s["game_id"], s["placed_at_tick"], s["probability"], s["expected_value"],
                       s["confidence"], s["recommendation"],
-                      s["window_end_tick"] - s["placed_at_tick"], s["created_at"])
-    for key, value, updated_at in export_rows(conn, "state", since, until):
-        yield StateWrite(key, msgspec.Raw(value.encode()), updated_at)
+                      s["window_end_tick"] - s["placed_at_tick"], s["created_at"], s["tracker"])
+    for whose, key, value, updated_at in export_rows(conn, "state", since, until, tracker):
+        yield StateWrite(key, msgspec.Raw(value.encode()), updated_at, whose)
 
 
 def _game_events(conn: apsw.Connection, g: dict) -> Iterator[Event]:
@@ -5624,15 +5978,34 @@ def readable(path: str) -> bool:
     return os.access(path, os.R_OK) and os.access(os.path.dirname(os.path.abspath(path)), os.X_OK)
 
 
+def filter_options(args: type) -> Callable:
+    """--tracker, and --model where the query reads predictions: the command gets them in
+    `filters` (the ones given)."""
+    fields = {field.name for field in msgspec.structs.fields(args)}
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def run(**options: Any) -> Any:
+            given = {name: options.pop(name) for name in ("tracker", "model") if name in fields}
+            return command(filters={k: v for k, v in given.items() if v is not None}, **options)
+        if "model" in fields:
+            run = click.option("--model", help="Only this model's predictions (a "
+                                               "model_version) [default: all].")(run)
+        return click.option("--tracker", help="Only this tracker's records [default: all "
+                                              "trackers'].")(run)
+    return decorate
+
+
 def window_options(args: type[Window]) -> Callable:
-    """--hours, --days, --since and --until, the same for every command over a time window;
-    the command gets `window`, the ones given (the query's parameters default the rest)."""
+    """--hours, --days, --since and --until, the same for every command over a time window,
+    and its filters; the command gets `window`, the ones given (the query's parameters
+    default the rest)."""
     span = click.FloatRange(min=0, min_open=True)
 
     def decorate(command: Callable) -> Callable:
         @functools.wraps(command)
         def run(hours: Optional[float], days: Optional[float], since: Optional[str],
-                until: Optional[str], **options: Any) -> Any:
+                until: Optional[str], filters: dict, **options: Any) -> Any:
             given = {name: value for name, value in (("hours", hours), ("days", days),
                                                      ("since", since), ("until", until))
                      if value is not None}
@@ -5645,7 +6018,7 @@ def window_options(args: type[Window]) -> Callable:
             if given.get("since", -math.inf) >= given.get("until", math.inf):
                 raise ConfigError(f"the window starts ({utc_text(given['since'])}) after it "
                                   f"ends ({utc_text(given['until'])})")
-            return command(window=given, **options)
+            return command(window={**given, **filters}, **options)
         for option in (
                 click.option("--until", help="End of the window (2026-11-22T08:00, 1h) "
                                              "[default: now]."),
@@ -5655,16 +6028,18 @@ def window_options(args: type[Window]) -> Callable:
                 click.option("--hours", type=span, help=f"The last N hours [default: "
                                                         f"{args().described()}].")):
             run = option(run)
-        return run
+        return filter_options(args)(run)
     return decorate
 
 
-def read_command(name: str, window: Optional[type[Window]] = None) -> Callable:
+def read_command(name: str) -> Callable:
     """A read command (section 7's queries): --json, --db or --socket (it gets a `reader`),
-    and, for a query over a time window, the window options."""
+    and its query's window and filters (--tracker, --model) when it has them."""
+    args = QUERIES[name].args
+
     def decorate(command: Callable) -> Callable:
-        if window is not None:
-            command = window_options(window)(command)
+        command = (window_options(args) if issubclass(args, Window)
+                   else filter_options(args))(command)
         return cli.command(name)(with_reader(with_output(command)))
     return decorate
 
@@ -5724,6 +6099,21 @@ def table(rows: list[dict], columns: list[tuple[str, str, Callable[[Any], str]]]
 
 def period(result: dict) -> str:
     return f"{moment(result['since'])} to {moment(result['until'])} UTC"
+
+
+class TrackerName(click.ParamType):
+    """A tracker's name as the wire allows it, refused by click otherwise (usage error)."""
+
+    name = "NAME"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+            self.fail(f"{value!r} is not a tracker name: 1 to 64 letters, digits, dots, "
+                      f"dashes or underscores", param, ctx)
+        return value
+
+
+TRACKER_NAME = TrackerName()
 
 
 def outcomes(result: IngestResult) -> str:
@@ -6108,7 +6498,10 @@ def send_command(settings: Settings, files: tuple[str, ...]) -> None:
 @with_settings("db", "socket")
 @click.argument("files", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, allow_dash=True))
-def import_command(settings: Settings, files: tuple[str, ...]) -> None:
+@click.option("--tracker", type=TRACKER_NAME,
+              help="Make every prediction, side bet and state line this tracker's (merging "
+                   "hosts whose trackers were all `default`).")
+def import_command(settings: Settings, files: tuple[str, ...], tracker: Optional[str]) -> None:
     """Replay NDJSON logs into the database.
 
     Through the daemon if it runs, else straight into the database. Replaying is
@@ -6117,8 +6510,9 @@ def import_command(settings: Settings, files: tuple[str, ...]) -> None:
     Example: tedstore import tracker-2026-11-*.ndjson
     """
     source = InputFiles(files)
+    blocks = source.blocks() if tracker is None else as_tracker(source.blocks(), tracker)
     with progress_bar(source.count(), "importing") as bar:
-        result, via = replay(settings, source.blocks(), bar.advance_to)
+        result, via = replay(settings, blocks, bar.advance_to)
     source.report(result.rejections)
     click.echo(f"imported {result.lines} lines into {via}: {outcomes(result)}", err=True)
     if result.rejections:
@@ -6129,7 +6523,14 @@ def import_command(settings: Settings, files: tuple[str, ...]) -> None:
 @with_settings("socket")
 @click.option("--games", type=click.IntRange(min=1),
               help="How many games to play [default: 10, or as many as --events needs].")
+@click.option("--days", type=click.FloatRange(min=0, min_open=True, max=366),
+              help=f"Fill the last N days up to now at TED's volume ({GAMES_A_DAY} games a "
+                   f"day).")
 @click.option("--events", type=click.IntRange(min=1), help="Stop after this many events.")
+@click.option("--trackers", type=click.IntRange(1, len(SIMULATED_TRACKERS)), default=1,
+              show_default=True,
+              help="Trackers with different models (and flaws) playing the same games: "
+                   + ", ".join(f"{t.name} ({t.model})" for t in SIMULATED_TRACKERS) + ".")
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True),
               help="Events per second [default: as fast as possible].")
 @click.option("--mix", type=click.Choice(["game", "predictions"]), default="game",
@@ -6139,20 +6540,22 @@ def import_command(settings: Settings, files: tuple[str, ...]) -> None:
 @click.option("--start", help="When the first game starts (2026-11-20T08:00, 48h) "
                               "[default: so that the last game ends now].")
 @click.option("--stdout", "to_stdout", is_flag=True, help="Print the NDJSON instead of sending it.")
-def simulate_command(settings: Settings, games: Optional[int], events: Optional[int],
-                     rate: Optional[float], mix: str, seed: Optional[int], start: Optional[str],
-                     to_stdout: bool) -> None:
+def simulate_command(settings: Settings, games: Optional[int], days: Optional[float],
+                     events: Optional[int], trackers: int, rate: Optional[float], mix: str,
+                     seed: Optional[int], start: Optional[str], to_stdout: bool) -> None:
     """Play a synthetic tracker.
 
     Games with crash-style price paths, ticks with features, predictions and side bets,
     sent to the daemon (or printed with --stdout).
 
-    Example: tedstore simulate --games 100 --rate 1000
+    Example: tedstore simulate --days 3 --trackers 2
     """
+    if days and (games or start):
+        raise click.UsageError("give --days, or --games and --start, not both")
     first = parse_when(start, time.time()) if start else None
     try:
-        played = simulate_events(games if games or events else 10, events=events, seed=seed,
-                                 mix=mix, start=first,
+        played = simulate_events(games if games or events or days else 10, events=events,
+                                 seed=seed, mix=mix, start=first, trackers=trackers, days=days,
                                  latest=time.time() + settings.max_clock_skew)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -6260,14 +6663,12 @@ SIDE_BET_COLUMNS = [("placed_at_tick", "placed at tick", fmt()), ("window_end_ti
 
 @read_command("game")
 @click.argument("game_id")
-def game_command(reader: Reader, output: Output, game_id: str) -> None:
+def game_command(reader: Reader, output: Output, filters: dict, game_id: str) -> None:
     """One game: its outcome, predictions, side bets and tick samples.
 
     Example: tedstore game sim-1-42
     """
-    found = reader.game(game_id)
-    if found is None:
-        raise QueryRejected(f"no game {game_id!r}")
+    found = reader.ask("game", id=game_id, **filters)
     def lines(found: dict) -> Iterator[str]:
         game, ticks = found["game"], found["ticks"]
         yield (f"game {game['game_id']}: ticks {text(game['start_tick'])} to "
@@ -6291,7 +6692,7 @@ def game_command(reader: Reader, output: Output, game_id: str) -> None:
     output.show(found, lines)
 
 
-@read_command("games", GamesArgs)
+@read_command("games")
 @click.option("--limit", type=click.IntRange(1, MAX_ROWS), default=50, show_default=True,
               help="The most games to show.")
 @click.option("--pattern", help="Only games with this pattern.")
@@ -6313,7 +6714,7 @@ def games_command(reader: Reader, output: Output, window: dict, limit: int,
             ("patterns_detected", "patterns", text)]))
 
 
-@read_command("metrics", Window)
+@read_command("metrics")
 def metrics_command(reader: Reader, output: Output, window: dict) -> None:
     """The hourly metrics of a window, oldest first.
 
@@ -6334,16 +6735,29 @@ def metrics_command(reader: Reader, output: Output, window: dict) -> None:
             ("rejected_lines", "rejects", fmt())]))
 
 
-@read_command("performance", PerformanceArgs)
+@read_command("performance")
 @click.option("--type", "kind", type=click.Choice(["all", "predictions", "sidebets"]),
               default="all", show_default=True, help="Which measures.")
-def performance_command(reader: Reader, output: Output, window: dict, kind: str) -> None:
+@click.option("--by", type=click.Choice(["tracker", "model"]),
+              help="One row per tracker, or per model (predictions only: side bets have none).")
+def performance_command(reader: Reader, output: Output, window: dict, kind: str,
+                        by: Optional[str]) -> None:
     """How the predictions and side bets did over a window.
 
-    Example: tedstore performance --hours 24 --type predictions
+    Example: tedstore performance --hours 24 --type predictions --by tracker
     """
-    result = reader.ask("performance", **window, type=kind)
+    result = reader.ask("performance", **window, type=kind, by=by)
+
     def lines(result: dict) -> Iterator[str]:
+        if by is not None:
+            yield from listing(
+                [{by: group.get("tracker", group.get("model_version")),
+                  **(group["prediction_metrics"] or {}), **(group["sidebet_metrics"] or {})}
+                 for group in result["groups"]],
+                f"nothing from {period(result)}", f"by {by}, from {period(result)}",
+                [(by, by, text)] + ([] if kind == "sidebets" else PERFORMANCE_PREDICTIONS)
+                + ([] if kind == "predictions" or by == "model" else PERFORMANCE_SIDE_BETS))
+            return
         yield f"from {period(result)}: {result['games_analyzed']:,} game(s) ended"
         p, s = result["prediction_metrics"], result["sidebet_metrics"]
         if p is not None:
@@ -6360,7 +6774,34 @@ def performance_command(reader: Reader, output: Output, window: dict, kind: str)
     output.show(result, lines)
 
 
-@read_command("trends", WeekArgs)
+PERFORMANCE_PREDICTIONS = [
+    ("predictions_made", "predictions", fmt()), ("resolved", "resolved", fmt()),
+    ("median_e40", "median e40", fmt(3)), ("mean_absolute_error", "MAE (ticks)", fmt()),
+    ("within_1_window", "within 1 (%)", fmt()), ("within_2_windows", "within 2 (%)", fmt()),
+    ("within_3_windows", "within 3 (%)", fmt())]
+PERFORMANCE_SIDE_BETS = [
+    ("recommended", "BETs", fmt()), ("bets_won", "won", fmt()), ("bets_lost", "lost", fmt()),
+    ("pending", "pending", fmt()), ("roi_percentage", "ROI (%)", fmt()),
+    ("total_ev", "total EV", fmt(2))]
+
+
+@read_command("trackers")
+def trackers_command(reader: Reader, output: Output, window: dict) -> None:
+    """Which trackers sent predictions and side bets in a window, and with which models.
+
+    Example: tedstore trackers --days 7
+    """
+    result = reader.ask("trackers", **window)
+    output.show(result, lambda result: listing(
+        result["trackers"], f"no tracker sent anything from {period(result)}",
+        f"{len(result['trackers'])} tracker(s) from {period(result)}", [
+            ("tracker", "tracker", text), ("models", "models", text),
+            ("predictions", "predictions", fmt()), ("side_bets", "side bets", fmt()),
+            ("first_seen", "first seen (UTC)", moment),
+            ("last_seen", "last seen (UTC)", moment)]))
+
+
+@read_command("trends")
 def trends_command(reader: Reader, output: Output, window: dict) -> None:
     """Whether e40 bias, accuracy and side-bet ROI drift, hour by hour.
 
@@ -6376,7 +6817,7 @@ def trends_command(reader: Reader, output: Output, window: dict) -> None:
             ("slope_per_day", "slope per day", fmt(4))]))
 
 
-@read_command("patterns", WeekArgs)
+@read_command("patterns")
 def patterns_command(reader: Reader, output: Output, window: dict) -> None:
     """Which patterns the games of the last days had, and how the predictions did on them.
 
@@ -6393,7 +6834,7 @@ def patterns_command(reader: Reader, output: Output, window: dict) -> None:
             ("recent_game_ids", "newest games", text)]))
 
 
-@read_command("rejects", RejectsArgs)
+@read_command("rejects")
 @click.option("--limit", type=click.IntRange(1, MAX_ROWS), default=100, show_default=True,
               help="The most lines to show.")
 def rejects_command(reader: Reader, output: Output, window: dict, limit: int) -> None:
@@ -6452,11 +6893,13 @@ def export_command(settings: Settings, table: Optional[str], events: bool, windo
     if events and form == "csv":
         raise click.UsageError("events are NDJSON: --format csv is for --table")
     start, end = map(utc_text, EverythingArgs(**window).bounds(time.time()))
+    tracker = window.get("tracker")
     conn = closed_at_exit(connect(settings.db, readonly=True))
     if events:
-        blocks = (msgspec.json.encode(event) + b"\n" for event in export_events(conn, start, end))
+        blocks = (msgspec.json.encode(event) + b"\n"
+                  for event in export_events(conn, start, end, tracker))
     else:
-        blocks = export_table(conn, table, start, end, form or "csv")
+        blocks = export_table(conn, table, start, end, form or "csv", tracker)
     if path is None:
         write_stdout(blocks)
         return
@@ -6480,7 +6923,8 @@ def report_command(settings: Settings, path: str, window: dict) -> None:
     """
     now = time.time()
     start, end = WeekArgs(**window).bounds(now)
-    page = render_report(report_data(settings.db, start, end, now), settings.db).encode()
+    page = render_report(report_data(settings.db, start, end, now, window.get("tracker"),
+                                     window.get("model")), settings.db).encode()
     with output_file(path) as out:
         out.write(page)
     click.echo(f"wrote {path} ({len(page) / 1e6:.2f} MB) for {utc_text(start)[:16]} to "

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import msgspec
 import pytest
 from click.testing import CliRunner
 
@@ -270,9 +271,8 @@ def test_import_into_a_named_database_never_goes_to_a_daemon_serving_another(dae
 
 # -- v3: numbers finite and in range, socket paths that fit, signals that never stop it -----
 
-NUMBERS = [name for name, env in tedstore.SETTING_ENV.items()
-           if name not in ("db", "socket", "synchronous", "checkpoint", "backup_dir",
-                           "allow_uids", "persistence_enabled", "socket_mode")]
+NUMBERS = [name for name, kind in tedstore.SETTING_TYPES.items()
+           if isinstance(kind.type, (msgspec.inspect.IntType, msgspec.inspect.FloatType))]
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e308", "-1", "0"])

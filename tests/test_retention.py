@@ -41,7 +41,8 @@ def test_retention_dry_run_then_run_deletes_per_table(tmp):
     tedstore.run_rollups(store.conn, write, tedstore.hours_to_roll(store.conn, now, store.settings), now)
     planned = tedstore.run_retention(store.conn, write, store.settings, now, dry_run=True)
     assert planned == {"tick_samples": 6, "predictions": 2, "side_bets": 2, "games": 1,
-                       "rejects": 2, "metrics_hourly": 0, "metrics_daily": 0}
+                       "rejects": 2, "metrics_hourly": 0, "metrics_daily": 0,
+                       "metrics_hourly_by": 0}
     assert store.rows("SELECT count(*) FROM predictions") == [(4,)]       # dry run kept them
     removed = tedstore.run_retention(store.conn, write, store.settings, now)
     assert removed == planned
