@@ -340,6 +340,12 @@ DROP TABLE predictions;
 ALTER TABLE predictions_v4 RENAME TO predictions;
 -- By time, with what the measures read, so that a window's measures never read the table.
 CREATE INDEX predictions_created_at ON predictions (created_at, tracker, model_version, raw_error);
+-- By error, the resolved ones: over a long window the measures read their histogram of
+-- errors in order instead of sorting months of predictions (a year: 0.2 s, not 1 s).
+CREATE INDEX predictions_raw_error ON predictions (raw_error, created_at, tracker, model_version)
+    WHERE raw_error IS NOT NULL;
+-- By tracker and model: who sent what in a window, without sorting the window's rows.
+CREATE INDEX predictions_tracker ON predictions (tracker, model_version, created_at);
 
 CREATE TABLE side_bets_v4 (
     id              INTEGER PRIMARY KEY,
@@ -368,6 +374,7 @@ DROP TABLE side_bets;
 ALTER TABLE side_bets_v4 RENAME TO side_bets;
 CREATE INDEX side_bets_created_at ON side_bets (created_at, tracker, recommendation,
                                                 actual_outcome, expected_value, payout);
+CREATE INDEX side_bets_tracker ON side_bets (tracker, created_at);
 
 CREATE TABLE state_v4 (
     tracker    TEXT NOT NULL DEFAULT 'default',           -- whose state it is

@@ -2499,11 +2499,16 @@ class Server:
 # them). The resolved predictions are read once, as a histogram of raw_error (whole ticks,
 # so a few hundred distinct values): the true median (the middle value, or the mean of the
 # two middle ones), the mean absolute error and the shares within 1, 2 and 3 windows of 40
-# ticks all follow from it exactly, inside SQLite.
-SQL_MEASURES = """
+# ticks all follow from it exactly, inside SQLite. A short window reads its predictions by
+# time and sorts their errors; a long one (LONG_WINDOW_DAYS and more) reads every resolved
+# prediction by error, already in order, and keeps those of the window: sorting a year of
+# predictions would take seconds.
+LONG_WINDOW_DAYS = 60
+_ERRORS_READ = {"short": "predictions_created_at", "long": "predictions_raw_error"}
+_SQL_MEASURES = """
 WITH errors AS (
     SELECT raw_error AS v, count(*) AS c
-    FROM predictions INDEXED BY predictions_created_at
+    FROM predictions INDEXED BY {errors_index}
     WHERE created_at >= :start AND created_at < :end AND raw_error IS NOT NULL
       AND (:tracker IS NULL OR tracker = :tracker) AND (:model IS NULL OR model_version = :model)
     GROUP BY raw_error),
@@ -2517,8 +2522,9 @@ SELECT
      AND (:model IS NULL OR model_version = :model)) AS predictions_made,
   e.resolved AS predictions_resolved, e.median_e40, e.abs_error AS mean_absolute_error,
   e.e40 AS mean_e40, e.within_1 AS within_1_window, e.within_2 AS within_2_windows,
-  e.within_3 AS within_3_windows, s.bets, s.positive_ev, s.resolved_bets,
-  s.resolved_positive_ev, s.won AS bets_won, s.lost AS bets_lost, s.pending AS bets_pending,
+  e.within_3 AS within_3_windows, s.bets, s.positive_ev, s.won + s.lost AS resolved_bets,
+  s.resolved_positive_ev, s.won AS bets_won, s.lost AS bets_lost,
+  s.bets - s.won - s.lost AS bets_pending,
   s.total_ev, s.payout AS total_payout,
   100.0 * s.payout / (s.won + s.lost) AS roi_percentage,
   (SELECT count(*) FROM rejects INDEXED BY rejects_received_at
@@ -2532,22 +2538,21 @@ FROM (SELECT coalesce(max(n), 0) AS resolved,
              100.0 * coalesce(sum(c) FILTER (WHERE abs(v) <= 80), 0) / max(n) AS within_2,
              100.0 * coalesce(sum(c) FILTER (WHERE abs(v) <= 120), 0) / max(n) AS within_3
       FROM ranked) AS e,
-     (SELECT coalesce(sum(recommendation = 'BET'), 0) AS bets,
-             coalesce(sum(expected_value > 0), 0) AS positive_ev,
-             coalesce(sum(recommendation = 'BET' AND actual_outcome <> 'PENDING'), 0)
-                 AS resolved_bets,
-             coalesce(sum(expected_value > 0 AND actual_outcome <> 'PENDING'), 0)
+     (SELECT count(*) FILTER (WHERE recommendation = 'BET') AS bets,
+             count(*) FILTER (WHERE expected_value > 0) AS positive_ev,
+             count(*) FILTER (WHERE expected_value > 0 AND actual_outcome <> 'PENDING')
                  AS resolved_positive_ev,
-             coalesce(sum(recommendation = 'BET' AND actual_outcome = 'WON'), 0) AS won,
-             coalesce(sum(recommendation = 'BET' AND actual_outcome = 'LOST'), 0) AS lost,
-             coalesce(sum(recommendation = 'BET' AND actual_outcome = 'PENDING'), 0) AS pending,
-             total(CASE WHEN recommendation = 'BET' AND actual_outcome <> 'PENDING'
-                        THEN expected_value END) AS total_ev,
-             sum(CASE WHEN recommendation = 'BET' AND actual_outcome <> 'PENDING'
-                      THEN payout END) AS payout
+             count(*) FILTER (WHERE recommendation = 'BET' AND actual_outcome = 'WON') AS won,
+             count(*) FILTER (WHERE recommendation = 'BET' AND actual_outcome = 'LOST') AS lost,
+             total(expected_value) FILTER (WHERE recommendation = 'BET'
+                                           AND actual_outcome <> 'PENDING') AS total_ev,
+             sum(payout) FILTER (WHERE recommendation = 'BET' AND actual_outcome <> 'PENDING')
+                 AS payout
       FROM side_bets INDEXED BY side_bets_created_at
       WHERE created_at >= :start AND created_at < :end
         AND (:tracker IS NULL OR tracker = :tracker)) AS s"""
+SQL_MEASURES = {length: _SQL_MEASURES.format(errors_index=index)
+                for length, index in _ERRORS_READ.items()}
 
 
 class Measures(msgspec.Struct, frozen=True, kw_only=True):
@@ -2581,8 +2586,9 @@ def measure(conn: apsw.Connection, start: str, end: str, tracker: Optional[str] 
     """The measures of [start, end) (UTC text), of one tracker's records (and of one
     model's predictions: side bets have no model) or of all of them. Games and rejects are
     the feed's and the daemon's: the same whoever asks."""
-    cursor = conn.execute(SQL_MEASURES, {"start": start, "end": end, "tracker": tracker,
-                                         "model": model})
+    long = text_epoch(end) - text_epoch(start) >= LONG_WINDOW_DAYS * 86400
+    cursor = conn.execute(SQL_MEASURES["long" if long else "short"], {"start": start, "end": end, "tracker": tracker,
+                                               "model": model})
     names = [column for column, _ in cursor.get_description()]
     return Measures(**dict(zip(names, cursor.fetchone())))
 
@@ -4446,19 +4452,23 @@ FROM (SELECT julianday(hour_start) - julianday(:since) AS x, {column} AS v
 # Each game counts once per pattern (its list is made distinct on the way in); the ten
 # newest games of a pattern come from walking games_ended_at backwards, not from a sort.
 # Asked for one tracker (or model), a game counts if it has its records, with the share of
-# its predictions within 40 ticks.
+# its predictions within 40 ticks, worked out once per game (`played`), not once per pattern.
 SQL_Q_PATTERNS = f"""
+WITH played AS MATERIALIZED (
+    SELECT g.game_id, g.patterns_detected, g.duration_ticks,
+           CASE WHEN {_UNFILTERED} THEN g.prediction_accuracy
+                ELSE (SELECT avg(abs(p.raw_error) <= 40) {_EACH_PREDICTION}) END AS accuracy
+    FROM games AS g INDEXED BY games_ended_at
+    WHERE g.ended_at >= :since AND g.ended_at < :until AND g.patterns_detected <> '[]'
+      AND {_HAS_RECORDS})
 SELECT json_group_array(json_object('pattern', pattern, 'games', games,
                                     'avg_prediction_accuracy', accuracy,
                                     'avg_duration_ticks', duration,
                                     'recent_game_ids', json(recent))
                         ORDER BY games DESC, pattern),
        coalesce(sum(games), 0)
-FROM (SELECT tag.value AS pattern, count(*) AS games,
-             avg(CASE WHEN {_UNFILTERED} THEN g.prediction_accuracy
-                      ELSE (SELECT avg(abs(p.raw_error) <= 40) {_EACH_PREDICTION}) END)
-                 AS accuracy,
-             avg(g.duration_ticks) AS duration,
+FROM (SELECT tag.value AS pattern, count(*) AS games, avg(played.accuracy) AS accuracy,
+             avg(played.duration_ticks) AS duration,
              (SELECT json_group_array(game_id)
               FROM (SELECT g.game_id FROM games AS g INDEXED BY games_ended_at
                     WHERE g.ended_at >= :since AND g.ended_at < :until
@@ -4466,10 +4476,9 @@ FROM (SELECT tag.value AS pattern, count(*) AS games,
                                   WHERE value = tag.value)
                       AND {_HAS_RECORDS}
                     ORDER BY g.ended_at DESC, g.game_id LIMIT 10)) AS recent
-      FROM games AS g INDEXED BY games_ended_at,
+      FROM played,
            json_each((SELECT json_group_array(DISTINCT value)
-                      FROM json_each(g.patterns_detected))) AS tag
-      WHERE g.ended_at >= :since AND g.ended_at < :until AND {_HAS_RECORDS}
+                      FROM json_each(played.patterns_detected))) AS tag
       GROUP BY tag.value)"""
 
 # The newest n rows of a table (of one tracker's, or model's), oldest first.
@@ -4492,17 +4501,24 @@ WHERE received_at >= :since AND received_at < :until
                                     '{DEFAULT_TRACKER}') = :tracker)
 ORDER BY received_at DESC, id DESC LIMIT :limit"""
 
-# Who sent what in a window: each tracker's models and predictions, and its side bets.
-SQL_Q_TRACKER_PREDICTIONS = """
-SELECT tracker, model_version, count(*), min(created_at), max(created_at)
-FROM predictions INDEXED BY predictions_created_at
-WHERE created_at >= :since AND created_at < :until AND (:tracker IS NULL OR tracker = :tracker)
-GROUP BY tracker, model_version"""
-SQL_Q_TRACKER_SIDE_BETS = """
-SELECT tracker, count(*), min(created_at), max(created_at)
-FROM side_bets INDEXED BY side_bets_created_at
-WHERE created_at >= :since AND created_at < :until AND (:tracker IS NULL OR tracker = :tracker)
-GROUP BY tracker"""
+# Who sent what in a window, through the indexes that lead with the tracker: each tracker
+# (and each model of a tracker) ever stored is found by one seek from the one before, and
+# the window's rows of each are counted in order. Grouping the window's rows instead would
+# sort all of them: seconds over a year.
+SQL_NEXT_TRACKER = {
+    table: f"SELECT min(tracker) FROM {table} INDEXED BY {table}_tracker WHERE tracker > ?1"
+    for table in ("predictions", "side_bets")}
+SQL_NEXT_MODEL = """
+SELECT min(model_version) FROM predictions INDEXED BY predictions_tracker
+WHERE tracker = ?1 AND model_version > ?2"""
+_PREDICTOR = ("FROM predictions INDEXED BY predictions_tracker WHERE tracker = :tracker "
+              "AND model_version = :model AND created_at >= :since AND created_at < :until")
+_BETTOR = ("FROM side_bets INDEXED BY side_bets_tracker WHERE tracker = :tracker "
+           "AND created_at >= :since AND created_at < :until")
+# Apart, min and max are one seek each; together with count(*) they would be read per row.
+SQL_Q_PREDICTOR, SQL_Q_BETTOR = (
+    f"SELECT (SELECT count(*) {rows}), (SELECT min(created_at) {rows}), "
+    f"(SELECT max(created_at) {rows})" for rows in (_PREDICTOR, _BETTOR))
 
 # What the report adds to the queries: the games whose predictions made in the window
 # have the largest mean absolute error, the daily rollups, each day's worst hourly p99,
@@ -4644,8 +4660,11 @@ class RecentSideBetsArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
 
 
 class RecentTicksArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """The newest n tick samples: a tracker's buffer of ticks (the feed's, everyone's)."""
+    """The newest n tick samples: a tracker's buffer of ticks. Ticks are the feed's, the
+    same whichever tracker asks, so `tracker` is taken (as by every query) and changes
+    nothing."""
     n: Rows = 1200
+    tracker: Optional[TrackerName] = None
 
 
 class StateArgs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -4798,6 +4817,16 @@ def q_rejects(conn: apsw.Connection, args: RejectsArgs, now: float) -> dict:
             "rejects": msgspec.Raw(b"[" + b",".join(rows) + b"]")}
 
 
+def _trackers_of(table: str, conn: apsw.Connection, wanted: Optional[str]) -> Iterator[str]:
+    """The trackers with rows in `table` (only `wanted`, if given), by name."""
+    if wanted is not None:
+        yield wanted
+        return
+    name = ""
+    while (name := conn.execute(SQL_NEXT_TRACKER[table], (name,)).get) is not None:
+        yield name
+
+
 def who_sent_what(conn: apsw.Connection, params: dict) -> list[dict]:
     """Each tracker with records in the window: its models, how many predictions and side
     bets it sent, and when it was first and last seen, by name."""
@@ -4811,15 +4840,22 @@ def who_sent_what(conn: apsw.Connection, params: dict) -> list[dict]:
         row["first_seen"] = min(filter(None, (row["first_seen"], first)))
         row["last_seen"] = max(filter(None, (row["last_seen"], last)))
 
-    for name, model, count, first, last in conn.execute(SQL_Q_TRACKER_PREDICTIONS, params):
-        row = tracker(name)
-        row["models"].append(model)
-        row["predictions"] += count
-        seen(row, first, last)
-    for name, count, first, last in conn.execute(SQL_Q_TRACKER_SIDE_BETS, params):
-        row = tracker(name)
-        row["side_bets"] = count
-        seen(row, first, last)
+    for name in _trackers_of("predictions", conn, params["tracker"]):
+        model = ""
+        while (model := conn.execute(SQL_NEXT_MODEL, (name, model)).get) is not None:
+            count, first, last = conn.execute(
+                SQL_Q_PREDICTOR, {**params, "tracker": name, "model": model}).fetchone()
+            if count:
+                row = tracker(name)
+                row["models"].append(model)
+                row["predictions"] += count
+                seen(row, first, last)
+    for name in _trackers_of("side_bets", conn, params["tracker"]):
+        count, first, last = conn.execute(SQL_Q_BETTOR, {**params, "tracker": name}).fetchone()
+        if count:
+            row = tracker(name)
+            row["side_bets"] = count
+            seen(row, first, last)
     for row in found.values():
         row["models"].sort()
     return [found[name] for name in sorted(found)]
@@ -5373,6 +5409,7 @@ svg .dash { stroke-dasharray: 6 3; } svg .dot { stroke-dasharray: 2 3; }
 $summary
 </div>
 </section>
+$compared
 $charts
 <h2>Patterns</h2>
 $patterns
@@ -5715,11 +5752,33 @@ def chart_panel(chart: Chart, buckets: list[dict], hourly: bool) -> str:
                   [f"{'hour' if hourly else 'day'} (UTC)"] + [p.column for p in chart.plots], rows)
 
 
+def compared_panel(trackers: list[dict], models: list[dict]) -> str:
+    """Trackers and models side by side, when the period holds more than one of either:
+    each figure with the number of predictions or bets behind it."""
+    if len(trackers) < 2 and len(models) < 2:
+        return ""
+    rows = []
+    for kind, groups in (("tracker", trackers), ("model", models)):
+        for group in groups if len(groups) > 1 else ():
+            p, s = group["prediction_metrics"], group["sidebet_metrics"]
+            name = group.get("tracker", group.get("model_version"))
+            rows.append([kind, _page_text(name), _number(p["predictions_made"]),
+                         _number(p["resolved"]), _number(p["within_1_window"], 1, "%"),
+                         _number(p["median_e40"], 3), _number(p["mean_absolute_error"], 1),
+                         "-" if s is None else f"{s['bets_won'] + s['bets_lost']:,}",
+                         "-" if s is None else _number(s["roi_percentage"], 1, "%")])
+    return ("<h2>Trackers and models side by side</h2>\n" + html_table(
+        ["", "name", "predictions", "resolved", "within 1 window", "median e40",
+         "mean absolute error (ticks)", "settled BETs", "side-bet ROI"], rows, (0, 1)))
+
+
 def render_report(data: dict, database: str) -> str:
     """The report page for report_data()'s object."""
     buckets, hourly = data["buckets"], data["bucket"] == "hour"
     title = f"tedstore report: {data['since'][:16]} to {data['until'][:16]} UTC"
-    meta = (f"{len(buckets)} {'hours' if hourly else 'days'} · generated "
+    narrowed = "".join(f" · {what} {_page_text(data[what])} only"
+                       for what in ("tracker", "model") if data.get(what))
+    meta = (f"{len(buckets)} {'hours' if hourly else 'days'}{narrowed} · generated "
             f"{data['generated_at'][:19]} UTC · database {_page_text(database)} · "
             f"tedstore {html.escape(data['version'])}")
     p = data["performance"]["prediction_metrics"]
@@ -5736,9 +5795,11 @@ def render_report(data: dict, database: str) -> str:
     summary = "\n".join(f'<div class="figure"><b>{value}</b><span>{name}</span></div>'
                         for name, value in figures)
     charts = [chart_panel(chart, buckets, hourly) for chart in CHARTS]
+    compared = compared_panel(data["trackers"], data["models"])
     patterns = data["patterns"]["patterns"]
     return REPORT_PAGE.substitute(
-        title=html.escape(title), meta=meta, summary=summary, charts="\n".join(charts),
+        title=html.escape(title), meta=meta, summary=summary, compared=compared,
+        charts="\n".join(charts),
         patterns=html_table(
             ["pattern", "games", "within 1 window (%)", "mean duration (ticks)", "newest games"],
             [[_page_text(x["pattern"]), _number(x["games"]),
@@ -6101,7 +6162,7 @@ def period(result: dict) -> str:
     return f"{moment(result['since'])} to {moment(result['until'])} UTC"
 
 
-class TrackerName(click.ParamType):
+class TrackerOption(click.ParamType):
     """A tracker's name as the wire allows it, refused by click otherwise (usage error)."""
 
     name = "NAME"
@@ -6113,7 +6174,7 @@ class TrackerName(click.ParamType):
         return value
 
 
-TRACKER_NAME = TrackerName()
+TRACKER_OPTION = TrackerOption()
 
 
 def outcomes(result: IngestResult) -> str:
@@ -6498,7 +6559,7 @@ def send_command(settings: Settings, files: tuple[str, ...]) -> None:
 @with_settings("db", "socket")
 @click.argument("files", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, allow_dash=True))
-@click.option("--tracker", type=TRACKER_NAME,
+@click.option("--tracker", type=TRACKER_OPTION,
               help="Make every prediction, side bet and state line this tracker's (merging "
                    "hosts whose trackers were all `default`).")
 def import_command(settings: Settings, files: tuple[str, ...], tracker: Optional[str]) -> None:

@@ -7,7 +7,12 @@ every query over its default window and over 365 days: in process (targets: 20 m
 1 s), over the socket, and as the wall time of the CLI command; and the time of each
 README sqlite3 one-liner through the real sqlite3 CLI (target: 100 ms).
 
-    python bench/queries.py [--db /tmp/year.db] [--runs 20]
+With --trackers 2 that volume comes from two trackers on the same feed (a production
+tracker and a candidate, taking turns at the prediction and bet ticks), and the queries
+narrowed to one tracker, performance by tracker and trackers are timed too; with
+--trackers 2 --each, each tracker makes the full volume (shadow mode, twice the records).
+
+    python bench/queries.py [--db /tmp/year.db] [--runs 20] [--trackers 2 [--each]]
 """
 
 from __future__ import annotations
@@ -35,9 +40,13 @@ YEAR_ENV = {f"{name.upper()}": str(days) for name, days in YEAR.items()}
 PATTERNS = ("double_top", "slow_bleed", "moonshot", "flatline", "whipsaw")
 
 
-def year_of_events(now: float, seed: int = 1):
-    """A day at a time: 500 games, each with 4 predictions and 2 side bets, ticks for the
-    last 7 days (100 samples a game), and 10 rejects a day."""
+TRACKERS = ("production", "candidate")
+
+
+def year_of_events(now: float, seed: int = 1, trackers: int = 1, each: bool = False):
+    """A day at a time: 500 games, each with 4 predictions and 2 side bets (between the
+    trackers, or of each tracker), ticks for the last 7 days (100 samples a game), and 10
+    rejects a day."""
     rng = random.Random(seed)
     first_day = int(now // 86400) * 86400 - (DAYS - 1) * 86400
     for day in range(DAYS):
@@ -54,30 +63,34 @@ def year_of_events(now: float, seed: int = 1):
                             "price": round(1 + tick / 400 + rng.random(), 4),
                             "features": {"rsi": rng.uniform(0, 100)}, "ts": start + tick * 0.25}
                            for tick in range(10, 1010, 10)]
-            for tick in (20, 40, 60, 80):
-                events.append({"event": "prediction", "game_id": game, "predicted_at_tick": tick,
-                               "predicted_end_tick": tick + rng.randint(0, 500),
-                               "confidence": 0.5, "features_used": {"epr_active": tick == 20},
-                               "ts": start + tick * 0.25})
-            for tick in (40, 80):
-                ev = round(rng.uniform(-0.6, 0.6), 3)
-                events.append({"event": "sideBet", "game_id": game, "placed_at_tick": tick,
-                               "probability": 0.2, "expected_value": ev, "confidence": 0.6,
-                               "recommendation": "BET" if ev > 0 else "SKIP",
-                               "ts": start + tick * 0.25})
+            for n, tracker in enumerate(TRACKERS[:trackers]):
+                whose = {"tracker": tracker} if trackers > 1 else {}
+                turn = slice(None) if each else slice(n, None, trackers)
+                for tick in (20, 40, 60, 80)[turn]:
+                    events.append({"event": "prediction", "game_id": game,
+                                   "predicted_at_tick": tick,
+                                   "predicted_end_tick": tick + rng.randint(0, 500),
+                                   "confidence": 0.5, "features_used": {"epr_active": tick == 20},
+                                   "ts": start + tick * 0.25, **whose})
+                for tick in (40, 80)[turn]:
+                    ev = round(rng.uniform(-0.6, 0.6), 3)
+                    events.append({"event": "sideBet", "game_id": game, "placed_at_tick": tick,
+                                   "probability": 0.2, "expected_value": ev, "confidence": 0.6,
+                                   "recommendation": "BET" if ev > 0 else "SKIP",
+                                   "ts": start + tick * 0.25, **whose})
             events.append({"event": "gameEnd", "gameId": game, "tick": end, "finalPrice": 0.1,
                            "startTick": 0, "patterns": rng.sample(PATTERNS, rng.randint(0, 2)),
                            "ts": start + end * 0.25})
         yield events
 
 
-def build_year(path: str) -> float:
+def build_year(path: str, trackers: int = 1, each: bool = False) -> float:
     """The year in a fresh database at `path`; the seconds it took."""
     started = time.perf_counter()
     now = time.time()
     settings = tedstore.load_settings(db=path, **YEAR)
     conn = tedstore.open_store(path)
-    for events in year_of_events(now):
+    for events in year_of_events(now, trackers=trackers, each=each):
         lines = [msgspec.json.encode(e) + b"\n" for e in events]
         blocks = [b"".join(lines[i:i + 2000]) for i in range(0, len(lines), 2000)]
         blocks.append(b"{not json\n" * 10)
@@ -102,6 +115,16 @@ ASKED = [  # (query, parameters over its default window, over 365 days)
     ("recent_ticks", {}, None),
     ("state", {"key": "tracker.model"}, None),
     ("rejects", {}, {"days": DAYS}),
+]
+BY_TRACKER = [  # with two trackers: one tracker's answers, and the answers per tracker
+    ("performance", {"tracker": "candidate"}, {"days": DAYS, "tracker": "candidate"}),
+    ("performance", {"by": "tracker"}, {"days": DAYS, "by": "tracker"}),
+    ("metrics", {"tracker": "candidate"}, {"days": DAYS, "tracker": "candidate"}),
+    ("trends", {"tracker": "candidate"}, {"days": DAYS, "tracker": "candidate"}),
+    ("patterns", {"tracker": "candidate"}, {"days": DAYS, "tracker": "candidate"}),
+    ("games", {"tracker": "candidate"}, {"days": DAYS, "tracker": "candidate"}),
+    ("trackers", {}, {"days": DAYS}),
+    ("recent_predictions", {"tracker": "candidate"}, None),
 ]
 COMMAND = {"recent_predictions": None, "recent_side_bets": None, "recent_ticks": None,
            "state": None}
@@ -128,23 +151,28 @@ def cli_args(name: str, params: dict) -> list[str]:
     return args
 
 
-def the_year(db: str | None, folder: str) -> str:
+def the_year(db: str | None, folder: str, trackers: int = 1, each: bool = False) -> str:
     """The year's database: `db` if it exists, else built there (or in `folder`)."""
-    db = db or os.path.join(folder, "year.db")
+    db = db or os.path.join(folder, f"year-{trackers}.db")
     if not os.path.exists(db):
-        print(f"built a year of TED-volume data in {build_year(db):.0f} s")
+        volume = "each at TED volume" if each else "TED volume"
+        print(f"built a year of {trackers} tracker(s), {volume}, in "
+              f"{build_year(db, trackers, each):.0f} s")
     return db
 
 
 def year_from_arguments(doc: str, runs: int) -> tuple[argparse.Namespace, str, str]:
-    """--db and --runs, as every benchmark over the year takes them: (arguments, a scratch
-    folder, the year's database)."""
+    """--db, --runs and --trackers, as every benchmark over the year takes them:
+    (arguments, a scratch folder, the year's database)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--db", help="Build the year here, or reuse it if it exists.")
     parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--trackers", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--each", action="store_true",
+                        help="Each tracker at TED volume (with --trackers 2).")
     args = parser.parse_args()
     folder = tempfile.mkdtemp(prefix="tedstore-bench-")
-    return args, folder, the_year(args.db, folder)
+    return args, folder, the_year(args.db, folder, args.trackers, args.each)
 
 
 def main() -> None:
@@ -162,9 +190,9 @@ def main() -> None:
         while not tedstore.socket_answers(sock):
             time.sleep(0.05)
         remote, local_reader = tedstore.Reader(sock), tedstore.Reader(db_path=db)
-        print(f"\n{'query':<20}{'window':>8}  {'in process p50/p99':>20}  "
+        print(f"\n{'query':<36}{'window':>8}  {'in process p50/p99':>20}  "
               f"{'socket p50/p99':>18}  {'CLI wall':>9}")
-        for name, default, year in ASKED:
+        for name, default, year in ASKED + (BY_TRACKER if args.trackers > 1 else []):
             for label, params in (("default", default), ("365 d", year)):
                 if params is None:
                     continue
@@ -172,11 +200,13 @@ def main() -> None:
                 local = timed(lambda: local_reader.ask(name, **params), runs)
                 over = timed(lambda: remote.ask(name, **params), runs)
                 wall = "-"
-                if name not in COMMAND:
+                if name not in COMMAND and "by" not in params:
                     command = [sys.executable, str(ROOT / "tedstore.py"), *cli_args(name, params),
                                "--db", db, "--json"]
                     wall = f"{timed(lambda: subprocess.run(command, capture_output=True, check=True), 3)[0]:.0f} ms"
-                print(f"{name:<20}{label:>8}  {local[0]:>9.1f}/{local[1]:>7.1f} ms  "
+                asked = " ".join([name] + [f"{key}={params[key]}" for key in ("tracker", "by")
+                                           if key in params])
+                print(f"{asked:<36}{label:>8}  {local[0]:>9.1f}/{local[1]:>7.1f} ms  "
                       f"{over[0]:>8.1f}/{over[1]:>6.1f} ms  {wall:>9}")
         remote.close()
         local_reader.close()

@@ -347,11 +347,19 @@ PATTERNS = ("alpha", "beta", "gamma", "delta")
 
 
 class Play:
-    """Games, predictions and side bets with known outcomes, and what each query should say."""
+    """Games, predictions and side bets with known outcomes, and what each query should say.
 
-    def __init__(self, seed: int = 7, games: int = 48):
+    With `trackers`, each tracker (name, model) predicts and bets on every game on its own,
+    as a production tracker and a shadow candidate do; without, the default tracker alone,
+    its lines naming no tracker."""
+
+    def __init__(self, seed: int = 7, games: int = 48,
+                 trackers: tuple[tuple[str, str], ...] = ()):
         rng = random.Random(seed)
         self.events, self.games, self.predictions, self.bets = [], [], [], []
+        self.state: dict[tuple[str, str], object] = {}
+        whose = [(name, model, {"tracker": name, "model_version": model})
+                 for name, model in trackers] or [("default", "v2.1.0", {})]
         for number in range(games):
             hour = FIRST_HOUR + (number % 6) * 3600
             start = hour + rng.randint(60, 2400) + rng.randint(0, 999) / 1000
@@ -362,32 +370,46 @@ class Play:
                     "ended": ended, "patterns": sorted(rng.sample(PATTERNS, rng.randint(0, 2))),
                     "predictions": []}
             self.events.append(game_start(game["id"], 0, 1.0, ts=start))
-            for tick in range(20, end_tick, 40):
-                ts = start + tick * 0.25
-                guess = tick + rng.randint(0, 300)
-                self.events.append(prediction(game["id"], tick, guess, ts=ts,
-                                              features_used={"epr_active": tick % 80 == 20}))
-                row = {"game": game["id"], "ts": ts, "error": guess - end_tick if ends else None}
-                self.predictions.append(row)
-                game["predictions"].append(row)
-            for tick in range(30, end_tick + 40, 60):
-                ts = start + tick * 0.25
-                if ended is not None and ts > ended:
-                    break
-                advice = "BET" if tick % 120 == 30 else "SKIP"
-                ev = round(rng.uniform(-0.5, 0.5), 3)
-                self.events.append(side_bet(game["id"], tick, advice, expected_value=ev, ts=ts))
-                outcome = None if not ends else ("WON" if tick <= end_tick <= tick + 40 else "LOST")
-                self.bets.append({"ts": ts, "advice": advice, "ev": ev, "outcome": outcome})
+            for tracker, model, fields in whose:
+                for tick in range(20, end_tick, 40):
+                    ts = start + tick * 0.25
+                    guess = tick + rng.randint(0, 300)
+                    self.events.append(prediction(game["id"], tick, guess, ts=ts, **fields,
+                                                  features_used={"epr_active": tick % 80 == 20}))
+                    row = {"game": game["id"], "ts": ts, "tracker": tracker, "model": model,
+                           "error": guess - end_tick if ends else None}
+                    self.predictions.append(row)
+                    game["predictions"].append(row)
+                for tick in range(30, end_tick + 40, 60):
+                    ts = start + tick * 0.25
+                    if ended is not None and ts > ended:
+                        break
+                    advice = "BET" if tick % 120 == 30 else "SKIP"
+                    ev = round(rng.uniform(-0.5, 0.5), 3)
+                    self.events.append(side_bet(game["id"], tick, advice, expected_value=ev,
+                                                ts=ts, **{k: v for k, v in fields.items()
+                                                          if k == "tracker"}))
+                    outcome = None if not ends else \
+                        ("WON" if tick <= end_tick <= tick + 40 else "LOST")
+                    self.bets.append({"ts": ts, "advice": advice, "ev": ev, "outcome": outcome,
+                                      "tracker": tracker, "game": game["id"]})
             if ends:
                 self.events.append(game_end(game["id"], at=end_tick, final=0.5,
                                             patterns=game["patterns"], ts=ended))
             self.games.append(game)
+        for tracker, _, fields in whose:                       # each tracker's own state
+            self.state[tracker, "tracker.model"] = {"weights": [len(tracker), seed]}
+            self.events.append(state_write("tracker.model", self.state[tracker, "tracker.model"],
+                                           **{k: v for k, v in fields.items() if k == "tracker"}))
 
-    def performance(self, since: float, until: float) -> dict:
-        made = [p for p in self.predictions if since <= round(p["ts"], 3) < until]
+    def performance(self, since: float, until: float, tracker: str | None = None,
+                    model: str | None = None) -> dict:
+        """What performance says of [since, until), of one tracker (and model) or all."""
+        made = [p for p in self.predictions if since <= round(p["ts"], 3) < until
+                and tracker in (None, p["tracker"]) and model in (None, p["model"])]
         errors = [p["error"] for p in made if p["error"] is not None]
-        bets = [b for b in self.bets if since <= round(b["ts"], 3) < until]
+        bets = [b for b in self.bets if since <= round(b["ts"], 3) < until
+                and tracker in (None, b["tracker"])]
         advised = [b for b in bets if b["advice"] == "BET"]
         settled = [b for b in advised if b["outcome"]]
         won = sum(b["outcome"] == "WON" for b in settled)
@@ -411,6 +433,15 @@ class Play:
                 "pending": len(advised) - len(settled),
                 "total_ev": sum(b["ev"] for b in settled),
                 "roi_percentage": 100.0 * payout / len(settled) if settled else None}}
+
+
+def close(expected):
+    """`expected` with every float compared as pytest.approx does, however deep."""
+    if isinstance(expected, dict):
+        return {key: close(value) for key, value in expected.items()}
+    if isinstance(expected, list):
+        return [close(value) for value in expected]
+    return pytest.approx(expected) if isinstance(expected, float) else expected
 
 
 # Retention long enough for the fixed instants (2025) that the lifecycle tests pin down;

@@ -170,11 +170,22 @@ def test_the_daemon_rolls_up_again_the_hours_that_late_events_changed(inprocess)
     scheduler.run_due(time.time())
     rolled = "SELECT predictions_made FROM metrics_hourly WHERE hour_start = ?"
     assert query(daemon.db, rolled, (tedstore.utc_text(hour),)) == []      # nothing there yet
+    by = ("SELECT tracker, model_version, predictions_made FROM metrics_hourly_by "
+          "WHERE hour_start = ? ORDER BY 1, 2")
     conn = Conn(daemon.socket)
     conn.send(prediction("late", 10, 50, ts=hour + 600), prediction("late", 20, 50, ts=hour + 700))
     conn.wait_ack(2)
     scheduler.run_due(time.time())
     assert query(daemon.db, rolled, (tedstore.utc_text(hour),)) == [(2,)]
+    assert query(daemon.db, by, (tedstore.utc_text(hour),)) == [
+        ("*", "v2.1.0", 2), ("default", "*", 2), ("default", "v2.1.0", 2)]
+    conn.send(prediction("late", 10, 60, ts=hour + 800, tracker="shadow", model_version="v3"))
+    conn.wait_ack(3)
+    scheduler.run_due(time.time())                          # each tracker's rows, again
+    assert query(daemon.db, rolled, (tedstore.utc_text(hour),)) == [(3,)]
+    assert query(daemon.db, by, (tedstore.utc_text(hour),)) == [
+        ("*", "v2.1.0", 2), ("*", "v3", 1), ("default", "*", 2), ("default", "v2.1.0", 2),
+        ("shadow", "*", 1), ("shadow", "v3", 1)]
 
 
 def test_output_cut_short_by_head_ends_quietly(filled):

@@ -181,41 +181,56 @@ def snapshot(store: Store) -> dict[str, list]:
     return tables
 
 
-def generated_game(rng: random.Random, number: int) -> list[dict]:
+def generated_game(rng: random.Random, number: int, trackers: int = 1) -> list[dict]:
+    """A game's feed, and each tracker's predictions, side bets and state on it (two
+    trackers, a production one and a shadow, each forward the feed too)."""
     game = f"h{number}"
     base = 1_763_800_000_000 + number * 1_000_000
     end_tick = rng.randint(5, 120)
-    events = [game_start(game, 0, 1.0, ts=base)]
+    feed = [game_start(game, 0, 1.0, ts=base)]
+    records = []
+    names = [{}] if trackers == 1 else [{"tracker": "production"}, {"tracker": "shadow"}]
     for n in range(1, end_tick):
-        events.append(price_update(game, n, round(rng.uniform(0.5, 3.0), 1), ts=base + n * 250,
-                           features=FEATURES))
-        if rng.random() < 0.15:
-            events.append(prediction(game, n, n + rng.randint(0, 150), ts=base + n * 250))
-        if rng.random() < 0.1:
-            events.append(side_bet(game, n, rng.choice(["BET", "SKIP"]), ts=base + n * 250))
-    events.append(game_end(game, end_tick, 0.1, startTick=0, patterns=rng.sample("abcd", 2),
-                      ts=base + end_tick * 250))
-    events.append(state_write(f"last-{number % 2}", number, ts=base + end_tick * 250))
-    return events
+        feed.append(price_update(game, n, round(rng.uniform(0.5, 3.0), 1), ts=base + n * 250,
+                                 features=FEATURES))
+        for whose in names:
+            if rng.random() < 0.15:
+                records.append(prediction(game, n, n + rng.randint(0, 150), ts=base + n * 250,
+                                          **whose))
+            if rng.random() < 0.1:
+                records.append(side_bet(game, n, rng.choice(["BET", "SKIP"]), ts=base + n * 250,
+                                        **whose))
+    feed.append(game_end(game, end_tick, 0.1, startTick=0, patterns=rng.sample("abcd", 2),
+                         ts=base + end_tick * 250))
+    records += [state_write(f"last-{number % 2}", number, ts=base + end_tick * 250, **whose)
+                for whose in names]
+    return feed * len(names) + records
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2 ** 32 - 1), games=st.integers(1, 4), batch=st.integers(1, 60),
-       duplicates=st.floats(0, 0.5))
-def test_shuffled_and_duplicated_streams_give_the_same_tables(tmp, seed, games, batch, duplicates):
+       duplicates=st.floats(0, 0.5), trackers=st.integers(1, 2))
+def test_shuffled_and_duplicated_streams_give_the_same_tables(tmp, seed, games, batch, duplicates,
+                                                              trackers):
+    """With one tracker, or two on the same feed."""
     rng = random.Random(seed)
-    events = [e for number in range(games) for e in generated_game(rng, number)]
-    in_order = Store(tmp / f"a{seed}-{batch}.db", **LONG_RETENTION)
+    events = [e for number in range(games) for e in generated_game(rng, number, trackers)]
+    in_order = Store(tmp / f"a{seed}-{batch}-{trackers}.db", **LONG_RETENTION)
     assert in_order.send(*events, batch_size=len(events)) == []
     replayed = events + [e for e in events if rng.random() < duplicates]
     rng.shuffle(replayed)
-    shuffled = Store(tmp / f"b{seed}-{batch}.db", **LONG_RETENTION)
+    shuffled = Store(tmp / f"b{seed}-{batch}-{trackers}.db", **LONG_RETENTION)
     assert shuffled.send(*replayed, batch_size=batch) == []
     assert snapshot(shuffled) == snapshot(in_order)
     # replaying everything once more changes nothing
     before = snapshot(shuffled)
     shuffled.send(*events, batch_size=batch)
     assert snapshot(shuffled) == before
+    if trackers == 2:                                   # each tracker's records, all of them
+        assert {row[0] for row in shuffled.rows("SELECT DISTINCT tracker FROM state")} == \
+            {"production", "shadow"}
+        assert shuffled.rows("SELECT count(*) FROM predictions")[0][0] == \
+            sum(e["event"] == "prediction" for e in events)
     in_order.conn.close()
     shuffled.conn.close()
 

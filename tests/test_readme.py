@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import tedstore
 from conftest import (BIN, README, DaemonProcess, clean_env, commands_of, localized, prediction,
                       query, readme_block, readme_blocks, shell, wait_for)
 
@@ -34,6 +35,17 @@ def test_every_code_block_is_run_or_checked_by_a_test():
     sources = "".join(path.read_text() for path in Path(__file__).parent.glob("test_*.py"))
     unasked = [tag for tag in readme_blocks() if f'readme_block("{tag}")' not in sources]
     assert not unasked, f"README blocks no test runs: {unasked}"
+
+
+
+def test_the_configuration_table_names_every_setting_and_the_query_table_every_query():
+    """The README's tables are where a newcomer looks a setting or a query up."""
+    text = README.read_text()
+    settings = dict(re.findall(r"^\| `(\w+)` \| `([A-Z_]+)` \|", text, re.M))
+    assert settings == tedstore.SETTING_ENV
+    listed = {name for first_cell in re.findall(r"^\| ((?:`\w+`(?:, )?)+) \|", text, re.M)
+              for name in re.findall(r"`(\w+)`", first_cell)}
+    assert set(tedstore.QUERIES) <= listed, set(tedstore.QUERIES) - listed
 
 
 @pytest.fixture
@@ -171,6 +183,24 @@ def test_the_report_lines(here, tmp):
         assert result.returncode == 0, (line, result.stderr)
     for page in ("tedstore-report.html", "quarter.html"):
         assert (tmp / page).read_text().startswith("<!doctype html>")
+
+
+def test_the_comparison_lines(tmp):
+    """Two simulated trackers, compared in one command each, as a newcomer would."""
+    daemon = DaemonProcess(tmp).start()
+    try:
+        simulate, performance, report = [shell(line, tmp)
+                                         for line in commands_of(readme_block("compare"))]
+        assert simulate.returncode == 0, simulate.stderr
+        assert performance.returncode == 0, performance.stderr
+        lines = performance.stdout.splitlines()
+        assert any(line.startswith("default") for line in lines), performance.stdout
+        assert any(line.startswith("candidate") for line in lines), performance.stdout
+        assert report.returncode == 0, report.stderr
+        page = (tmp / "compare.html").read_text()
+        assert "side by side" in page and "candidate" in page
+    finally:
+        daemon.stop()
 
 
 def free_port() -> int:

@@ -1,5 +1,6 @@
-"""Replication with the real Litestream: a live database streamed to a file replica, restored
-with `litestream restore`, every acknowledged line found in it."""
+"""Replication with the real Litestream: a live database streamed to a file replica (and, from
+several hosts, to a real S3-compatible server), restored with `litestream restore`, every
+acknowledged line found in it."""
 
 from __future__ import annotations
 
@@ -7,15 +8,19 @@ import collections
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import apsw
 import pytest
 
 import tedstore
-from conftest import commands_of, idle_for, localized, readme_block, run_cli, shell, wait_for
+from conftest import (BIN, commands_of, idle_for, localized, readme_block, run_cli, shell,
+                      wait_for)
 
 pytestmark = pytest.mark.slow                # each runs Litestream and the daemon for seconds
 
@@ -238,3 +243,103 @@ def test_after_a_restore_the_replica_follows_the_restored_database(daemon_factor
     assert replicator.stop() == 0, replicator.log()
     assert_every_line_restored(daemon, replicator, kept + events[2 * third:],
                                tmp / "restored-again.db")
+
+
+# -- beyond one host: hosts replicate to object storage, a central host merges them ------------
+
+MOTO = shutil.which("moto_server", path=os.path.dirname(sys.executable))
+
+
+@pytest.fixture
+def s3(tmp):
+    """A real S3-compatible server on loopback (moto), with the README's bucket."""
+    if MOTO is None:
+        pytest.fail("moto_server is not installed: pip install -e '.[test]' (moto[server])")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp / "moto.log", "ab")
+    server = subprocess.Popen([MOTO, "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT)
+    log.close()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            try:
+                with urllib.request.urlopen(endpoint, timeout=2):
+                    return True
+            except urllib.error.HTTPError:
+                return True
+            except OSError:
+                return server.poll() is not None
+        wait_for(up, timeout=60, what="moto_server to listen")
+        assert server.poll() is None, (tmp / "moto.log").read_text()
+        request = urllib.request.Request(f"{endpoint}/my-tedstore-bucket", method="PUT")
+        urllib.request.urlopen(request, timeout=10).close()       # create the bucket
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def s3_env() -> dict:
+    """Litestream's environment: the credentials, and no AWS_CA_BUNDLE (set on this machine,
+    it makes Litestream's S3 client fail: "unable to add custom RootCAs")."""
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    env.update(LITESTREAM_ACCESS_KEY_ID="testing", LITESTREAM_SECRET_ACCESS_KEY="testing")
+    return env
+
+
+def test_hosts_replicate_to_s3_and_a_central_host_merges_every_acknowledged_record(
+        daemon_factory, tmp, s3):
+    """Two tracker hosts on one feed, each named, each replicating with the README's
+    configuration to a real S3-compatible server; the README's central merge restores every
+    replica and imports it: every record each host acknowledged is in the central database,
+    under its tracker's name, and every game once."""
+    hosts = []
+    feed = list(tedstore.simulate_events(12, seed=31))
+    for n in (1, 2):
+        folder = tmp / f"host-{n}"
+        folder.mkdir()
+        config = folder / "litestream.yml"
+        config.write_text(localized(readme_block("s3-replica"), folder).replace(
+            "hosts/tracker-1", f"hosts/tracker-{n}").replace("https://s3.example.com", s3)
+            .replace("dbs:", "logging:\n  level: debug\ndbs:", 1))
+        replicator = subprocess.Popen([LITESTREAM, "replicate", "-config", str(config)],
+                                      env=s3_env(), stdout=open(folder / "litestream.log", "ab"),
+                                      stderr=subprocess.STDOUT)
+        daemon = daemon_factory(folder=folder, env={"TEDSTORE_CHECKPOINT": "off"})
+        events = [{**event, "tracker": f"tracker-{n}", "predicted_end_tick":
+                   event["predicted_end_tick"] + n} if event["event"] == "prediction" else
+                  {**event, "tracker": f"tracker-{n}"} if event["event"] == "sideBet" else event
+                  for event in feed]
+        send_with_pauses(daemon, events, batches=2)
+        hosts.append((folder, daemon, replicator))
+    for folder, daemon, replicator in hosts:
+        assert daemon.stop() == 0
+        replicator.send_signal(signal.SIGTERM)
+        assert replicator.wait(60) == 0, (folder / "litestream.log").read_text()[-2000:]
+
+    central = tmp / "central"                              # the README's recipe, as is
+    (central / "hosts").mkdir(parents=True)
+    paths = {"/srv/tedstore/": f"{central}/", "https://s3.example.com": s3,
+             "/etc/litestream-central.yml": str(central / "litestream-central.yml")}
+    (central / "litestream-central.yml").write_text(localized(readme_block("s3-central"),
+                                                              central, **paths))
+    script = localized(readme_block("s3-merge"), central, **paths)
+    done = subprocess.run(["bash", "-ec", script], cwd=central, capture_output=True, text=True,
+                          timeout=300, env={**s3_env(), "PATH": f"{BIN}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    merged = contents(str(central / "central.db"))
+    for folder, daemon, _ in hosts:
+        alone = contents(daemon.db)
+        assert alone["games"] and len(merged["games"]) == len(alone["games"])
+        for table in ("predictions", "side_bets"):
+            mine = [row for row in merged[table] if f"'tracker-{folder.name[-1]}'" in row]
+            assert len(mine) == len(alone[table]) > 0, (folder.name, table)
+    kinds = collections.Counter(event["event"] for event in feed)
+    assert len(merged["predictions"]) == 2 * kinds["prediction"]
+    assert len(merged["side_bets"]) == 2 * kinds["sideBet"]
+    with tedstore.Reader(db_path=str(central / "central.db")) as reader:
+        trackers = reader.trackers(days=3650)["trackers"]
+    assert [t["tracker"] for t in trackers] == ["tracker-1", "tracker-2"]
