@@ -346,6 +346,12 @@ CREATE INDEX predictions_raw_error ON predictions (raw_error, created_at, tracke
     WHERE raw_error IS NOT NULL;
 -- By tracker and model: who sent what in a window, without sorting the window's rows.
 CREATE INDEX predictions_tracker ON predictions (tracker, model_version, created_at);
+-- By confidence, the resolved ones with bounds: over a long window, calibration reads them in
+-- the order of its bins instead of sorting months of predictions.
+CREATE INDEX predictions_confidence ON predictions (confidence, created_at, tracker, model_version,
+                                                   predicted_end_tick, raw_error, bound_lower,
+                                                   bound_upper)
+    WHERE raw_error IS NOT NULL AND bound_lower IS NOT NULL AND bound_upper IS NOT NULL;
 
 CREATE TABLE side_bets_v4 (
     id              INTEGER PRIMARY KEY,
@@ -375,6 +381,10 @@ ALTER TABLE side_bets_v4 RENAME TO side_bets;
 CREATE INDEX side_bets_created_at ON side_bets (created_at, tracker, recommendation,
                                                 actual_outcome, expected_value, payout);
 CREATE INDEX side_bets_tracker ON side_bets (tracker, created_at);
+-- By probability, the resolved ones: the same for the side bets' calibration.
+CREATE INDEX side_bets_probability ON side_bets (probability, created_at, tracker, actual_outcome,
+                                                 recommendation, expected_value, payout)
+    WHERE actual_outcome <> 'PENDING';
 
 CREATE TABLE state_v4 (
     tracker    TEXT NOT NULL DEFAULT 'default',           -- whose state it is

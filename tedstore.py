@@ -26,9 +26,13 @@ Where to change what:
 - a table's retention, time column or what its retention bounds: its entry of TABLES;
 - a measure (median e40, within-k shares, ROI): SQL_MEASURES and Measures, and ROLLED_UP
   for the column it has in the rollup tables;
-- a chart of the report over a measure: one Chart in CHARTS;
+- a chart of the report over a measure: one Chart in CHARTS; a panel of another shape
+  (the reliability diagrams, the bankroll): a *_panel function, called by render_report;
 - a query: a q_* function, its parameters (a Window subclass carries its default window),
-  its entry of QUERIES, and a Reader method;
+  its entry of QUERIES, a Reader method and a read_command;
+- what a query reads over a long window (LONG_WINDOW_DAYS): the indexes that keep the rows
+  in the order it aggregates them (predictions_raw_error, predictions_confidence,
+  side_bets_probability), named by SQL_MEASURES and _FORECAST_INDEX;
 - the schema: a new "-- version: N" step at the end of schema.sql.
 """
 
@@ -36,6 +40,7 @@ from __future__ import annotations
 __version__ = "1.0.0"
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import csv
@@ -695,9 +700,9 @@ TABLES = {table.name: table for table in (
         "created_at", "predictions_created_at", "prediction_retention_days", rolled=True,
         bounds=(Prediction,)),
     StoredTable("side_bets", (
-        "id", "game_id", "tracker", "placed_at_tick", "window_end_tick", "probability", "expected_value",
-        "confidence", "recommendation", "actual_outcome", "payout", "created_at",
-        "resolved_at"),
+        "id", "game_id", "tracker", "placed_at_tick", "window_end_tick", "probability",
+        "expected_value", "confidence", "recommendation", "actual_outcome", "payout",
+        "created_at", "resolved_at"),
         "created_at", "side_bets_created_at", "sidebet_retention_days", rolled=True,
         bounds=(SideBet,)),
     # A game stays while its predictions or side bets stay (:keep_*).
@@ -2586,9 +2591,9 @@ def measure(conn: apsw.Connection, start: str, end: str, tracker: Optional[str] 
     """The measures of [start, end) (UTC text), of one tracker's records (and of one
     model's predictions: side bets have no model) or of all of them. Games and rejects are
     the feed's and the daemon's: the same whoever asks."""
-    long = text_epoch(end) - text_epoch(start) >= LONG_WINDOW_DAYS * 86400
-    cursor = conn.execute(SQL_MEASURES["long" if long else "short"], {"start": start, "end": end, "tracker": tracker,
-                                               "model": model})
+    length = "long" if text_epoch(end) - text_epoch(start) >= LONG_WINDOW_DAYS * 86400 else "short"
+    cursor = conn.execute(SQL_MEASURES[length], {"start": start, "end": end, "tracker": tracker,
+                                                 "model": model})
     names = [column for column, _ in cursor.get_description()]
     return Measures(**dict(zip(names, cursor.fetchone())))
 
@@ -4177,13 +4182,17 @@ class Client:
 PATTERN_NAMES = ("double_top", "slow_bleed", "moonshot", "flatline", "whipsaw")
 GAMES_A_DAY = 500                    # TED's volume
 BET_WINDOW_TICKS = 40                # a side bet wins if the game ends within this many ticks
+GAME_LIFETIME_TICKS = 280            # past tick 20, a game ends at any tick with chance 1/280
+WINDOW_CHANCE = 1 - math.exp(-BET_WINDOW_TICKS / GAME_LIFETIME_TICKS)   # of ending in a bet's
 
 
 class SimulatedTracker(NamedTuple):
     """A tracker the simulator plays, imperfect in known ways: its predictions miss the end
     by `error_sd` ticks (a normal error), its uncertainty bounds are `bounds_shrink` times
-    as wide as its stated confidence needs (so they cover less often than claimed), and its
-    side-bet probabilities are over-confident at the high end: calibrated q becomes
+    as wide as its stated confidence needs (so they cover less often than claimed), its
+    side bets see the outcome through a noisy score (`signal` apart, in standard
+    deviations, for games that end in the window and games that do not), and their
+    probabilities are over-confident at the high end: calibrated q becomes
     q * (1 + overconfidence * q)."""
 
     name: str
@@ -4191,14 +4200,15 @@ class SimulatedTracker(NamedTuple):
     error_sd: float
     bounds_shrink: float
     overconfidence: float
+    signal: float
 
 
 SIMULATED_TRACKERS = (
-    SimulatedTracker(DEFAULT_TRACKER, "v2.1.0", 60, 0.7, 0.6),
-    SimulatedTracker("candidate", "v2.2.0", 45, 0.9, 0.2),
-    SimulatedTracker("challenger", "v3.0.0-rc1", 80, 0.6, 0.9),
-    SimulatedTracker("baseline", "v1.9.4", 100, 1.0, 0.0),
-    SimulatedTracker("experiment", "v3.1.0-dev", 70, 0.8, 0.4),
+    SimulatedTracker(DEFAULT_TRACKER, "v2.1.0", 60, 0.7, 0.6, 0.5),
+    SimulatedTracker("candidate", "v2.2.0", 45, 0.9, 0.2, 0.6),
+    SimulatedTracker("challenger", "v3.0.0-rc1", 80, 0.6, 2.0, 0.4),
+    SimulatedTracker("baseline", "v1.9.4", 100, 1.0, 0.0, 0.2),
+    SimulatedTracker("experiment", "v3.1.0-dev", 70, 0.8, 0.9, 0.5),
 )
 
 
@@ -4229,7 +4239,7 @@ def simulate_events(games: Optional[int] = None, *, events: Optional[int] = None
     lengths = random.Random(seed)
     end_ticks, planned = [], 0
     while (games is None or len(end_ticks) < games) and (events is None or planned < events):
-        end_ticks.append(20 + int(lengths.expovariate(1 / 280)))
+        end_ticks.append(20 + int(lengths.expovariate(1 / GAME_LIFETIME_TICKS)))
         ticks = end_ticks[-1] - 1
         planned += ticks if mix == "predictions" else \
             ticks + trackers * (ticks // 20 + ticks // 40) + 2
@@ -4312,12 +4322,14 @@ def _simulated_prediction(rng: random.Random, game_id: str, tick: int, end_tick:
 def _simulated_side_bet(rng: random.Random, game_id: str, tick: int, end_tick: int, ts: int,
                         tracker: SimulatedTracker, named: bool) -> dict:
     """A side bet on the game ending within BET_WINDOW_TICKS: a score that leans towards
-    the real outcome gives the calibrated chance q (Bayes, from the base rate of a game
-    ending within 40 ticks), and the tracker states q made over-confident. A BET when
-    the stated chance makes the bet's expected value (+5 or -1) positive."""
+    the real outcome gives the calibrated chance q (Bayes, from WINDOW_CHANCE and the
+    score's likelihood), and the tracker states q made over-confident. A BET when the
+    stated chance makes the bet's expected value (+5 or -1) positive."""
     ends = tick <= end_tick <= tick + BET_WINDOW_TICKS
-    score = rng.gauss(1.5 if ends else 0.0, 1.0)
-    calibrated = 1 / (1 + math.exp(-(1.5 * score - 1.125 + math.log(0.13 / 0.87))))
+    signal = tracker.signal
+    score = rng.gauss(signal if ends else 0.0, 1.0)
+    calibrated = 1 / (1 + math.exp(-(signal * score - signal * signal / 2
+                                     + math.log(WINDOW_CHANCE / (1 - WINDOW_CHANCE)))))
     probability = round(min(0.99, calibrated * (1 + tracker.overconfidence * calibrated)), 4)
     expected_value = round(probability * 6 - 1, 4)
     return {"event": "sideBet", "game_id": game_id, "placed_at_tick": tick,
@@ -4520,6 +4532,51 @@ SQL_Q_PREDICTOR, SQL_Q_BETTOR = (
     f"SELECT (SELECT count(*) {rows}), (SELECT min(created_at) {rows}), "
     f"(SELECT max(created_at) {rows})" for rows in (_PREDICTOR, _BETTOR))
 
+# Forecast evaluation. A forecast in [0, 1] falls in bin k of `bins` equal parts when
+# k/bins <= it < (k+1)/bins (the last part closed); the 1e-9 puts a forecast written on an
+# edge (0.57 is 0.56999... as a float) in the part it opens. SQLite sums the window's
+# records per forecast value, then per bin; the scores follow from the bins in Python. A
+# long window (LONG_WINDOW_DAYS) reads the resolved records through the index that orders
+# them by forecast, so that nothing is sorted but the few hundred values.
+_BIN = "min(CAST({value} * :bins + 1e-9 AS INTEGER), :bins - 1)"
+_FORECAST_INDEX = {"side_bets": {"short": "side_bets_created_at", "long": "side_bets_probability"},
+                   "predictions": {"short": "predictions_created_at",
+                                   "long": "predictions_confidence"}}
+SQL_Q_CALIBRATION_BETS = {length: f"""
+SELECT {_BIN.format(value="p")} AS bin, sum(n), total(p * n), sum(won), total(sq), total(ev),
+       sum(pay)
+FROM (SELECT probability AS p, count(*) AS n,
+             count(*) FILTER (WHERE actual_outcome = 'WON') AS won,
+             total((probability - (actual_outcome = 'WON'))
+                   * (probability - (actual_outcome = 'WON'))) AS sq,
+             total(expected_value) FILTER (WHERE recommendation = 'BET') AS ev,
+             sum(payout) FILTER (WHERE recommendation = 'BET') AS pay
+      FROM side_bets INDEXED BY {index}
+      WHERE probability >= 0 AND created_at >= :since AND created_at < :until
+        AND actual_outcome <> 'PENDING' AND {SIDE_BETS_OF.format(t="")}
+      GROUP BY probability)
+GROUP BY bin ORDER BY bin""" for length, index in _FORECAST_INDEX["side_bets"].items()}
+SQL_Q_CALIBRATION_INTERVALS = {length: f"""
+SELECT {_BIN.format(value="c")} AS bin, sum(n), total(c * n), sum(covered), total(width)
+FROM (SELECT confidence AS c, count(*) AS n,
+             count(*) FILTER (WHERE bound_lower <= predicted_end_tick - raw_error
+                                AND predicted_end_tick - raw_error <= bound_upper) AS covered,
+             total(bound_upper - bound_lower) AS width
+      FROM predictions INDEXED BY {index}
+      WHERE confidence >= 0 AND created_at >= :since AND created_at < :until
+        AND raw_error IS NOT NULL AND bound_lower IS NOT NULL AND bound_upper IS NOT NULL
+        AND {PREDICTIONS_OF.format(t="")}
+      GROUP BY confidence)
+GROUP BY bin ORDER BY bin""" for length, index in _FORECAST_INDEX["predictions"].items()}
+
+# The resolved BETs of a window in the order they were resolved: the bankroll's history.
+SQL_Q_BANKROLL = f"""
+SELECT resolved_at, payout, actual_outcome = 'LOST'
+FROM side_bets INDEXED BY side_bets_created_at
+WHERE created_at >= :since AND created_at < :until AND recommendation = 'BET'
+  AND actual_outcome <> 'PENDING' AND {SIDE_BETS_OF.format(t="")}
+ORDER BY resolved_at, game_id, placed_at_tick, tracker"""
+
 # What the report adds to the queries: the games whose predictions made in the window
 # have the largest mean absolute error, the daily rollups, each day's worst hourly p99,
 # and the rejects by code.
@@ -4638,6 +4695,15 @@ class PerformanceArgs(ModelWindow, kw_only=True):
 
 class WeekArgs(ModelWindow, kw_only=True):
     """A window of a week unless given: trends, patterns and the report look further back."""
+    DEFAULT_HOURS: ClassVar[Optional[float]] = 7 * 24
+
+
+class CalibrationArgs(WeekArgs, kw_only=True):
+    bins: Annotated[int, Meta(ge=1, le=100)] = 10
+
+
+class BankrollArgs(Window, kw_only=True):
+    """A week of BETs unless given (side bets have no model)."""
     DEFAULT_HOURS: ClassVar[Optional[float]] = 7 * 24
 
 
@@ -4868,6 +4934,87 @@ def q_trackers(conn: apsw.Connection, args: Window, now: float) -> dict:
             "trackers": who_sent_what(conn, params)}
 
 
+def q_calibration(conn: apsw.Connection, args: CalibrationArgs, now: float) -> dict:
+    """Are the side bets' probabilities honest (the Brier score and Murphy's decomposition
+    of it, per bin), and do the predictions' bounds cover the end as often as their
+    confidence says?"""
+    params = {**args.params(now), "bins": args.bins}
+    since, until = args.bounds(now)
+    length = "long" if until - since >= LONG_WINDOW_DAYS * 86400 else "short"
+    width = 100 / args.bins
+    bets = conn.execute(SQL_Q_CALIBRATION_BETS[length], params).fetchall()
+    n = sum(row[1] for row in bets)
+    side_bets: dict[str, Any] = dict.fromkeys(
+        ("n", "base_rate", "brier", "reliability", "resolution", "uncertainty"))
+    side_bets.update(n=n, bins=[], expected_value={"stated": None, "realized": None})
+    if n:
+        rate = sum(row[3] for row in bets) / n
+        side_bets.update(
+            base_rate=100 * rate, brier=sum(row[4] for row in bets) / n,
+            reliability=sum(count * (p / count - won / count) ** 2
+                            for _, count, p, won, *_ in bets) / n,
+            resolution=sum(count * (won / count - rate) ** 2 for _, count, _, won, *_ in bets) / n,
+            uncertainty=rate * (1 - rate),
+            bins=[{"lower": k * width, "upper": (k + 1) * width, "n": count,
+                   "mean_probability": 100 * p / count, "observed_rate": 100 * won / count}
+                  for k, count, p, won, *_ in bets])
+        stated = [row[5] for row in bets if row[6] is not None]
+        if stated:
+            side_bets["expected_value"] = {"stated": sum(stated), "realized": sum(
+                row[6] for row in bets if row[6] is not None)}
+    spans = conn.execute(SQL_Q_CALIBRATION_INTERVALS[length], params).fetchall()
+    m = sum(row[1] for row in spans)
+    intervals: dict[str, Any] = {"n": m, "coverage": None, "mean_confidence": None,
+                                 "mean_width_ticks": None, "bins": []}
+    if m:
+        intervals.update(
+            coverage=100 * sum(row[3] for row in spans) / m,
+            mean_confidence=100 * sum(row[2] for row in spans) / m,
+            mean_width_ticks=sum(row[4] for row in spans) / m,
+            bins=[{"lower": k * width, "upper": (k + 1) * width, "n": count,
+                   "mean_confidence": 100 * confidence / count, "coverage": 100 * covered / count}
+                  for k, count, confidence, covered, _ in spans])
+    return {"since": params["since"], "until": params["until"], "side_bets": side_bets,
+            "intervals": intervals}
+
+
+def q_bankroll(conn: apsw.Connection, args: BankrollArgs, now: float) -> dict:
+    """A unit stake on every resolved BET of the window, in the order they were resolved:
+    what the bankroll went through (its curve, its worst fall, its longest losing run)."""
+    params = args.params(now)
+    since, until = args.bounds(now)
+    bucket = 13 if until - since <= 3 * 86400 else 10      # an hour's text, or a day's
+    pnl = peak = 0.0
+    peak_at: Optional[str] = params["since"]               # before the first bet: the start
+    payouts: list[float] = []
+    won = lost = streak = longest = 0
+    fall, fall_from, fall_to = 0.0, None, None
+    curve: dict[str, float] = {}
+    for resolved_at, payout, was_lost in conn.execute(SQL_Q_BANKROLL, params):
+        payouts.append(payout)
+        pnl += payout
+        lost, won = lost + was_lost, won + (not was_lost)
+        streak = streak + 1 if was_lost else 0
+        longest = max(longest, streak)
+        if pnl >= peak:
+            peak, peak_at = pnl, resolved_at
+        elif peak - pnl > fall:
+            fall, fall_from, fall_to = peak - pnl, peak_at, resolved_at
+        curve[resolved_at[:bucket]] = pnl
+    bets = len(payouts)
+    mean = pnl / bets if bets else None
+    stdev = (math.sqrt(sum((payout - mean) ** 2 for payout in payouts) / (bets - 1))
+             if bets >= 2 else None)
+    start = {13: ":00:00.000", 10: " 00:00:00.000"}[bucket]
+    return {"since": params["since"], "until": params["until"], "bets": bets, "won": won,
+            "lost": lost, "pnl": pnl, "roi_percentage": 100 * mean if bets else None,
+            "mean_payout": mean, "stdev_payout": stdev,
+            "sharpe_per_bet": mean / stdev if stdev else None,
+            "max_drawdown": fall, "max_drawdown_from": fall_from, "max_drawdown_to": fall_to,
+            "longest_losing_streak": longest,
+            "curve": [{"t": t + start, "pnl": value} for t, value in curve.items()]}
+
+
 class Query(NamedTuple):
     args: type
     compute: Callable[[apsw.Connection, Any, float], dict]
@@ -4886,6 +5033,8 @@ QUERIES = {
     "state": Query(StateArgs, q_state),
     "rejects": Query(RejectsArgs, q_rejects),
     "trackers": Query(Window, q_trackers),
+    "calibration": Query(CalibrationArgs, q_calibration),
+    "bankroll": Query(BankrollArgs, q_bankroll),
 }
 
 
@@ -4962,10 +5111,11 @@ HOURLY_UP_TO_DAYS = 3                # longer reports are bucketed by day
 def report_data(path: str, since: float, until: float, now: float,
                 tracker: Optional[str] = None, model: Optional[str] = None) -> dict:
     """Everything the report shows over [since, until), of one tracker's (and model's)
-    records if asked: the performance, patterns and metrics queries, per hour or day the
-    same measures, and each tracker's and model's performance side by side. Its two heavy
-    halves run at once on two read-only connections, which halves a year's time; each half
-    reads one snapshot, so on a live database the halves may be a commit apart."""
+    records if asked: the performance, patterns, metrics, calibration and bankroll queries,
+    per hour or day the same measures, and each tracker's and model's performance side by
+    side. Its three heavy parts run at once on three read-only connections, which more than
+    halves a year's time; each part reads one snapshot, so on a live database the parts may
+    be a commit apart."""
     window = {"since": since, "until": until, "tracker": tracker, "model": model}
     params = WeekArgs(**window).params(now)
 
@@ -4979,18 +5129,25 @@ def report_data(path: str, since: float, until: float, now: float,
                   for key in ("tracker", "model")}
         return msgspec.json.decode(msgspec.json.encode(patterns)), worst, by
 
+    def forecasts(conn: apsw.Connection) -> dict:
+        with transaction(conn, "DEFERRED"):
+            return {"calibration": q_calibration(conn, CalibrationArgs(**window), now),
+                    "bankroll": q_bankroll(conn, BankrollArgs(since=since, until=until,
+                                                              tracker=tracker), now)}
+
     hourly = until - since <= HOURLY_UP_TO_DAYS * 86400
     with (store_errors("cannot read the report's data"),
           contextlib.closing(connect(path, readonly=True)) as conn,
-          contextlib.closing(connect(path, readonly=True)) as other,
-          ThreadPoolExecutor(1) as pool):
-        other_half = pool.submit(tables, other)
+          contextlib.closing(connect(path, readonly=True)) as second,
+          contextlib.closing(connect(path, readonly=True)) as third,
+          ThreadPoolExecutor(2) as pool):
+        parts = pool.submit(tables, second), pool.submit(forecasts, third)
         with transaction(conn, "DEFERRED"):
             performance = q_performance(conn, PerformanceArgs(**window), now)
             buckets = _buckets(conn, since, until, 3600 if hourly else 86400, tracker, model)
             codes = [dict(zip(("code", "lines", "newest_at", "newest_error", "newest_raw"), row))
                      for row in conn.execute(SQL_Q_REJECT_CODES, params)]
-        patterns, worst, by = other_half.result()
+        (patterns, worst, by), answers = (part.result() for part in parts)
     for game in worst:
         game["patterns_detected"] = json.loads(game["patterns_detected"])
     for code in codes:
@@ -5000,7 +5157,7 @@ def report_data(path: str, since: float, until: float, now: float,
             "tracker": tracker, "model": model, "bucket": "hour" if hourly else "day",
             "buckets": buckets, "performance": performance, "patterns": patterns,
             "worst_games": worst, "rejects_by_code": codes, "trackers": by["tracker"],
-            "models": by["model"]}
+            "models": by["model"], **answers}
 
 
 def _buckets(conn: apsw.Connection, since: float, until: float, period: int,
@@ -5202,6 +5359,12 @@ class Reader:
     def trackers(self, **window: Any) -> dict:
         return self.ask("trackers", **window)
 
+    def calibration(self, **params: Any) -> dict:
+        return self.ask("calibration", **params)
+
+    def bankroll(self, **params: Any) -> dict:
+        return self.ask("bankroll", **params)
+
     def close(self) -> None:
         """Close the connections kept between calls (calls still running close their own)."""
         with self._lock:
@@ -5370,6 +5533,7 @@ p.meta { color: var(--muted); margin: 0 0 16px; }
 .panel > div { min-width: 0; }
 .chart { overflow-x: auto; }
 .chart svg { width: 100%; min-width: 600px; height: auto; display: block; }
+.chart.square svg { max-width: 440px; min-width: 0; margin: 0 auto; }
 .nodata { color: var(--muted); font-style: italic; padding: 24px 0; }
 details { font-size: 12px; }
 details .scroll { max-height: 320px; overflow: auto; }
@@ -5390,6 +5554,8 @@ svg .s1 { stroke: var(--c1); } svg .s2 { stroke: var(--c2); } svg .s3 { stroke: 
 svg .f1 { fill: var(--c1); } svg .f2 { fill: var(--c2); } svg .f3 { fill: var(--c3); }
 svg .gain { fill: var(--gain); } svg .loss { fill: var(--loss); }
 svg .dash { stroke-dasharray: 6 3; } svg .dot { stroke-dasharray: 2 3; }
+svg .band { fill: var(--loss); fill-opacity: 0.16; }
+svg .count { fill: var(--muted); fill-opacity: 0.45; }
 @page { size: A4; margin: 12mm; }
 @media print {
   body { max-width: none; padding: 0; font-size: 11px; }
@@ -5411,6 +5577,8 @@ $summary
 </section>
 $compared
 $charts
+<h2>Forecasts</h2>
+$forecasts
 <h2>Patterns</h2>
 $patterns
 <h2>The 10 games with the largest mean absolute error</h2>
@@ -5470,7 +5638,7 @@ class Chart(NamedTuple):
     series: tuple[Plot, ...]
     y_label: str
     bars: bool = False                   # one bar per bucket, gains and losses told apart
-    zero_line: bool = False
+    zero_line: str = ""                  # the zero line's tooltip, if it is drawn
     floor: Optional[float] = None
     ceiling: Optional[float] = None
     right: Optional[Plot] = None
@@ -5494,7 +5662,7 @@ CHARTS = (
           "share of resolved predictions (%)", floor=0, ceiling=100),
     Chart("e40 bias", "Do predictions end too late (above zero) or too early (below)?",
           (Plot("median_e40", "median e40", digits=3),), "median e40 (40-tick windows)",
-          zero_line=True),
+          zero_line="zero: no bias"),
     Chart("Side-bet ROI", "Did the recommended side bets gain or lose?",
           (Plot("roi_percentage", "side-bet ROI", unit="%", header="ROI (%)"),),
           "return on BETs (%)", bars=True,
@@ -5567,16 +5735,18 @@ def _time_labels(starts: list[str], hourly: bool) -> list[tuple[int, str]]:
 
 
 def svg_chart(title: str, starts: list[str], hourly: bool, series: list[Series], *,
-              y_label: str, bars: bool = False, zero_line: bool = False,
+              y_label: str, bars: bool = False, zero_line: str = "",
               floor: Optional[float] = None, ceiling: Optional[float] = None,
-              right: Optional[Series] = None, right_label: str = "") -> str:
+              right: Optional[Series] = None, right_label: str = "",
+              band: Optional[tuple[int, int, str]] = None) -> str:
     """A line (or bar) chart of the series over the buckets, with axes, a legend and a
-    <title> tooltip on every point and bar; None values leave gaps."""
+    <title> tooltip on every point and bar; None values leave gaps. `band` shades the
+    buckets from one to another, with its label."""
     width = CHART_WIDTH - CHART_LEFT - CHART_RIGHT
     height = CHART_HEIGHT - CHART_TOP - CHART_BOTTOM
     count = max(len(starts), 1)
     low, high, step = _scale((v for s in series for v in s.values), floor, ceiling,
-                             zero=bars or zero_line)
+                             zero=bars or bool(zero_line))
 
     def x(i: float) -> float:
         return CHART_LEFT + (i + 0.5) * width / count
@@ -5594,9 +5764,20 @@ def svg_chart(title: str, starts: list[str], hourly: bool, series: list[Series],
                      f'<text class="muted" x="{CHART_LEFT - 6}" y="{y(tick) + 4:.1f}" '
                      f'text-anchor="end">{_tick(tick, step)}</text>')
         tick += step
+    if band is not None:
+        first, last, label = band
+        slot = width / count
+        parts.append(f'<rect class="band" x="{x(first) - slot / 2:.1f}" y="{CHART_TOP}" '
+                     f'width="{(last - first + 1) * slot:.1f}" height="{height}">'
+                     f'<title>{html.escape(label)}</title></rect>')
+        right_half = x((first + last) / 2) > CHART_LEFT + width / 2
+        edge = x(last) + slot / 2 - 4 if right_half else x(first) - slot / 2 + 4
+        parts.append(f'<text class="muted" x="{edge:.1f}" y="{CHART_TOP + 12}" '
+                     f'text-anchor="{"end" if right_half else "start"}">'
+                     f'{html.escape(label.split(",")[0])}</text>')
     if zero_line and low < 0 < high:
         parts.append(f'<line class="zero" x1="{CHART_LEFT}" x2="{CHART_LEFT + width}" '
-                     f'y1="{y(0):.1f}" y2="{y(0):.1f}"><title>zero: no bias</title></line>')
+                     f'y1="{y(0):.1f}" y2="{y(0):.1f}"><title>{zero_line}</title></line>')
     parts.append(f'<line class="axis" x1="{CHART_LEFT}" x2="{CHART_LEFT + width}" '
                  f'y1="{CHART_TOP + height}" y2="{CHART_TOP + height}"/>')
     for i, label in _time_labels(starts, hourly):
@@ -5752,6 +5933,172 @@ def chart_panel(chart: Chart, buckets: list[dict], hourly: bool) -> str:
                   [f"{'hour' if hourly else 'day'} (UTC)"] + [p.column for p in chart.plots], rows)
 
 
+SQUARE, SQUARE_LEFT, SQUARE_TOP, STRIP = 300, 58, 22, 46     # the reliability diagrams
+
+
+def _wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson interval (in %) of a rate (in %) observed over n trials: how far a
+    bin of a few bets may honestly be off the diagonal."""
+    p, spread = rate / 100, z * z / n
+    centre = (p + spread / 2) / (1 + spread)
+    half = z / (1 + spread) * math.sqrt(p * (1 - p) / n + spread / (4 * n))
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+def _compact(count: int) -> str:
+    """A count in at most four characters: 812, 5.2k, 10k, 1.3M."""
+    for limit, unit in ((1e6, "M"), (1e3, "k")):
+        if count >= limit:
+            value = count / limit
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return str(count)
+
+
+def svg_reliability(title: str, bins: list[dict], x_key: str, y_key: str, *, x_label: str,
+                    y_label: str, noun: str, diagonal: str) -> str:
+    """A reliability diagram: each bin's mean forecast against what happened, on a square
+    of 0..100 % by 0..100 %, the diagonal (a perfectly honest forecast) marked, each point
+    with its 95 % interval, and below it a strip of bars with each bin's count, so that a
+    bin of 3 and a bin of 3,000 are told apart at a glance."""
+    width, height = SQUARE_LEFT + SQUARE + 16, SQUARE_TOP + SQUARE + 56 + STRIP + 20
+
+    def x(value: float) -> float:
+        return SQUARE_LEFT + value / 100 * SQUARE
+
+    def y(value: float) -> float:
+        return SQUARE_TOP + SQUARE - value / 100 * SQUARE
+
+    parts = [f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">'
+             f'<title>{html.escape(title)}</title>']
+    for tick in range(0, 101, 20):
+        parts.append(f'<line class="grid" x1="{x(0)}" x2="{x(100)}" y1="{y(tick)}" y2="{y(tick)}"/>'
+                     f'<line class="grid" x1="{x(tick)}" x2="{x(tick)}" y1="{y(0)}" y2="{y(100)}"/>'
+                     f'<text class="muted" x="{x(0) - 6}" y="{y(tick) + 4}" '
+                     f'text-anchor="end">{tick}</text>'
+                     f'<text x="{x(tick)}" y="{y(0) + 16}" text-anchor="middle">{tick}</text>')
+    parts.append(f'<line class="zero" x1="{x(0)}" y1="{y(0)}" x2="{x(100)}" y2="{y(100)}">'
+                 f'<title>{html.escape(diagonal)}</title></line>'
+                 f'<text class="muted" x="{x(0) + SQUARE / 2}" y="{y(0) + 32}" '
+                 f'text-anchor="middle">{html.escape(x_label)}</text>'
+                 f'<text class="muted" transform="rotate(-90)" x="{-(SQUARE_TOP + SQUARE / 2)}" '
+                 f'y="14" text-anchor="middle">{html.escape(y_label)}</text>')
+    most = max(b["n"] for b in bins)
+    strip = y(0) + 56
+    for b in bins:
+        left, right = x(b["lower"]) + 1, x(b["upper"]) - 1
+        tall = max(1.0, STRIP * b["n"] / most)
+        parts.append(f'<rect class="count" x="{left:.1f}" y="{strip + STRIP - tall:.1f}" '
+                     f'width="{max(right - left, 1):.1f}" height="{tall:.1f}">'
+                     f'<title>{b["lower"]:g} to {b["upper"]:g} %: {b["n"]:,} {noun}</title></rect>'
+                     f'<text class="muted" x="{(left + right) / 2:.1f}" '
+                     f'y="{strip + STRIP - tall - 3:.1f}" text-anchor="middle" '
+                     f'font-size="{min(11, max(7, (right - left) / 3)):.0f}">'
+                     f'{_compact(b["n"])}</text>')
+    parts.append(f'<text class="muted" x="{x(0)}" y="{strip + STRIP + 15}">{noun} per bin of '
+                 f'the forecast</text>')
+    points = [(x(b[x_key]), y(b[y_key])) for b in bins]
+    parts.append('<polyline class="line s1" points="'
+                 + " ".join(f"{px:.1f},{py:.1f}" for px, py in points) + '"/>')
+    for b, (px, py) in zip(bins, points):
+        low, high = _wilson(b[y_key], b["n"])
+        parts.append(f'<line class="line s1" x1="{px:.1f}" x2="{px:.1f}" y1="{y(low):.1f}" '
+                     f'y2="{y(high):.1f}" stroke-width="1"/>'
+                     f'<circle class="f1" cx="{px:.1f}" cy="{py:.1f}" r="3.5"><title>'
+                     f'{b["lower"]:g} to {b["upper"]:g} %: {b["n"]:,} {noun}, '
+                     f'{html.escape(x_label.split(" (")[0])} {_number(b[x_key], 1, "%")}, '
+                     f'{html.escape(y_label.split(" (")[0])} {_number(b[y_key], 1, "%")} '
+                     f'(95 % interval {low:.0f} to {high:.0f} %)</title></circle>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _square_panel(title: str, question: str, chart: Optional[str], headers: list[str],
+                  rows: list[list[str]]) -> str:
+    return _panel(title, question, chart, headers, rows).replace(
+        '<div class="chart">', '<div class="chart square">', 1)
+
+
+def reliability_panel(calibration: dict) -> str:
+    """The side bets' reliability diagram, with its scores in words."""
+    bets = calibration["side_bets"]
+    question = ("When a side bet's probability said p %, did its game end inside the window p % "
+                "of the time? On the diagonal, the forecasts are honest; below it, "
+                "over-confident.")
+    if bets["n"]:
+        question += (f" {bets['n']:,} resolved bets; Brier score {_number(bets['brier'], 4)} = "
+                     f"reliability {_number(bets['reliability'], 4)} (lower is better) − "
+                     f"resolution {_number(bets['resolution'], 4)} (higher is better) + "
+                     f"uncertainty {_number(bets['uncertainty'], 4)}.")
+    chart = svg_reliability(
+        "Reliability of the side-bet probabilities", bets["bins"], "mean_probability",
+        "observed_rate", x_label="forecast probability (%)", y_label="observed rate (%)",
+        noun="bets", diagonal="honest forecasts") if bets["n"] else None
+    return _square_panel(
+        "Reliability of the side-bet probabilities", question, chart,
+        ["forecast bin (%)", "bets", "mean forecast (%)", "observed (%)"],
+        [[f"{b['lower']:g}–{b['upper']:g}", _number(b["n"]), _number(b["mean_probability"], 1),
+          _number(b["observed_rate"], 1)] for b in bets["bins"]])
+
+
+def coverage_panel(calibration: dict) -> str:
+    """How often the predictions' bounds held the real end, against their confidence."""
+    spans = calibration["intervals"]
+    question = ("Did the predicted bounds hold the real end as often as their stated confidence "
+                "claimed? On the diagonal, they did; below it, the bounds are too narrow.")
+    if spans["n"]:
+        question += (f" {spans['n']:,} resolved predictions with bounds: coverage "
+                     f"{_number(spans['coverage'], 1, '%')} for a stated "
+                     f"{_number(spans['mean_confidence'], 1, '%')}, "
+                     f"{_number(spans['mean_width_ticks'], 1, 'ticks')} wide on average.")
+    chart = svg_reliability(
+        "Bounds coverage against stated confidence", spans["bins"], "mean_confidence",
+        "coverage", x_label="stated confidence (%)", y_label="coverage (%)",
+        noun="predictions", diagonal="bounds as wide as claimed") if spans["n"] else None
+    return _square_panel(
+        "Bounds coverage against stated confidence", question, chart,
+        ["confidence bin (%)", "predictions", "mean confidence (%)", "coverage (%)"],
+        [[f"{b['lower']:g}–{b['upper']:g}", _number(b["n"]), _number(b["mean_confidence"], 1),
+          _number(b["coverage"], 1)] for b in spans["bins"]])
+
+
+def bankroll_panel(bankroll: dict, buckets: list[dict], hourly: bool) -> str:
+    """The bankroll curve of a unit stake on every BET, its worst fall shaded."""
+    starts = [b["start"] for b in buckets]
+    question = ("What would a unit stake on every recommended BET have made, and how deep did "
+                "it fall?")
+    if not bankroll["bets"]:
+        return _panel("Bankroll", question, None, [], [])
+    question += (f" {bankroll['bets']:,} BETs resolved, {_number(bankroll['pnl'], 1)} units "
+                 f"(ROI {_number(bankroll['roi_percentage'], 1, '%')}, Sharpe per bet "
+                 f"{_number(bankroll['sharpe_per_bet'], 3)}); longest losing streak "
+                 f"{bankroll['longest_losing_streak']:,}.")
+
+    def bucket_of(moment: str) -> int:
+        return max(bisect.bisect_right(starts, moment) - 1, 0)
+
+    values: list[Optional[float]] = []
+    curve, total = iter(bankroll["curve"]), 0.0
+    point = next(curve, None)
+    for i in range(len(starts)):
+        while point is not None and bucket_of(point["t"]) <= i:
+            total, point = point["pnl"], next(curve, None)
+        values.append(total)
+    band = None
+    if bankroll["max_drawdown_to"] is not None:
+        band = (bucket_of(bankroll["max_drawdown_from"]), bucket_of(bankroll["max_drawdown_to"]),
+                f"max drawdown {_number(bankroll['max_drawdown'], 1)} units, "
+                f"{bankroll['max_drawdown_from'][:16]} to {bankroll['max_drawdown_to'][:16]} UTC")
+        question += f" The shaded span is the {band[2]}."
+    chart = svg_chart("Bankroll", starts, hourly,
+                      [Series("profit", values, "s1", "units", 1)],
+                      y_label="profit of a unit stake per BET (units)", zero_line="break even",
+                      band=band)
+    return _panel("Bankroll", question, chart,
+                  [f"{'hour' if hourly else 'day'} (UTC)", "profit (units)"],
+                  [[_bucket_name(p["t"], hourly), _number(p["pnl"], 1)]
+                   for p in bankroll["curve"]])
+
+
 def compared_panel(trackers: list[dict], models: list[dict]) -> str:
     """Trackers and models side by side, when the period holds more than one of either:
     each figure with the number of predictions or bets behind it."""
@@ -5796,10 +6143,13 @@ def render_report(data: dict, database: str) -> str:
                         for name, value in figures)
     charts = [chart_panel(chart, buckets, hourly) for chart in CHARTS]
     compared = compared_panel(data["trackers"], data["models"])
+    forecasts = "\n".join((reliability_panel(data["calibration"]),
+                           coverage_panel(data["calibration"]),
+                           bankroll_panel(data["bankroll"], buckets, hourly)))
     patterns = data["patterns"]["patterns"]
     return REPORT_PAGE.substitute(
         title=html.escape(title), meta=meta, summary=summary, compared=compared,
-        charts="\n".join(charts),
+        charts="\n".join(charts), forecasts=forecasts,
         patterns=html_table(
             ["pattern", "games", "within 1 window (%)", "mean duration (ticks)", "newest games"],
             [[_page_text(x["pattern"]), _number(x["games"]),
@@ -6712,11 +7062,13 @@ def rollup_command(settings: Settings, since: Optional[str], output: Output) -> 
         if hours else "nothing to roll up"])
 
 
-PREDICTION_COLUMNS = [("predicted_at_tick", "at tick", fmt()), ("predicted_end_tick", "predicted end", fmt()),
+PREDICTION_COLUMNS = [("predicted_at_tick", "at tick", fmt()),
+                      ("predicted_end_tick", "predicted end", fmt()),
                       ("actual_end_tick", "actual end", fmt()), ("raw_error", "error (ticks)", fmt()),
                       ("e40", "e40", fmt(3)), ("confidence", "confidence", fmt(2)),
                       ("model_version", "model", text)]
-SIDE_BET_COLUMNS = [("placed_at_tick", "placed at tick", fmt()), ("window_end_tick", "window end", fmt()),
+SIDE_BET_COLUMNS = [("placed_at_tick", "placed at tick", fmt()),
+                    ("window_end_tick", "window end", fmt()),
                     ("probability", "probability", fmt(3)), ("expected_value", "EV", fmt(3)),
                     ("recommendation", "advice", text), ("actual_outcome", "outcome", text),
                     ("payout", "payout", fmt(2))]
@@ -6893,6 +7245,73 @@ def patterns_command(reader: Reader, output: Output, window: dict) -> None:
             ("avg_prediction_accuracy", "within 1 (%)", share),
             ("avg_duration_ticks", "avg ticks", fmt()),
             ("recent_game_ids", "newest games", text)]))
+
+
+@read_command("calibration")
+@click.option("--bins", type=click.IntRange(1, 100), default=10, show_default=True,
+              help="How many equal parts [0, 1] is cut into.")
+def calibration_command(reader: Reader, output: Output, window: dict, bins: int) -> None:
+    """Are the side-bet probabilities honest, and do the bounds cover as often as claimed?
+
+    Example: tedstore calibration --days 7 --tracker candidate
+    """
+    result = reader.ask("calibration", **window, bins=bins)
+
+    def lines(result: dict) -> Iterator[str]:
+        bets, spans = result["side_bets"], result["intervals"]
+        if not bets["n"]:
+            yield f"no resolved side bet from {period(result)}"
+        else:
+            ev = bets["expected_value"]
+            yield (f"side bets from {period(result)}: {bets['n']:,} resolved, "
+                   f"{fmt(1, ' %')(bets['base_rate'])} ended in their window")
+            yield (f"Brier {fmt(4)(bets['brier'])} (lower is better) = reliability "
+                   f"{fmt(4)(bets['reliability'])} - resolution {fmt(4)(bets['resolution'])} "
+                   f"+ uncertainty {fmt(4)(bets['uncertainty'])}")
+            yield f"BETs: expected {fmt(2)(ev['stated'])}, returned {fmt(2)(ev['realized'])}"
+            yield from table(bets["bins"], [
+                ("lower", "from (%)", fmt(0)), ("upper", "to (%)", fmt(0)),
+                ("n", "bets", fmt()), ("mean_probability", "forecast (%)", fmt()),
+                ("observed_rate", "observed (%)", fmt())])
+        if not spans["n"]:
+            yield f"no resolved prediction with bounds from {period(result)}"
+            return
+        yield (f"bounds: {spans['n']:,} resolved predictions, coverage "
+               f"{fmt(1, ' %')(spans['coverage'])} against a stated confidence of "
+               f"{fmt(1, ' %')(spans['mean_confidence'])}, mean width "
+               f"{fmt(1, ' ticks')(spans['mean_width_ticks'])}")
+        yield from table(spans["bins"], [
+            ("lower", "from (%)", fmt(0)), ("upper", "to (%)", fmt(0)),
+            ("n", "predictions", fmt()), ("mean_confidence", "confidence (%)", fmt()),
+            ("coverage", "coverage (%)", fmt())])
+    output.show(result, lines)
+
+
+@read_command("bankroll")
+def bankroll_command(reader: Reader, output: Output, window: dict) -> None:
+    """What a unit stake on every BET would have gone through: its curve and worst fall.
+
+    Example: tedstore bankroll --days 30 --tracker candidate
+    """
+    result = reader.ask("bankroll", **window)
+
+    def lines(result: dict) -> Iterator[str]:
+        if not result["bets"]:
+            yield f"no resolved BET from {period(result)}"
+            return
+        yield (f"{result['bets']:,} BETs resolved from {period(result)}: {result['won']:,} won, "
+               f"{result['lost']:,} lost; profit {fmt(2)(result['pnl'])} units, ROI "
+               f"{fmt(1, ' %')(result['roi_percentage'])}, per bet mean "
+               f"{fmt(3)(result['mean_payout'])}, stdev {fmt(3)(result['stdev_payout'])}, "
+               f"Sharpe {fmt(3)(result['sharpe_per_bet'])}")
+        drawdown = (f"max drawdown {fmt(2)(result['max_drawdown'])} units, from "
+                    f"{moment(result['max_drawdown_from'])} to "
+                    f"{moment(result['max_drawdown_to'])} UTC" if result["max_drawdown_to"]
+                    else "no drawdown")
+        yield f"{drawdown}; longest losing streak {result['longest_losing_streak']:,}"
+        yield from table(result["curve"], [("t", "from (UTC)", moment),
+                                           ("pnl", "profit (units)", fmt(2))])
+    output.show(result, lines)
 
 
 @read_command("rejects")

@@ -67,16 +67,20 @@ def year_of_events(now: float, seed: int = 1, trackers: int = 1, each: bool = Fa
                 whose = {"tracker": tracker} if trackers > 1 else {}
                 turn = slice(None) if each else slice(n, None, trackers)
                 for tick in (20, 40, 60, 80)[turn]:
+                    guess, spread = tick + rng.randint(0, 500), rng.randint(0, 200)
                     events.append({"event": "prediction", "game_id": game,
-                                   "predicted_at_tick": tick,
-                                   "predicted_end_tick": tick + rng.randint(0, 500),
-                                   "confidence": 0.5, "features_used": {"epr_active": tick == 20},
+                                   "predicted_at_tick": tick, "predicted_end_tick": guess,
+                                   "confidence": round(rng.uniform(0.5, 0.95), 3),
+                                   "uncertainty_bounds": {"lower": guess - spread,
+                                                          "upper": guess + spread},
+                                   "features_used": {"epr_active": tick == 20},
                                    "ts": start + tick * 0.25, **whose})
                 for tick in (40, 80)[turn]:
-                    ev = round(rng.uniform(-0.6, 0.6), 3)
+                    probability = round(rng.betavariate(1.2, 5), 4)
+                    ev = round(6 * probability - 1, 4)
                     events.append({"event": "sideBet", "game_id": game, "placed_at_tick": tick,
-                                   "probability": 0.2, "expected_value": ev, "confidence": 0.6,
-                                   "recommendation": "BET" if ev > 0 else "SKIP",
+                                   "probability": probability, "expected_value": ev,
+                                   "confidence": 0.6, "recommendation": "BET" if ev > 0 else "SKIP",
                                    "ts": start + tick * 0.25, **whose})
             events.append({"event": "gameEnd", "gameId": game, "tick": end, "finalPrice": 0.1,
                            "startTick": 0, "patterns": rng.sample(PATTERNS, rng.randint(0, 2)),
@@ -115,6 +119,8 @@ ASKED = [  # (query, parameters over its default window, over 365 days)
     ("recent_ticks", {}, None),
     ("state", {"key": "tracker.model"}, None),
     ("rejects", {}, {"days": DAYS}),
+    ("calibration", {}, {"days": DAYS}),
+    ("bankroll", {}, {"days": DAYS}),
 ]
 BY_TRACKER = [  # with two trackers: one tracker's answers, and the answers per tracker
     ("performance", {"tracker": "candidate"}, {"days": DAYS, "tracker": "candidate"}),
@@ -124,6 +130,8 @@ BY_TRACKER = [  # with two trackers: one tracker's answers, and the answers per 
     ("patterns", {"tracker": "candidate"}, {"days": DAYS, "tracker": "candidate"}),
     ("games", {"tracker": "candidate"}, {"days": DAYS, "tracker": "candidate"}),
     ("trackers", {}, {"days": DAYS}),
+    ("calibration", {"tracker": "candidate"}, {"days": DAYS, "tracker": "candidate"}),
+    ("bankroll", {"tracker": "candidate"}, {"days": DAYS, "tracker": "candidate"}),
     ("recent_predictions", {"tracker": "candidate"}, None),
 ]
 COMMAND = {"recent_predictions": None, "recent_side_bets": None, "recent_ticks": None,

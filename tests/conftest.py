@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import decimal
+import itertools
 import json
 import os
 import random
@@ -346,6 +348,32 @@ FIRST_HOUR = tedstore.hour_floor(NOW) - 8 * 3600           # eight complete hour
 PATTERNS = ("alpha", "beta", "gamma", "delta")
 
 
+# Forecasts on the edges the evaluation must get right: 0, 1, bin edges as written (0.57
+# is 0.5699999... as a float, and on an edge with 100 bins).
+EDGE_FORECASTS = (0.0, 1.0, 0.1, 0.3, 0.5, 0.57, 0.25, 0.7)
+
+
+def overconfident(rng: random.Random, happens: bool) -> float:
+    """A side bet's probability that leans towards the outcome but overstates it: a
+    known miscalibration (and now and then a forecast on an edge)."""
+    if rng.random() < 0.3:
+        return rng.choice(EDGE_FORECASTS)
+    return round(rng.uniform(0.3, 1.0) if happens else rng.uniform(0.0, 0.75), 4)
+
+
+def forecast_bounds(rng: random.Random, guess: int, end_tick: int) -> tuple:
+    """A prediction's confidence and bounds: none at all now and then, sometimes a single
+    tick (lower = upper, on the real end or not), else around the guess."""
+    confidence = rng.choice((0.5, 0.9, 1.0, 0.25, round(rng.uniform(0.4, 0.99), 3)))
+    roll = rng.random()
+    if roll < 0.2:
+        return confidence, None, None
+    if roll < 0.3:
+        tick = rng.choice((guess, end_tick))
+        return confidence, tick, tick
+    return confidence, guess - rng.randint(0, 150), guess + rng.randint(0, 150)
+
+
 class Play:
     """Games, predictions and side bets with known outcomes, and what each query should say.
 
@@ -356,6 +384,7 @@ class Play:
     def __init__(self, seed: int = 7, games: int = 48,
                  trackers: tuple[tuple[str, str], ...] = ()):
         rng = random.Random(seed)
+        forecasts = random.Random(seed + 1)                 # confidences, bounds, probabilities
         self.events, self.games, self.predictions, self.bets = [], [], [], []
         self.state: dict[tuple[str, str], object] = {}
         whose = [(name, model, {"tracker": name, "model_version": model})
@@ -374,10 +403,16 @@ class Play:
                 for tick in range(20, end_tick, 40):
                     ts = start + tick * 0.25
                     guess = tick + rng.randint(0, 300)
+                    confidence, lower, upper = forecast_bounds(forecasts, guess, end_tick)
+                    bounds = {} if lower is None else \
+                        {"uncertainty_bounds": {"lower": lower, "upper": upper}}
                     self.events.append(prediction(game["id"], tick, guess, ts=ts, **fields,
-                                                  features_used={"epr_active": tick % 80 == 20}))
+                                                  features_used={"epr_active": tick % 80 == 20},
+                                                  confidence=confidence, **bounds))
                     row = {"game": game["id"], "ts": ts, "tracker": tracker, "model": model,
-                           "error": guess - end_tick if ends else None}
+                           "error": guess - end_tick if ends else None,
+                           "confidence": confidence, "lower": lower, "upper": upper,
+                           "actual": end_tick if ends else None}
                     self.predictions.append(row)
                     game["predictions"].append(row)
                 for tick in range(30, end_tick + 40, 60):
@@ -386,13 +421,18 @@ class Play:
                         break
                     advice = "BET" if tick % 120 == 30 else "SKIP"
                     ev = round(rng.uniform(-0.5, 0.5), 3)
+                    probability = overconfident(forecasts, tick <= end_tick <= tick + 40)
                     self.events.append(side_bet(game["id"], tick, advice, expected_value=ev,
+                                                probability=probability,
                                                 ts=ts, **{k: v for k, v in fields.items()
                                                           if k == "tracker"}))
                     outcome = None if not ends else \
                         ("WON" if tick <= end_tick <= tick + 40 else "LOST")
                     self.bets.append({"ts": ts, "advice": advice, "ev": ev, "outcome": outcome,
-                                      "tracker": tracker, "game": game["id"]})
+                                      "tracker": tracker, "game": game["id"], "tick": tick,
+                                      "p": probability, "ended": ended,
+                                      "payout": None if outcome is None else
+                                      (5.0 if outcome == "WON" else -1.0)})
             if ends:
                 self.events.append(game_end(game["id"], at=end_tick, final=0.5,
                                             patterns=game["patterns"], ts=ended))
@@ -433,6 +473,104 @@ class Play:
                 "pending": len(advised) - len(settled),
                 "total_ev": sum(b["ev"] for b in settled),
                 "roi_percentage": 100.0 * payout / len(settled) if settled else None}}
+
+
+    def calibration(self, since: float, until: float, tracker: str | None = None,
+                    model: str | None = None, bins: int = 10) -> dict:
+        """What calibration says of [since, until): every score straight from its definition
+        (SPEC section 7), over the raw records."""
+        def bin_of(value: float) -> int:
+            return min(int(decimal.Decimal(repr(value)) * bins), bins - 1)
+
+        bets = [b for b in self.bets if since <= round(b["ts"], 3) < until
+                and tracker in (None, b["tracker"]) and b["outcome"] is not None]
+        happened = {id(b): 1.0 if b["outcome"] == "WON" else 0.0 for b in bets}
+        side_bets = {"n": len(bets), "base_rate": None, "brier": None, "reliability": None,
+                     "resolution": None, "uncertainty": None, "bins": [],
+                     "expected_value": {"stated": None, "realized": None}}
+        if bets:
+            rate = statistics.fmean(happened.values())
+            grouped = {}
+            for b in bets:
+                grouped.setdefault(bin_of(b["p"]), []).append(b)
+            parts = []
+            for k in sorted(grouped):
+                members = grouped[k]
+                mean_p = statistics.fmean(b["p"] for b in members)
+                seen = statistics.fmean(happened[id(b)] for b in members)
+                parts.append((k, len(members), mean_p, seen))
+            side_bets.update(
+                base_rate=100 * rate,
+                brier=statistics.fmean((b["p"] - happened[id(b)]) ** 2 for b in bets),
+                reliability=sum(n * (p - o) ** 2 for _, n, p, o in parts) / len(bets),
+                resolution=sum(n * (o - rate) ** 2 for _, n, _, o in parts) / len(bets),
+                uncertainty=rate * (1 - rate),
+                bins=[{"lower": 100 * k / bins, "upper": 100 * (k + 1) / bins, "n": n,
+                       "mean_probability": 100 * p, "observed_rate": 100 * o}
+                      for k, n, p, o in parts])
+            placed = [b for b in bets if b["advice"] == "BET"]
+            if placed:
+                side_bets["expected_value"] = {"stated": sum(b["ev"] for b in placed),
+                                               "realized": sum(b["payout"] for b in placed)}
+        spans = [p for p in self.predictions if since <= round(p["ts"], 3) < until
+                 and tracker in (None, p["tracker"]) and model in (None, p["model"])
+                 and p["actual"] is not None and p["lower"] is not None]
+        intervals = {"n": len(spans), "coverage": None, "mean_confidence": None,
+                     "mean_width_ticks": None, "bins": []}
+        if spans:
+            def covered(group):
+                return 100 * statistics.fmean(p["lower"] <= p["actual"] <= p["upper"]
+                                              for p in group)
+            grouped = {}
+            for p in spans:
+                grouped.setdefault(bin_of(p["confidence"]), []).append(p)
+            intervals.update(
+                coverage=covered(spans),
+                mean_confidence=100 * statistics.fmean(p["confidence"] for p in spans),
+                mean_width_ticks=statistics.fmean(p["upper"] - p["lower"] for p in spans),
+                bins=[{"lower": 100 * k / bins, "upper": 100 * (k + 1) / bins,
+                       "n": len(grouped[k]),
+                       "mean_confidence": 100 * statistics.fmean(p["confidence"]
+                                                                 for p in grouped[k]),
+                       "coverage": covered(grouped[k])} for k in sorted(grouped)])
+        return {"side_bets": side_bets, "intervals": intervals}
+
+    def bankroll(self, since: float, until: float, tracker: str | None = None) -> dict:
+        """What bankroll says of [since, until), by brute force: every fall from every
+        earlier point, every run of losses."""
+        bets = sorted((b for b in self.bets if since <= round(b["ts"], 3) < until
+                       and tracker in (None, b["tracker"]) and b["advice"] == "BET"
+                       and b["outcome"] is not None),
+                      key=lambda b: (tedstore.utc_text(b["ended"]), b["game"], b["tick"],
+                                     b["tracker"]))
+        payouts = [b["payout"] for b in bets]
+        times = [tedstore.utc_text(since)] + [tedstore.utc_text(b["ended"]) for b in bets]
+        cumulative = [0.0] + list(itertools.accumulate(payouts))
+        fall, fall_from, fall_to = 0.0, None, None
+        for j in range(1, len(cumulative)):
+            drop = max(cumulative[:j]) - cumulative[j]
+            if drop > fall:                                  # the earliest deepest trough
+                top = max(cumulative[:j])
+                i = max(i for i in range(j) if cumulative[i] == top)    # its latest peak
+                fall, fall_from, fall_to = drop, times[i], times[j]
+        streaks = [len(list(run)) for lost, run in
+                   itertools.groupby(b["outcome"] == "LOST" for b in bets) if lost]
+        hourly = until - since <= 3 * 86400
+        curve = {}
+        for b, total in zip(bets, cumulative[1:]):
+            start = (tedstore.hour_floor(b["ended"]) if hourly
+                     else b["ended"] // 86400 * 86400)
+            curve[tedstore.utc_text(start)] = total
+        mean = statistics.fmean(payouts) if payouts else None
+        stdev = statistics.stdev(payouts) if len(payouts) >= 2 else None
+        return {"bets": len(bets), "won": sum(b["outcome"] == "WON" for b in bets),
+                "lost": sum(b["outcome"] == "LOST" for b in bets), "pnl": sum(payouts),
+                "roi_percentage": None if mean is None else 100 * mean,
+                "mean_payout": mean, "stdev_payout": stdev,
+                "sharpe_per_bet": mean / stdev if stdev else None,
+                "max_drawdown": fall, "max_drawdown_from": fall_from,
+                "max_drawdown_to": fall_to, "longest_losing_streak": max(streaks, default=0),
+                "curve": [{"t": t, "pnl": v} for t, v in curve.items()]}
 
 
 def close(expected):

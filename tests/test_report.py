@@ -31,6 +31,9 @@ NOW = math.floor(time.time())
 TODAY = NOW // DAY * DAY
 SKIPPED_DAYS = (4, 5)                  # days ago without a game: gaps in the charts
 PANELS = tuple(chart.title for chart in tedstore.CHARTS)
+NUMBER = r"(-?\d[\d,]*(?:\.\d+)?)"                  # a number in a sentence of the page
+FORECASTS = ("Reliability of the side-bet probabilities",
+             "Bounds coverage against stated confidence", "Bankroll")
 TABLES = ("Patterns", "The 10 games with the largest mean absolute error",
           "Rejected lines by code")
 
@@ -281,6 +284,41 @@ def test_every_number_on_the_page_equals_the_queries(played, tmp_path, window):
         assert_shows(row[3][0], x["avg_duration_ticks"], f"{x['pattern']}: duration")
         assert row[4][1] == [visible(game) for game in x["recent_game_ids"]]
 
+    # The forecasts: the calibration and bankroll queries over the window.
+    raw = (tmp_path / "report.html").read_text()
+    calibration = reader.calibration(since=since, until=until)
+    bets, spans = calibration["side_bets"], calibration["intervals"]
+    assert bets["n"] and spans["n"]
+    for heading, part, forecast, happened in (
+            (FORECASTS[0], bets, "mean_probability", "observed_rate"),
+            (FORECASTS[1], spans, "mean_confidence", "coverage")):
+        rows = page.rows(heading)
+        assert [row[0] for row in rows] == [f"{b['lower']:g}–{b['upper']:g}" for b in part["bins"]]
+        for b, row in zip(part["bins"], rows):
+            assert_shows(row[1], b["n"], f"{heading} {row[0]}: n")
+            assert_shows(row[2], b[forecast], f"{heading} {row[0]}: {forecast}")
+            assert_shows(row[3], b[happened], f"{heading} {row[0]}: {happened}")
+    for name in ("brier", "reliability", "resolution", "uncertainty"):
+        said = re.search(rf"{'Brier score' if name == 'brier' else name} {NUMBER}", raw)
+        assert_shows(said.group(1), bets[name], name)
+    said = re.search(rf"coverage {NUMBER}% for a stated {NUMBER}%", raw)
+    assert_shows(said.group(1), spans["coverage"], "coverage")
+    assert_shows(said.group(2), spans["mean_confidence"], "mean confidence")
+    bankroll = reader.bankroll(since=since, until=until)
+    assert bankroll["bets"] > 0
+    rows = page.rows("Bankroll")
+    assert len(rows) == len(bankroll["curve"])
+    for point, row in zip(bankroll["curve"], rows):
+        assert_shows(row[1], point["pnl"], f"bankroll at {point['t']}")
+    said = re.search(rf"{NUMBER} BETs resolved, {NUMBER} units", raw)
+    assert_shows(said.group(1), bankroll["bets"], "BETs")
+    assert_shows(said.group(2), bankroll["pnl"], "profit")
+    if bankroll["max_drawdown_to"]:
+        said = re.search(rf"max drawdown {NUMBER} units, (\S+ \S+) to (\S+ \S+) UTC", raw)
+        assert_shows(said.group(1), bankroll["max_drawdown"], "max drawdown")
+        assert (said.group(2), said.group(3)) == (bankroll["max_drawdown_from"][:16],
+                                                  bankroll["max_drawdown_to"][:16])
+
     # The worst games: computed here from the predictions made in the window.
     errors: dict[str, list[int]] = {}
     for game, error, created in store.rows(
@@ -377,7 +415,7 @@ def test_an_empty_database_or_window_says_no_data_in_each_panel(played, tmp_path
     for page in (make_report(empty, tmp_path, period),
                  make_report(store, tmp_path, "--since", "2020-01-01",
                              "--until", "2020-01-02" if period == "--days=2" else "2020-02-01")):
-        assert page.nodata == [*PANELS, *TABLES]
+        assert page.nodata == [*PANELS, *FORECASTS, *TABLES]
         assert page.figures["games ended"] == "0" and page.figures["median e40"] == "-"
         assert page.figures["side-bet ROI"] == "-" and page.figures["rejected lines"] == "0"
 
@@ -397,8 +435,9 @@ def test_charts_have_tooltips_on_every_point_gaps_for_missing_values_and_labelle
     page = make_report(store, tmp_path, "--days", "10")
     text = (tmp_path / "report.html").read_text()
     drawn = charts(text)
-    assert set(drawn) == set(PANELS)
-    for title, svg in drawn.items():
+    assert set(drawn) == {*PANELS, *FORECASTS}
+    for title in PANELS:
+        svg = drawn[title]
         values = [row[1:] for row in page.rows(title)]
         if title == "Side-bet ROI":                    # the bars show the ROI column alone
             values = [row[:1] for row in values]
@@ -424,11 +463,33 @@ def test_charts_have_tooltips_on_every_point_gaps_for_missing_values_and_labelle
     lines = re.findall(r'<polyline class="line s1" points="([^"]+)"', drawn["e40 bias"])
     assert [len(points.split()) for points in lines] == runs
     assert '<line class="zero"' in drawn["e40 bias"]
-    legends = {title: re.findall(r'y2="14"/><text[^>]*>([^<]+)</text>', svg)
-               for title, svg in drawn.items()}
+    legends = {title: re.findall(r'y2="14"/><text[^>]*>([^<]+)</text>', drawn[title])
+               for title in PANELS}
     assert legends["Accuracy"] == ["within 1 window", "within 2 windows", "within 3 windows"]
     assert legends["Volume"] == ["games ended", "predictions"]
     assert legends["Ingest health"] == ["p99 commit latency", "rejected lines"]
+
+
+def test_the_forecast_charts_mark_the_diagonal_the_counts_and_the_worst_fall(played, tmp_path):
+    store, reader, _ = played
+    page = make_report(store, tmp_path, "--days", "10")
+    drawn = charts((tmp_path / "report.html").read_text())
+    for title in FORECASTS[:2]:
+        svg, rows = drawn[title], page.rows(title)
+        points = re.findall(r'<circle class="f1"[^>]*><title>([^<]+)</title>', svg)
+        assert len(points) == len(rows) > 1
+        counts = re.findall(r'<rect class="count"[^>]*><title>[^<]*: ([\d,]+) \w+</title>', svg)
+        assert counts == [row[1] for row in rows]            # each bin's count, drawn
+        x1, y1, x2, y2 = map(float, re.search(
+            r'<line class="zero" x1="([\d.]+)" y1="([\d.]+)" x2="([\d.]+)" y2="([\d.]+)"',
+            svg).groups())
+        assert x2 - x1 == y1 - y2 > 0                           # the diagonal, corner to corner
+        assert all("95 % interval" in point for point in points)
+    bankroll = reader.bankroll(days=10)
+    svg = drawn["Bankroll"]
+    assert len(re.findall(r"<circle ", svg)) == len(page.rows("Accuracy"))   # one per bucket
+    assert bankroll["max_drawdown_to"] is not None
+    assert re.search(r'<rect class="band"[^>]*><title>max drawdown', svg)
 
 
 @pytest.mark.parametrize("count, hourly", [(24, True), (49, True), (72, True), (7, False),

@@ -143,6 +143,8 @@ def test_the_daemon_catches_up_missed_hours_at_start(daemon_factory, tmp):
     assert hours == ((expected - HOUR) // 3600 + 1, "2026-11-20 10:00:00.000")
     assert query(daemon.db, "SELECT predictions_made FROM metrics_hourly WHERE hour_start = ?",
                  (tedstore.utc_text(HOUR),)) == [(5,)]
+    wait_for(lambda: tedstore.request(daemon.socket, "status")["status"]["last_rollup"],
+             what="the scheduler to record the catch-up")
     status = tedstore.request(daemon.socket, "status")["status"]
     assert status["last_rollup"]["through"] == tedstore.utc_text(expected + 3600)
 

@@ -14,8 +14,7 @@ import apsw
 import pytest
 
 import tedstore
-from conftest import (FIRST_HOUR, NOW, Play, Store, close, game_end, game_start, prediction, query,
-                      run_cli, side_bet, state_write, wait_for)
+from conftest import (FIRST_HOUR, NOW, Play, Store, close, game_end, game_start, prediction, run_cli, side_bet, state_write)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TRACKERS = (("production", "v2.1.0"), ("shadow", "v3.0.0"))
