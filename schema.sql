@@ -299,7 +299,11 @@ PRAGMA user_version = 3;
 -- game_id comes first in each key, so that lookups by game keep using it.) The views that
 -- read the tables are dropped first and made again below, unchanged but for game_summary's
 -- index names. metrics_hourly_by keeps the hourly measures per tracker and per model
--- (tracker or model_version '*': all of them).
+-- (tracker or model_version '*': all of them). games.prediction_accuracy becomes a
+-- percentage 0..100, like every other share tedstore keeps (within_1_window, ROI).
+
+UPDATE games SET prediction_accuracy = 100.0 * prediction_accuracy
+WHERE prediction_accuracy IS NOT NULL;
 
 DROP VIEW IF EXISTS game_summary;
 DROP VIEW IF EXISTS prediction_accuracy_daily;

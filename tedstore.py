@@ -98,9 +98,11 @@ OPTIMIZE_ON_OPEN = 0x10002           # PRAGMA optimize flags SQLite advises for 
 JOURNAL_SIZE_LIMIT = 32 * 1024 ** 2  # the WAL is truncated back to this after a checkpoint
 WRITER_POLL_SECONDS = 0.5            # the writer wakes (and beats its heart) at least this often
 CHECKPOINT_IDLE_SECONDS = 1.0        # idle time after which the writer checkpoints the WAL
+CHECKPOINT_PAGES = 1000              # WAL pages after which a passive checkpoint runs beside it
 WAL_WARNING_BYTES = 4 * JOURNAL_SIZE_LIMIT  # a WAL this large means something holds it back
 REPLICATOR_WAL_LIMIT = 1024 ** 3     # with checkpoints off, a WAL past this is checkpointed
                                      # anyway: the replicator (whose own limit is ~500 MB) is down
+RATE_WINDOW_SECONDS = 60             # status counts the lines committed over this window
 RETRY_MAX_SECONDS = 1.0              # longest pause between attempts at a failing commit
 STOP_GRACE_SECONDS = 20.0            # how long a draining daemon retries a failing commit
 ROLLUP_DELAY_SECONDS = 60            # an hour is rolled up this long after it ends ...
@@ -373,6 +375,22 @@ def utc_text(epoch: float) -> str:
         prefix = _MINUTE_TEXT[minute] = time.strftime("%Y-%m-%d %H:%M:", time.gmtime(minute * 60))
     second, milli = divmod(rest, 1000)
     return prefix + _SECOND_TEXT[second] + _MILLI_TEXT[milli]
+
+
+def answer_time(text: Optional[str]) -> Optional[str]:
+    """Stored UTC text as an answer gives it: RFC 3339 with a Z, which new Date() reads
+    alike in every browser (the database keeps the text sqlite3 compares and shows)."""
+    return None if text is None else f"{text[:10]}T{text[11:]}Z"
+
+
+def stored_time(answered: str) -> str:
+    """An answer's time as the database keeps it: the inverse of answer_time."""
+    return f"{answered[:10]} {answered[11:23]}"
+
+
+def shown_time(text: Optional[str], length: int = 19) -> str:
+    """Stored UTC text, or an answer's time, for people: '2026-12-06 01:34:07'."""
+    return text[:length].replace("T", " ") if text else "-"
 
 
 def text_epoch(text: str) -> float:
@@ -1036,7 +1054,7 @@ WHERE g.game_id = ?1 AND g.end_tick IS NOT NULL
 SQL_GAME_AGGREGATES = """
 UPDATE games INDEXED BY sqlite_autoindex_games_1
 SET had_predictions = EXISTS (SELECT 1 FROM predictions p WHERE p.game_id = ?1),
-    prediction_accuracy = (SELECT avg(abs(p.raw_error) <= 40)
+    prediction_accuracy = (SELECT 100.0 * avg(abs(p.raw_error) <= 40)
                            FROM predictions p INDEXED BY sqlite_autoindex_predictions_1
                            WHERE p.game_id = ?1),
     side_bets_placed = (SELECT count(*) FROM side_bets s INDEXED BY sqlite_autoindex_side_bets_1
@@ -1679,6 +1697,7 @@ class WriterStats:
         self.rejects_by_code: collections.Counter = collections.Counter()
         self.latency = LatencyHistogram()
         self.latency_by_hour: dict[int, LatencyHistogram] = {}
+        self.events_by_second: collections.Counter = collections.Counter()  # the last minute
 
     def committed(self, batch: IngestBatch, now: float) -> None:
         self.batches += 1
@@ -1696,6 +1715,19 @@ class WriterStats:
             ms = max(0.0, (now - chunk.received) * 1000)
             self.latency.record(ms, chunk.count)
             hour.record(ms, chunk.count)
+        second = int(now)
+        self.events_by_second[second] += sum(batch.stored.values()) \
+            + sum(batch.duplicates.values())
+        if len(self.events_by_second) > RATE_WINDOW_SECONDS:
+            for old in [s for s in self.events_by_second if s <= second - RATE_WINDOW_SECONDS]:
+                del self.events_by_second[old]
+
+    def recent_events(self, now: float, since: float) -> dict:
+        """Events committed over the last RATE_WINDOW_SECONDS, or since `since` if that is
+        later: a daemon up for 13 s has measured 13 s, and says so rather than extrapolate."""
+        start = max(now - RATE_WINDOW_SECONDS, since)
+        return {"events": sum(n for s, n in self.events_by_second.items() if s >= int(start)),
+                "seconds": now - start}
 
 
 class Ack(NamedTuple):
@@ -1708,6 +1740,59 @@ class Ack(NamedTuple):
     last_line: Optional[int]
     stored: int = 0
     duplicates: int = 0
+
+
+class Checkpointer(threading.Thread):
+    """Passive checkpoints on a connection of its own, once the WAL passes CHECKPOINT_PAGES.
+
+    SQLite's automatic checkpoint runs inside the COMMIT that crosses its threshold, so
+    that commit's acks waited 5 to 10 ms for it (and for its sync of the database file).
+    Here the writer's WAL hook only wakes this thread; a passive checkpoint never blocks
+    the writer, which goes on appending to the WAL meanwhile and restarts it from the
+    beginning at its first commit after a complete one.
+    """
+
+    def __init__(self, settings: Settings, vfs: Optional[str]):
+        super().__init__(name="tedstore-checkpointer", daemon=True)
+        self.settings = settings
+        self.vfs = vfs
+        self.completed = 0                          # checkpoints that copied every frame
+        self._wanted = threading.Event()
+        self._stopping = False
+
+    def wal_grew(self, conn: apsw.Connection, name: str, pages: int) -> int:
+        """The writer's WAL hook, after each commit: wake the thread past the threshold."""
+        if pages >= CHECKPOINT_PAGES:
+            self._wanted.set()
+        return apsw.SQLITE_OK
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wanted.set()
+        self.join()
+
+    def run(self) -> None:
+        try:
+            conn = connect(self.settings.db, create=False, vfs=self.vfs,
+                           synchronous=self.settings.synchronous, checkpoint="off")
+        except StoreError as exc:
+            log.warning("no background checkpoints: %s; the idle checkpoint still runs", exc)
+            return
+        try:
+            while True:
+                self._wanted.wait()
+                self._wanted.clear()
+                if self._stopping:
+                    return
+                try:
+                    frames, copied = conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+                    self.completed += frames == copied
+                except apsw.BusyError:
+                    pass                       # another checkpoint is running: it does the work
+                except apsw.Error as exc:      # the next commit past the threshold tries again
+                    log.warning("background WAL checkpoint failed: %s", exc)
+        finally:
+            conn.close()
 
 
 class Writer(threading.Thread):
@@ -1740,6 +1825,7 @@ class Writer(threading.Thread):
         self._stopping = False
         self._last_commit_mono = 0.0
         self._checkpointed = True
+        self.checkpointer: Optional[Checkpointer] = None   # passive ones, beside the writer
         self.checkpoints = 0                           # idle checkpoints that completed
         self.last_checkpoint: Optional[float] = None
         self._runaway_wal_logged = False               # with checkpoints off: said once
@@ -1788,6 +1874,10 @@ class Writer(threading.Thread):
             self.conn.pragma("optimize", OPTIMIZE_ON_OPEN)   # statistics steer the query plans
         except apsw.Error as exc:
             log.warning("PRAGMA optimize failed: %s", exc)
+        if self.settings.checkpoint != "off":     # off: the replicator owns checkpoints
+            self.checkpointer = Checkpointer(self.settings, self.vfs)
+            self.conn.set_wal_hook(self.checkpointer.wal_grew)   # in place of SQLite's own
+            self.checkpointer.start()
         self.started.set()
         try:
             self._loop()
@@ -1983,6 +2073,8 @@ class Writer(threading.Thread):
     def _close(self) -> None:
         if self.conn is None:
             return
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         self._checkpoint()
         self.conn.close()
         self.conn = None
@@ -3635,10 +3727,14 @@ class Daemon:
             "queries": {"answered": self.queries.served, "refused": self.queries.refused,
                         "waiting": sum(len(s.queries) + s.running for s in server.sessions)},
             "events": dict(stats.events_by_type),
+            "recent": stats.recent_events(time.time(), self.started_at),
             "duplicates": dict(stats.duplicates_by_type),
             "rejects": dict(stats.rejects_by_code),
             "commit_latency_ms": {"avg": latency.mean, "p50": latency.quantile(0.5),
-                                  "p99": latency.quantile(0.99)},
+                                  "p99": latency.quantile(0.99),
+                                  "p99_by_hour": {utc_text(hour): measured.quantile(0.99)
+                                                  for hour, measured in
+                                                  sorted(stats.latency_by_hour.items())}},
             "scheduler": {"state": "failing" if self.scheduler.failing else "ok",
                           "error": self.scheduler.failing},
             "last_rollup": self.scheduler.last.get("rollup"),
@@ -4360,14 +4456,32 @@ COLUMNS = {**{table.name: table.columns for table in TABLES.values()},
                             "side_bets_won", "side_bet_payout", "started_at", "ended_at")}
 
 
+# The columns that hold times: answers give them as answer_time() does.
+TIME_COLUMNS = frozenset({"created_at", "updated_at", "started_at", "ended_at", "resolved_at",
+                          "received_at", "ts", "hour_start", "hour_end"})
+TIME_AS_ANSWERED = "strftime('%Y-%m-%dT%H:%M:%fZ', {})"
+
+
+def answer_column(column: str, table: str = "") -> str:
+    """A column as an answer gives it: booleans as true/false, JSON text as JSON, times
+    in RFC 3339."""
+    name = table + column
+    if column in BOOLEAN_COLUMNS:
+        return f"CASE WHEN {name} IS NULL THEN NULL WHEN {name} THEN json('true') " \
+               f"ELSE json('false') END"
+    if column in TIME_COLUMNS:
+        return TIME_AS_ANSWERED.format(name)
+    return f"json({name})" if column in JSON_COLUMNS else name
+
+
 def row_json(source: str) -> str:
-    """json_object() of a row of `source`: booleans as true/false, JSON text as JSON."""
-    def value(column: str) -> str:
-        if column in BOOLEAN_COLUMNS:
-            return (f"CASE WHEN {column} IS NULL THEN NULL WHEN {column} THEN json('true') "
-                    f"ELSE json('false') END")
-        return f"json({column})" if column in JSON_COLUMNS else column
-    return "json_object(" + ", ".join(f"'{c}', {value(c)}" for c in COLUMNS[source]) + ")"
+    """json_object() of a row of `source`, each column as answer_column gives it."""
+    return "json_object(" + ", ".join(f"'{c}', {answer_column(c)}" for c in COLUMNS[source]) + ")"
+
+
+def answer_window(params: dict) -> dict:
+    """The since and until of an answer: the window a query's parameters hold."""
+    return {"since": answer_time(params["since"]), "until": answer_time(params["until"])}
 
 
 # Every query may narrow itself to one tracker's records (:tracker) and, where predictions
@@ -4407,15 +4521,16 @@ SELECT json_group_array(json_object(
          'duration_ticks', g.duration_ticks, 'peak_price', g.peak_price,
          'final_price', g.final_price, 'patterns_detected', json(g.patterns_detected),
          'predictions', (SELECT count(*) {_EACH_PREDICTION}),
-         'mean_absolute_error', (SELECT round(avg(abs(p.raw_error)), 1) {_EACH_PREDICTION}),
+         'mean_absolute_error', (SELECT avg(abs(p.raw_error)) {_EACH_PREDICTION}),
          'prediction_accuracy', CASE WHEN {_UNFILTERED} THEN g.prediction_accuracy
-                                     ELSE (SELECT avg(abs(p.raw_error) <= 40)
+                                     ELSE (SELECT 100.0 * avg(abs(p.raw_error) <= 40)
                                            {_EACH_PREDICTION}) END,
          'side_bets_placed', CASE WHEN :tracker IS NULL THEN g.side_bets_placed
                                   ELSE (SELECT count(*) {_EACH_BET}) END,
          'side_bets_won', (SELECT count(*) {_EACH_BET} AND s.actual_outcome = 'WON'),
          'side_bet_payout', (SELECT sum(s.payout) {_EACH_BET}),
-         'started_at', g.started_at, 'ended_at', g.ended_at) ORDER BY g.ended_at DESC, g.game_id)
+         'started_at', {answer_column("started_at", "g.")},
+         'ended_at', {answer_column("ended_at", "g.")}) ORDER BY g.ended_at DESC, g.game_id)
 FROM (SELECT game_id FROM games AS g INDEXED BY games_ended_at
       WHERE ended_at >= :since AND ended_at < :until
         AND (:pattern IS NULL OR EXISTS (SELECT 1 FROM json_each(patterns_detected)
@@ -4432,17 +4547,17 @@ HOURS = {
     "one": "metrics_hourly_by INDEXED BY sqlite_autoindex_metrics_hourly_by_1 "
            "WHERE hour_start >= :since AND hour_start < :until "
            "AND tracker = :tracker AND model_version = :model"}
-_HOUR_OF_ONE = {"hour_end": "strftime('%Y-%m-%d %H:%M:%f', hour_start, '+1 hour')",
+_HOUR_OF_ONE = {"hour_end": "strftime('%Y-%m-%dT%H:%M:%fZ', hour_start, '+1 hour')",
                 "avg_commit_latency_ms": "NULL", "p99_commit_latency_ms": "NULL"}
 SQL_Q_METRICS = {
     "everyone": f"SELECT json_group_array({row_json('metrics_hourly')} ORDER BY hour_start) "
                 f"FROM {HOURS['everyone']}",
     "one": "SELECT json_group_array(json_object(" + ", ".join(
-        f"'{column}', {_HOUR_OF_ONE.get(column, column)}"
+        f"'{column}', {_HOUR_OF_ONE.get(column, answer_column(column))}"
         for column in COLUMNS["metrics_hourly"]) + f") ORDER BY hour_start) FROM {HOURS['one']}"}
 
 SQL_Q_TRENDS_HOURLY = {source: f"""
-SELECT json_group_array(json_object('hour_start', hour_start,
+SELECT json_group_array(json_object('hour_start', {answer_column("hour_start")},
                                     'predictions_made', predictions_made,
                                     'median_e40', median_e40,
                                     'within_2_windows', within_2_windows,
@@ -4469,7 +4584,8 @@ SQL_Q_PATTERNS = f"""
 WITH played AS MATERIALIZED (
     SELECT g.game_id, g.patterns_detected, g.duration_ticks,
            CASE WHEN {_UNFILTERED} THEN g.prediction_accuracy
-                ELSE (SELECT avg(abs(p.raw_error) <= 40) {_EACH_PREDICTION}) END AS accuracy
+                ELSE (SELECT 100.0 * avg(abs(p.raw_error) <= 40) {_EACH_PREDICTION})
+           END AS accuracy
     FROM games AS g INDEXED BY games_ended_at
     WHERE g.ended_at >= :since AND g.ended_at < :until AND g.patterns_detected <> '[]'
       AND {_HAS_RECORDS})
@@ -4580,16 +4696,18 @@ ORDER BY resolved_at, game_id, placed_at_tick, tracker"""
 # What the report adds to the queries: the games whose predictions made in the window
 # have the largest mean absolute error, the daily rollups, each day's worst hourly p99,
 # and the rejects by code.
+WORST_GAME_MIN_PREDICTIONS = 3     # fewer say little about a model: such games are not ranked
 SQL_Q_WORST_GAMES = f"""
 SELECT g.game_id, g.ended_at, p.predictions, p.mae,
        CASE WHEN {_UNFILTERED} THEN g.prediction_accuracy ELSE p.accuracy END,
        g.patterns_detected
 FROM (SELECT game_id, count(*) AS predictions, avg(abs(raw_error)) AS mae,
-             avg(abs(raw_error) <= 40) AS accuracy
+             100.0 * avg(abs(raw_error) <= 40) AS accuracy
       FROM predictions INDEXED BY predictions_created_at
       WHERE created_at >= :since AND created_at < :until AND raw_error IS NOT NULL
         AND {PREDICTIONS_OF.format(t="")}
-      GROUP BY game_id ORDER BY mae DESC, game_id LIMIT 10) AS p
+      GROUP BY game_id HAVING count(*) >= {WORST_GAME_MIN_PREDICTIONS}
+      ORDER BY mae DESC, game_id LIMIT 10) AS p
      CROSS JOIN games AS g INDEXED BY sqlite_autoindex_games_1 ON g.game_id = p.game_id
 ORDER BY p.mae DESC, g.game_id"""
 SQL_Q_DAYS = f"""
@@ -4766,7 +4884,7 @@ def q_games(conn: apsw.Connection, args: GamesArgs, now: float) -> dict:
     """Games ended in the window, newest first, summed up as the game_summary view does."""
     params = args.params(now)
     games = conn.execute(SQL_Q_GAMES, params | {"limit": args.limit, "pattern": args.pattern}).get
-    return {"since": params["since"], "until": params["until"], "games": _raw(games)}
+    return {**answer_window(params), "games": _raw(games)}
 
 
 def _hours_of(params: dict) -> tuple[str, dict]:
@@ -4780,7 +4898,7 @@ def q_metrics(conn: apsw.Connection, args: ModelWindow, now: float) -> dict:
     """The hourly rollups of the window, oldest first."""
     source, params = _hours_of(args.params(now))
     hours = conn.execute(SQL_Q_METRICS[source], params).get
-    return {"since": params["since"], "until": params["until"], "hours": _raw(hours)}
+    return {**answer_window(params), "hours": _raw(hours)}
 
 
 def _as_answer(m: Measures) -> tuple[dict, dict]:
@@ -4799,8 +4917,8 @@ def q_performance(conn: apsw.Connection, args: PerformanceArgs, now: float) -> d
     with `by`, one group per tracker or per model in the window."""
     params = args.params(now)
     since, until = args.bounds(now)
-    answer = {"since": params["since"], "until": params["until"],
-              "period_hours": round((until - since) / 3600, 6)}
+    answer = {**answer_window(params),
+              "period_hours": (until - since) / 3600}
     if args.by is None:
         m = measure(conn, params["since"], params["until"], args.tracker, args.model)
         predictions, side_bets = _as_answer(m)
@@ -4835,8 +4953,8 @@ def q_trends(conn: apsw.Connection, args: WeekArgs, now: float) -> dict:
         trends[name] = {"column": column, "n": n, "mean": mean, "last": last,
                         "slope_per_day": slope}
     hourly = conn.execute(SQL_Q_TRENDS_HOURLY[source], params).get
-    return {"since": params["since"], "until": params["until"],
-            "period_days": round((until - since) / 86400, 6), "hourly": _raw(hourly),
+    return {**answer_window(params),
+            "period_days": (until - since) / 86400, "hourly": _raw(hourly),
             "trends": trends}
 
 
@@ -4844,7 +4962,7 @@ def q_patterns(conn: apsw.Connection, args: WeekArgs, now: float) -> dict:
     """The patterns of the games ended in the window (7 days), most games first."""
     params = args.params(now)
     patterns, total = conn.execute(SQL_Q_PATTERNS, params).fetchone()
-    return {"since": params["since"], "until": params["until"],
+    return {**answer_window(params),
             "total_patterns_detected": total, "patterns": _raw(patterns)}
 
 
@@ -4860,7 +4978,8 @@ def q_state(conn: apsw.Connection, args: StateArgs, now: float) -> dict:
     """A tracker's saved state under `key`."""
     row = conn.execute(SQL_Q_STATE, msgspec.structs.asdict(args)).fetchone()
     return {"key": args.key, "found": row is not None,
-            "value": _raw(row[0]) if row else None, "updated_at": row[1] if row else None}
+            "value": _raw(row[0]) if row else None,
+            "updated_at": answer_time(row[1]) if row else None}
 
 
 def q_rejects(conn: apsw.Connection, args: RejectsArgs, now: float) -> dict:
@@ -4874,12 +4993,13 @@ def q_rejects(conn: apsw.Connection, args: RejectsArgs, now: float) -> dict:
         row = dict(zip(COLUMNS["rejects"], row))
         if isinstance(row["raw"], bytes):
             row["raw"] = row["raw"].decode("utf-8", "replace")
+        row["received_at"] = answer_time(row["received_at"])
         rows.append(msgspec.json.encode(row))
         size += len(rows[-1]) + 1
         if size > budget:
             rows.clear()
             raise apsw.TooBigError("the answer is longer than the length limit")
-    return {"since": params["since"], "until": params["until"],
+    return {**answer_window(params),
             "rejects": msgspec.Raw(b"[" + b",".join(rows) + b"]")}
 
 
@@ -4930,8 +5050,10 @@ def who_sent_what(conn: apsw.Connection, params: dict) -> list[dict]:
 def q_trackers(conn: apsw.Connection, args: Window, now: float) -> dict:
     """The trackers that sent predictions or side bets in the window."""
     params = args.params(now)
-    return {"since": params["since"], "until": params["until"],
-            "trackers": who_sent_what(conn, params)}
+    return {**answer_window(params),
+            "trackers": [{**row, "first_seen": answer_time(row["first_seen"]),
+                          "last_seen": answer_time(row["last_seen"])}
+                         for row in who_sent_what(conn, params)]}
 
 
 def q_calibration(conn: apsw.Connection, args: CalibrationArgs, now: float) -> dict:
@@ -4974,7 +5096,7 @@ def q_calibration(conn: apsw.Connection, args: CalibrationArgs, now: float) -> d
             bins=[{"lower": k * width, "upper": (k + 1) * width, "n": count,
                    "mean_confidence": 100 * confidence / count, "coverage": 100 * covered / count}
                   for k, count, confidence, covered, _ in spans])
-    return {"since": params["since"], "until": params["until"], "side_bets": side_bets,
+    return {**answer_window(params), "side_bets": side_bets,
             "intervals": intervals}
 
 
@@ -5006,13 +5128,13 @@ def q_bankroll(conn: apsw.Connection, args: BankrollArgs, now: float) -> dict:
     stdev = (math.sqrt(sum((payout - mean) ** 2 for payout in payouts) / (bets - 1))
              if bets >= 2 else None)
     start = {13: ":00:00.000", 10: " 00:00:00.000"}[bucket]
-    return {"since": params["since"], "until": params["until"], "bets": bets, "won": won,
+    return {**answer_window(params), "bets": bets, "won": won,
             "lost": lost, "pnl": pnl, "roi_percentage": 100 * mean if bets else None,
             "mean_payout": mean, "stdev_payout": stdev,
             "sharpe_per_bet": mean / stdev if stdev else None,
-            "max_drawdown": fall, "max_drawdown_from": fall_from, "max_drawdown_to": fall_to,
-            "longest_losing_streak": longest,
-            "curve": [{"t": t + start, "pnl": value} for t, value in curve.items()]}
+            "max_drawdown": fall, "max_drawdown_from": answer_time(fall_from),
+            "max_drawdown_to": answer_time(fall_to), "longest_losing_streak": longest,
+            "curve": [{"t": answer_time(t + start), "pnl": value} for t, value in curve.items()]}
 
 
 class Query(NamedTuple):
@@ -5109,7 +5231,8 @@ HOURLY_UP_TO_DAYS = 3                # longer reports are bucketed by day
 
 
 def report_data(path: str, since: float, until: float, now: float,
-                tracker: Optional[str] = None, model: Optional[str] = None) -> dict:
+                tracker: Optional[str] = None, model: Optional[str] = None,
+                live_latency: Optional[dict[str, float]] = None) -> dict:
     """Everything the report shows over [since, until), of one tracker's (and model's)
     records if asked: the performance, patterns, metrics, calibration and bankroll queries,
     per hour or day the same measures, and each tracker's and model's performance side by
@@ -5125,8 +5248,11 @@ def report_data(path: str, since: float, until: float, now: float,
             worst = [dict(zip(("game_id", "ended_at", "predictions", "mean_absolute_error",
                                "prediction_accuracy", "patterns_detected"), row))
                      for row in conn.execute(SQL_Q_WORST_GAMES, params)]
+            senders = who_sent_what(conn, params)        # side by side only if several
+            several = {"tracker": len(senders) > 1,
+                       "model": len({m for row in senders for m in row["models"]}) > 1}
             by = {key: q_performance(conn, PerformanceArgs(**window, by=key), now)["groups"]
-                  for key in ("tracker", "model")}
+                  if several[key] else [] for key in ("tracker", "model")}
         return msgspec.json.decode(msgspec.json.encode(patterns)), worst, by
 
     def forecasts(conn: apsw.Connection) -> dict:
@@ -5144,7 +5270,8 @@ def report_data(path: str, since: float, until: float, now: float,
         parts = pool.submit(tables, second), pool.submit(forecasts, third)
         with transaction(conn, "DEFERRED"):
             performance = q_performance(conn, PerformanceArgs(**window), now)
-            buckets = _buckets(conn, since, until, 3600 if hourly else 86400, tracker, model)
+            buckets = _buckets(conn, since, until, 3600 if hourly else 86400, tracker, model,
+                               live_latency)
             codes = [dict(zip(("code", "lines", "newest_at", "newest_error", "newest_raw"), row))
                      for row in conn.execute(SQL_Q_REJECT_CODES, params)]
         (patterns, worst, by), answers = (part.result() for part in parts)
@@ -5161,12 +5288,14 @@ def report_data(path: str, since: float, until: float, now: float,
 
 
 def _buckets(conn: apsw.Connection, since: float, until: float, period: int,
-             tracker: Optional[str] = None, model: Optional[str] = None) -> list[dict]:
+             tracker: Optional[str] = None, model: Optional[str] = None,
+             live_latency: Optional[dict[str, float]] = None) -> list[dict]:
     """The window cut at each hour or day, with the measures the charts draw (CHARTS) for
     each piece: read from the hourly or daily rollups (one tracker's or model's hours from
     metrics_hourly_by; its days measured now), or measured now for a piece not rolled up
     (yet) or cut short by the window's ends, so that the pieces add up to the whole. The
-    commit latency is the daemon's, everyone's."""
+    commit latency is the daemon's, everyone's: rolled up, or `live_latency` (the hours a
+    running daemon has measured, by their start) for the hours not rolled up yet."""
     boundaries = range(int(-(-since // period) * period), int(-(-until // period) * period), period)
     starts = sorted({since, *boundaries} - {until})
     params = ModelWindow(since=since, until=until, tracker=tracker, model=model).params(0)
@@ -5175,15 +5304,20 @@ def _buckets(conn: apsw.Connection, since: float, until: float, period: int,
     latency: dict[str, Optional[float]] = {}       # per hour, or the worst hour of each day
     if period == 3600:
         for row in msgspec.json.decode(conn.execute(SQL_Q_METRICS["everyone"], params).get):
-            latency[row["hour_start"]] = row[LATENCY]
+            latency[stored_time(row["hour_start"])] = row[LATENCY]
         for row in msgspec.json.decode(conn.execute(SQL_Q_METRICS[source], hours).get):
-            rolled[row["hour_start"]] = from_rollup("metrics_hourly", row)
+            rolled[stored_time(row["hour_start"])] = from_rollup("metrics_hourly", row)
     else:
         latency = {day + " 00:00:00.000": p99
                    for day, p99 in conn.execute(SQL_Q_DAILY_P99, params)}
         for row in conn.execute(SQL_Q_DAYS, params) if source == "everyone" else ():
             day = dict(zip(COLUMNS["metrics_daily"], row))
             rolled[day["day"] + " 00:00:00.000"] = from_rollup("metrics_daily", day)
+    for hour, p99 in (live_latency or {}).items():          # measured, not rolled up yet
+        key = hour[:10] + " 00:00:00.000" if period == 86400 else hour
+        if p99 is not None and (latency.get(key) is None
+                                or (period == 86400 and p99 > latency[key])):
+            latency[key] = p99
     buckets = []
     for start, end in zip(starts, starts[1:] + [until]):
         row = rolled.get(utc_text(start))
@@ -5391,6 +5525,12 @@ SQL_EXPORT = {
                 f"WHERE {table.time_column} >= ?1 AND {table.time_column} < ?2 "
                 f"ORDER BY {table.time_column}, rowid"
     for table in TABLES.values()}
+SQL_EXPORT_COUNT = {               # for a progress bar: the rows of the window, every tracker's
+    table.name: f"SELECT count(*) FROM {table.name}"
+                f"{f' INDEXED BY {table.time_index}' if table.time_index else ''} "
+                f"WHERE {table.time_column} >= ?1 AND {table.time_column} < ?2"
+    for table in TABLES.values()}
+EXPORTED_LINES = {"games": 2, "tick_samples": 1, "predictions": 1, "side_bets": 1, "state": 1}
 SQL_EXPORT_SAMPLES = """
 SELECT tick, price, volatility_10, volatility_40, momentum, rsi, volume_ratio, ts
 FROM tick_samples INDEXED BY sqlite_autoindex_tick_samples_1 WHERE game_id = ?1 ORDER BY tick"""
@@ -5408,6 +5548,14 @@ def export_rows(conn: apsw.Connection, table: str, since: str, until: str,
         for row in conn.execute(SQL_EXPORT[table], (since, until)):
             if mine is None or row[mine] == tracker:
                 yield row
+
+
+def export_size(conn: apsw.Connection, tables: dict[str, int], since: str, until: str) -> int:
+    """About how many lines an export writes (its progress bar's length): each table's
+    rows in the window, times its lines per row."""
+    with store_errors("cannot count the rows to export"):
+        return sum(conn.execute(SQL_EXPORT_COUNT[table], (since, until)).get * lines
+                   for table, lines in tables.items())
 
 
 def export_table(conn: apsw.Connection, table: str, since: str, until: str,
@@ -5526,13 +5674,13 @@ p.meta { color: var(--muted); margin: 0 0 16px; }
 .figure b { display: block; font-size: 18px; white-space: nowrap; }
 .figure span { color: var(--muted); font-size: 12px; }
 .panel { background: var(--panel); border-radius: 6px; padding: 12px; margin: 12px 0;
-         display: grid; grid-template-columns: minmax(0, 5fr) minmax(0, 2fr); gap: 12px;
          break-inside: avoid; }
-@media (max-width: 900px) { .panel { grid-template-columns: minmax(0, 1fr); } }
 @media (max-width: 600px) { .summary { grid-template-columns: repeat(2, minmax(0, 1fr)); } }
 .panel > div { min-width: 0; }
-.chart { overflow-x: auto; }
-.chart svg { width: 100%; min-width: 600px; height: auto; display: block; }
+/* Scrolled sideways on a narrow screen, a chart opens at its right end: the newest data. */
+.chart { overflow-x: auto; direction: rtl; }
+.chart svg { width: 100%; min-width: 800px; height: auto; display: block; direction: ltr; }
+.nowrap { white-space: nowrap; }
 .chart.square svg { max-width: 440px; min-width: 0; margin: 0 auto; }
 .nodata { color: var(--muted); font-style: italic; padding: 24px 0; }
 details { font-size: 12px; }
@@ -5555,6 +5703,7 @@ svg .f1 { fill: var(--c1); } svg .f2 { fill: var(--c2); } svg .f3 { fill: var(--
 svg .gain { fill: var(--gain); } svg .loss { fill: var(--loss); }
 svg .dash { stroke-dasharray: 6 3; } svg .dot { stroke-dasharray: 2 3; }
 svg .band { fill: var(--loss); fill-opacity: 0.16; }
+svg .partial { fill: var(--muted); fill-opacity: 0.12; }
 svg .count { fill: var(--muted); fill-opacity: 0.45; }
 @page { size: A4; margin: 12mm; }
 @media print {
@@ -5582,6 +5731,7 @@ $forecasts
 <h2>Patterns</h2>
 $patterns
 <h2>The 10 games with the largest mean absolute error</h2>
+<p class="meta">Of the games with at least $min_predictions predictions made in the period.</p>
 $worst
 <h2>Rejected lines by code</h2>
 $rejects
@@ -5589,7 +5739,7 @@ $rejects
 </html>
 """)
 
-CHART_WIDTH, CHART_HEIGHT = 720, 270
+CHART_WIDTH, CHART_HEIGHT = 960, 270
 CHART_LEFT, CHART_RIGHT, CHART_TOP, CHART_BOTTOM = 64, 64, 34, 56
 MAX_TIME_LABELS = 9
 
@@ -5646,6 +5796,7 @@ class Chart(NamedTuple):
     extra: tuple[Plot, ...] = ()
     unmeasured: str = ""
     per_day: str = ""
+    symmetric: float = 0.0               # an axis symmetric about zero, at least this far out
 
     @property
     def plots(self) -> tuple[Plot, ...]:
@@ -5662,15 +5813,15 @@ CHARTS = (
           "share of resolved predictions (%)", floor=0, ceiling=100),
     Chart("e40 bias", "Do predictions end too late (above zero) or too early (below)?",
           (Plot("median_e40", "median e40", digits=3),), "median e40 (40-tick windows)",
-          zero_line="zero: no bias"),
+          zero_line="zero: no bias", symmetric=0.5),
     Chart("Side-bet ROI", "Did the recommended side bets gain or lose?",
           (Plot("roi_percentage", "side-bet ROI", unit="%", header="ROI (%)"),),
           "return on BETs (%)", bars=True,
           extra=(Plot("bets_won", "won"), Plot("bets_lost", "lost"))),
     Chart("Volume", "How many games ended, and how many predictions were made?",
-          (Plot("games_analyzed", "games ended", digits=0),
-           Plot("predictions_made", "predictions", "s2 dash", digits=0)),
-          "count", floor=0),
+          (Plot("games_analyzed", "games ended", digits=0),), "games ended (count)", floor=0,
+          right=Plot("predictions_made", "predictions", "s2 dash", digits=0),
+          right_label="predictions (count)"),
     Chart("Ingest health", "How long did commits take (p99{per_day}), and how many lines were "
                            "refused?",
           (Plot(LATENCY, "p99 commit latency", unit="ms", digits=2),),
@@ -5697,9 +5848,16 @@ def _nice_step(span: float) -> float:
 
 
 def _scale(values: Iterable[Optional[float]], floor: Optional[float] = None,
-           ceiling: Optional[float] = None, zero: bool = False) -> tuple[float, float, float]:
-    """(low, high, step) of an axis that holds the values (and zero, if asked)."""
+           ceiling: Optional[float] = None, zero: bool = False,
+           symmetric: float = 0.0) -> tuple[float, float, float]:
+    """(low, high, step) of an axis that holds the values (and zero, if asked); with
+    `symmetric`, centred on zero and reaching at least that far, so that a wobble of a
+    tick does not fill the chart like an event."""
     present = [v for v in values if v is not None]
+    if symmetric:
+        reach = max([symmetric] + [abs(v) for v in present])
+        step = _nice_step(2 * reach)
+        return -math.ceil(reach / step) * step, math.ceil(reach / step) * step, step
     low = min(present + ([0.0] if zero else [])) if present else 0.0
     high = max(present + ([0.0] if zero else [])) if present else 1.0
     low, high = (floor if floor is not None else low), (ceiling if ceiling is not None else high)
@@ -5738,15 +5896,17 @@ def svg_chart(title: str, starts: list[str], hourly: bool, series: list[Series],
               y_label: str, bars: bool = False, zero_line: str = "",
               floor: Optional[float] = None, ceiling: Optional[float] = None,
               right: Optional[Series] = None, right_label: str = "",
-              band: Optional[tuple[int, int, str]] = None) -> str:
+              band: Optional[tuple[int, int, str]] = None, symmetric: float = 0.0,
+              partial: Iterable[int] = ()) -> str:
     """A line (or bar) chart of the series over the buckets, with axes, a legend and a
     <title> tooltip on every point and bar; None values leave gaps. `band` shades the
-    buckets from one to another, with its label."""
+    buckets from one to another, with its label; `partial` buckets (cut by an end of the
+    period) are shaded and labelled so, so that a part day does not read as a fall."""
     width = CHART_WIDTH - CHART_LEFT - CHART_RIGHT
     height = CHART_HEIGHT - CHART_TOP - CHART_BOTTOM
     count = max(len(starts), 1)
     low, high, step = _scale((v for s in series for v in s.values), floor, ceiling,
-                             zero=bars or bool(zero_line))
+                             zero=bars or bool(zero_line), symmetric=symmetric)
 
     def x(i: float) -> float:
         return CHART_LEFT + (i + 0.5) * width / count
@@ -5764,9 +5924,15 @@ def svg_chart(title: str, starts: list[str], hourly: bool, series: list[Series],
                      f'<text class="muted" x="{CHART_LEFT - 6}" y="{y(tick) + 4:.1f}" '
                      f'text-anchor="end">{_tick(tick, step)}</text>')
         tick += step
+    slot = width / count
+    for i in partial:
+        parts.append(f'<rect class="partial" x="{x(i) - slot / 2:.1f}" y="{CHART_TOP}" '
+                     f'width="{slot:.1f}" height="{height}"><title>{when[i]}: a partial '
+                     f'{"hour" if hourly else "day"}, cut by the period</title></rect>'
+                     f'<text class="muted" x="{x(i):.1f}" y="{CHART_TOP - 4}" '
+                     f'text-anchor="{"start" if i == 0 and count > 1 else "end"}">partial</text>')
     if band is not None:
         first, last, label = band
-        slot = width / count
         parts.append(f'<rect class="band" x="{x(first) - slot / 2:.1f}" y="{CHART_TOP}" '
                      f'width="{(last - first + 1) * slot:.1f}" height="{height}">'
                      f'<title>{html.escape(label)}</title></rect>')
@@ -5790,7 +5956,6 @@ def svg_chart(title: str, starts: list[str], hourly: bool, series: list[Series],
                  f'{"bar" if bars else "point"}</text>')
     parts.append(f'<text class="muted" transform="rotate(-90)" x="{-(CHART_TOP + height / 2)}" '
                  f'y="14" text-anchor="middle">{html.escape(y_label)}</text>')
-    slot = width / count
     for s in series:
         if bars:
             zero = y(max(low, 0.0))
@@ -5874,13 +6039,13 @@ def _page_text(value: str) -> str:
 
 def _page_list(values: list[str]) -> str:
     """Stored strings, one <span> each, so that a comma inside one stays unambiguous."""
-    return ", ".join(f"<span>{_page_text(value)}</span>" for value in values)
+    return ", ".join(f'<span class="nowrap">{_page_text(value)}</span>' for value in values)
 
 
 def _bucket_name(start: str, hourly: bool) -> str:
     """An hour or a day by its start; a piece cut by the window's start says when it began."""
-    if hourly or not start.endswith("00:00:00.000"):
-        return f"{start[:16]} UTC"
+    if hourly or shown_time(start)[11:] != "00:00:00":
+        return f"{shown_time(start, 16)} UTC"
     return start[:10]
 
 
@@ -5901,7 +6066,7 @@ def html_table(headers: list[str], rows: list[list[str]], text_columns: Iterable
 
 def _panel(title: str, question: str, chart: Optional[str], headers: list[str],
            rows: list[list[str]]) -> str:
-    """A chart with its question, and its numbers in a collapsible table beside it."""
+    """A chart with its question, and its numbers in a collapsible table below it."""
     if chart is None:
         return (f'<section class="panel"><div><h3>{title}</h3><p class="meta">{question}</p>'
                 f'<p class="nodata">no data in this period</p></div></section>')
@@ -5910,10 +6075,24 @@ def _panel(title: str, question: str, chart: Optional[str], headers: list[str],
             f'<div class="scroll">{html_table(headers, rows)}</div></details></div></section>')
 
 
+def partial_buckets(buckets: list[dict], hourly: bool) -> list[int]:
+    """The buckets cut short by either end of the period (at most the first and the last)."""
+    period = 3600 if hourly else 86400
+    return [i for i, b in enumerate(buckets)
+            if text_epoch(b["end"]) - text_epoch(b["start"]) < period - 0.001]
+
+
+def bucket_names(buckets: list[dict], hourly: bool) -> list[str]:
+    """Each bucket's name in a table of numbers, a partial one said to be so."""
+    partial = set(partial_buckets(buckets, hourly))
+    return [_bucket_name(b["start"], hourly) + (" (partial)" if i in partial else "")
+            for i, b in enumerate(buckets)]
+
+
 def chart_panel(chart: Chart, buckets: list[dict], hourly: bool) -> str:
     """A chart of CHARTS over the buckets, with its question and its table of numbers."""
     starts = [b["start"] for b in buckets]
-    when = [_bucket_name(start, hourly) for start in starts]
+    when = bucket_names(buckets, hourly)
     drawn = [plot.series(buckets) for plot in chart.series]
     right = chart.right.series(buckets) if chart.right else None
     question = chart.question.format(per_day="" if hourly else chart.per_day)
@@ -5925,7 +6104,8 @@ def chart_panel(chart: Chart, buckets: list[dict], hourly: bool) -> str:
     present = any(b[plot.measure] not in (None, 0) for b in buckets for plot in chart.plots)
     svg = svg_chart(chart.title, starts, hourly, drawn, y_label=y_label, bars=chart.bars,
                     zero_line=chart.zero_line, floor=chart.floor, ceiling=chart.ceiling,
-                    right=right, right_label=right_label) if present else None
+                    right=right, right_label=right_label, symmetric=chart.symmetric,
+                    partial=partial_buckets(buckets, hourly)) if present else None
     columns = [plot.series(buckets) for plot in chart.plots]
     rows = [[when[i]] + [_number(x.values[i], x.digits, x.unit) for x in columns]
             for i in range(len(buckets))]
@@ -6063,7 +6243,7 @@ def coverage_panel(calibration: dict) -> str:
 
 def bankroll_panel(bankroll: dict, buckets: list[dict], hourly: bool) -> str:
     """The bankroll curve of a unit stake on every BET, its worst fall shaded."""
-    starts = [b["start"] for b in buckets]
+    starts = [answer_time(b["start"]) for b in buckets]     # as the answer's times read
     question = ("What would a unit stake on every recommended BET have made, and how deep did "
                 "it fall?")
     if not bankroll["bets"]:
@@ -6087,12 +6267,13 @@ def bankroll_panel(bankroll: dict, buckets: list[dict], hourly: bool) -> str:
     if bankroll["max_drawdown_to"] is not None:
         band = (bucket_of(bankroll["max_drawdown_from"]), bucket_of(bankroll["max_drawdown_to"]),
                 f"max drawdown {_number(bankroll['max_drawdown'], 1)} units, "
-                f"{bankroll['max_drawdown_from'][:16]} to {bankroll['max_drawdown_to'][:16]} UTC")
+                f"{shown_time(bankroll['max_drawdown_from'], 16)} to "
+                f"{shown_time(bankroll['max_drawdown_to'], 16)} UTC")
         question += f" The shaded span is the {band[2]}."
-    chart = svg_chart("Bankroll", starts, hourly,
+    chart = svg_chart("Bankroll", [b["start"] for b in buckets], hourly,
                       [Series("profit", values, "s1", "units", 1)],
                       y_label="profit of a unit stake per BET (units)", zero_line="break even",
-                      band=band)
+                      band=band, partial=partial_buckets(buckets, hourly))
     return _panel("Bankroll", question, chart,
                   [f"{'hour' if hourly else 'day'} (UTC)", "profit (units)"],
                   [[_bucket_name(p["t"], hourly), _number(p["pnl"], 1)]
@@ -6119,13 +6300,25 @@ def compared_panel(trackers: list[dict], models: list[dict]) -> str:
          "mean absolute error (ticks)", "settled BETs", "side-bet ROI"], rows, (0, 1)))
 
 
+def period_words(seconds: float) -> str:
+    """A period as it was asked for: '7 days', '2 days', '24 hours', '90 minutes'."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        count = seconds / size
+        if count >= 2 or unit == "minute":
+            whole = round(count)
+            if unit == "minute" or abs(count - whole) < 0.001:
+                return f"{whole:,} {unit}{'' if whole == 1 else 's'}"
+    return f"{seconds / 3600:,.1f} hours"
+
+
 def render_report(data: dict, database: str) -> str:
     """The report page for report_data()'s object."""
     buckets, hourly = data["buckets"], data["bucket"] == "hour"
     title = f"tedstore report: {data['since'][:16]} to {data['until'][:16]} UTC"
     narrowed = "".join(f" · {what} {_page_text(data[what])} only"
                        for what in ("tracker", "model") if data.get(what))
-    meta = (f"{len(buckets)} {'hours' if hourly else 'days'}{narrowed} · generated "
+    meta = (f"{period_words(text_epoch(data['until']) - text_epoch(data['since']))}"
+            f"{narrowed} · generated "
             f"{data['generated_at'][:19]} UTC · database {_page_text(database)} · "
             f"tedstore {html.escape(data['version'])}")
     p = data["performance"]["prediction_metrics"]
@@ -6149,12 +6342,12 @@ def render_report(data: dict, database: str) -> str:
     patterns = data["patterns"]["patterns"]
     return REPORT_PAGE.substitute(
         title=html.escape(title), meta=meta, summary=summary, compared=compared,
+        min_predictions=WORST_GAME_MIN_PREDICTIONS,
         charts="\n".join(charts), forecasts=forecasts,
         patterns=html_table(
             ["pattern", "games", "within 1 window (%)", "mean duration (ticks)", "newest games"],
             [[_page_text(x["pattern"]), _number(x["games"]),
-              _number(None if x["avg_prediction_accuracy"] is None
-                      else 100 * x["avg_prediction_accuracy"], 1),
+              _number(x["avg_prediction_accuracy"], 1),
               _number(x["avg_duration_ticks"], 1),
               _page_list(x["recent_game_ids"])] for x in patterns], (0,), (4,))
         if patterns else '<p class="nodata">no data in this period</p>',
@@ -6163,8 +6356,7 @@ def render_report(data: dict, database: str) -> str:
              "within 1 window (%)", "patterns"],
             [[_page_text(g["game_id"]), g["ended_at"][:19], _number(g["predictions"]),
               _number(g["mean_absolute_error"], 1),
-              _number(None if g["prediction_accuracy"] is None
-                      else 100 * g["prediction_accuracy"], 1),
+              _number(g["prediction_accuracy"], 1),
               _page_list(g["patterns_detected"])] for g in data["worst_games"]],
             (0, 5))
         if data["worst_games"] else '<p class="nodata">no data in this period</p>',
@@ -6359,15 +6551,6 @@ def closed_at_exit(conn: apsw.Connection) -> apsw.Connection:
     return conn
 
 
-def tree_lines(value: dict, indent: int = 0) -> Iterator[str]:
-    for key, item in value.items():
-        if isinstance(item, dict) and item:
-            yield f"{'  ' * indent}{key}:"
-            yield from tree_lines(item, indent + 1)
-        else:
-            yield f"{'  ' * indent}{key}: {'-' if item in (None, {}) else item}"
-
-
 def with_reader(command: Callable) -> Callable:
     """--config, --db and --socket for a read command, which gets a `reader`: the database
     file when it can be read (or --db names it), else the daemon over its socket."""
@@ -6474,25 +6657,12 @@ def fmt(digits: int = 1, unit: str = "") -> Callable[[Any], str]:
     return show
 
 
-def share(value: Optional[float]) -> str:
-    """A share 0..1 as a percentage."""
-    return fmt(1)(None if value is None else 100 * value)
-
-
-share.numeric = True                     # type: ignore[attr-defined]
-
-
 def text(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, list):
         return ",".join(map(str, value)) or "-"
     return str(value)
-
-
-def moment(value: Optional[str]) -> str:
-    """Stored UTC text to the second."""
-    return value[:19] if value else "-"
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, Callable[[Any], str]]]) -> list[str]:
@@ -6509,7 +6679,7 @@ def table(rows: list[dict], columns: list[tuple[str, str, Callable[[Any], str]]]
 
 
 def period(result: dict) -> str:
-    return f"{moment(result['since'])} to {moment(result['until'])} UTC"
+    return f"{shown_time(result['since'])} to {shown_time(result['until'])} UTC"
 
 
 class TrackerOption(click.ParamType):
@@ -6529,10 +6699,10 @@ TRACKER_OPTION = TrackerOption()
 
 def outcomes(result: IngestResult) -> str:
     """'3 stored, 1 duplicate, 0 rejected' for the lines a command sent or imported."""
-    rejected = f"{len(result.rejections)} rejected"
+    rejected = f"{len(result.rejections):,} rejected"
     if result.stored is None:
-        return f"{result.acked} acknowledged, {rejected}"
-    return (f"{result.stored} stored, {result.duplicates} "
+        return f"{result.acked:,} acknowledged, {rejected}"
+    return (f"{result.stored:,} stored, {result.duplicates:,} "
             f"duplicate{'' if result.duplicates == 1 else 's'}, {rejected}")
 
 
@@ -6707,9 +6877,8 @@ def status_command(settings: Settings, output: Output, form: Optional[str]) -> N
         if form == "prometheus":
             click.echo("\n".join(prometheus_lines(None)))
             return
-        output.show(offline_status(settings, exc), lambda offline: [
-            offline["error"],
-            *tree_lines({"database": offline["database"], "jobs": offline.get("jobs")})])
+        output.show(offline_status(settings, exc),
+                    lambda offline: offline_lines(offline, time.time()))
         sys.exit(1)
     if form == "prometheus":
         click.echo("\n".join(prometheus_lines(status)))
@@ -6799,8 +6968,8 @@ def duration(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def megabytes(size: int) -> str:
-    return f"{size / 1e6:,.1f} MB"
+def megabytes(size: Optional[int]) -> str:
+    return "-" if size is None else f"{size / 1e6:,.1f} MB"
 
 
 def counts(by_name: dict) -> str:
@@ -6814,12 +6983,25 @@ def wal_held_back(checkpoint: str) -> str:
     return "a long-open reader (a sqlite3 session?) holds it back; close it"
 
 
+def offline_lines(offline: dict, now: float) -> list[str]:
+    """What status says for people when the daemon does not answer, in units."""
+    db, jobs = offline["database"], offline.get("jobs") or {}
+    lines = [offline["error"],
+             f"database:     {db['path']}, {megabytes(db['size_bytes'])}, WAL "
+             f"{megabytes(db['wal_bytes'])}, schema {db.get('schema_version', '-')}"]
+    for name in ("rollup", "retention", "backup"):
+        job = jobs.get(name) or {}
+        lines.append(f"{name + ':':<14}{ago(job.get('at'), now)}"
+                     + (f", through {job['through']}" if job.get("through") else "")
+                     + (f", {job['path']}" if job.get("path") else ""))
+    return lines
+
+
 def status_lines(status: dict, now: float) -> list[str]:
     """The daemon's status for people: a one-line summary, then a line per subject, in
     units; `status --json` has every field."""
     writer, queue, db = status["writer"], status["queue"], status["database"]
     repository, latency = status["repository"], status["commit_latency_ms"]
-    events = sum(status["events"].values())
     jobs = status.get("scheduler") or {}
     trouble = (f"; WRITER FAILING: {writer['error']}" if writer["state"] != "ok" else
                f"; JOBS FAILING: {jobs['error']}" if jobs.get("error") else
@@ -6830,10 +7012,11 @@ def status_lines(status: dict, now: float) -> list[str]:
     rollup, retention, backup = (status["last_rollup"] or {}, status["last_retention"] or {},
                                  status["last_backup"] or {})
     deleted = sum((retention.get("deleted") or {}).values())
+    recent = status["recent"]
     return [
         f"tedstore {status['version']} is running (pid {status['pid']}, up "
-        f"{duration(status['uptime_s'])}): {events / max(status['uptime_s'], 1) * 60:,.0f} "
-        f"events/min, last commit {ago(repository['last_save'], now)}, queue "
+        f"{duration(status['uptime_s'])}): {recent['events']:,} events in the last "
+        f"{duration(recent['seconds'])}, last commit {ago(repository['last_save'], now)}, queue "
         f"{queue['events']:,}, WAL {megabytes(db['wal_bytes'])}{trouble}",
         f"writer:       {writer['state']}, {repository['records_saved']:,} rows saved in "
         f"{writer['batches']:,} commits, {repository['errors']:,} commit errors, "
@@ -6900,7 +7083,7 @@ def send_command(settings: Settings, files: tuple[str, ...]) -> None:
     with progress_bar(source.count(), "sending") as bar:
         result = stream_lines(settings.socket, source.blocks(), progress=bar.advance_to)
     source.report(result.rejections)
-    click.echo(f"sent {result.lines} lines: {outcomes(result)}", err=True)
+    click.echo(f"sent {result.lines:,} lines: {outcomes(result)}", err=True)
     if result.rejections:
         sys.exit(1)
 
@@ -6925,9 +7108,27 @@ def import_command(settings: Settings, files: tuple[str, ...], tracker: Optional
     with progress_bar(source.count(), "importing") as bar:
         result, via = replay(settings, blocks, bar.advance_to)
     source.report(result.rejections)
-    click.echo(f"imported {result.lines} lines into {via}: {outcomes(result)}", err=True)
+    click.echo(f"imported {result.lines:,} lines into {via}: {outcomes(result)}", err=True)
     if result.rejections:
         sys.exit(1)
+
+
+SIMULATED_PERCENT = 100      # the simulator's progress bar counts percent of the played time
+
+
+def simulated_lines(played: Iterable[dict], bar: Progress) -> Iterator[bytes]:
+    """The simulator's events as lines, moving the bar through the time they span: the
+    games are played in time order, so each event's time says how far it got."""
+    start, end = None, time.time()
+    for event in played:
+        ts = event.get("ts")
+        if isinstance(ts, (int, float)):
+            start = ts / 1000 if start is None else start
+            if end > start:
+                bar.advance_to(int(SIMULATED_PERCENT * min(1.0, (ts / 1000 - start)
+                                                             / (end - start))))
+        yield msgspec.json.encode(event) + b"\n"
+    bar.advance_to(SIMULATED_PERCENT)
 
 
 @cli.command("simulate")
@@ -6970,16 +7171,15 @@ def simulate_command(settings: Settings, games: Optional[int], days: Optional[fl
                                  latest=time.time() + settings.max_clock_skew)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    lines = (msgspec.json.encode(event) + b"\n" for event in played)
     if to_stdout:
-        write_stdout(lines)
+        write_stdout(msgspec.json.encode(event) + b"\n" for event in played)
         return
     started = time.monotonic()
-    result = stream_lines(settings.socket, lines, rate=rate)
+    with progress_bar(SIMULATED_PERCENT, "simulating") as bar:
+        result = stream_lines(settings.socket, simulated_lines(played, bar), rate=rate)
     seconds = time.monotonic() - started
-    click.echo(f"simulated {result.lines} events in {seconds:.2f} s "
-               f"({result.lines / seconds:,.0f}/s): {result.acked} acknowledged, "
-               f"{len(result.rejections)} rejected", err=True)
+    click.echo(f"simulated {result.lines:,} events in {seconds:,.1f} s "
+               f"({result.lines / seconds:,.0f}/s): {outcomes(result)}", err=True)
     if result.rejections:
         sys.exit(1)
 
@@ -7058,7 +7258,7 @@ def rollup_command(settings: Settings, since: Optional[str], output: Output) -> 
     with progress_bar(len(hours), "rolling up") as bar:
         detail = run_rollups(conn, yielding_steps(conn), hours, now, progress=bar.advance)
     output.show(detail, lambda detail: [
-        f"rolled up {len(hours)} hour(s) from {utc_text(hours[0])} to {detail['through']}"
+        f"rolled up {len(hours):,} hour(s) from {utc_text(hours[0])} to {detail['through']}"
         if hours else "nothing to roll up"])
 
 
@@ -7088,9 +7288,9 @@ def game_command(reader: Reader, output: Output, filters: dict, game_id: str) ->
                f"{text(game['end_tick'])} ({fmt()(game['duration_ticks'])} ticks), peak "
                f"{fmt(4)(game['peak_price'])} at tick {text(game['peak_tick'])}, final "
                f"{fmt(4)(game['final_price'])}")
-        yield (f"started {moment(game['started_at'])}, ended {moment(game['ended_at'])} UTC; "
+        yield (f"started {shown_time(game['started_at'])}, ended {shown_time(game['ended_at'])} UTC; "
                f"patterns {text(game['patterns_detected'])}; within 1 window "
-               f"{share(game['prediction_accuracy'])} %")
+               f"{fmt(1)(game['prediction_accuracy'])} %")
         yield ""
         yield f"{len(found['predictions'])} prediction(s)"
         if found["predictions"]:
@@ -7119,10 +7319,10 @@ def games_command(reader: Reader, output: Output, window: dict, limit: int,
     output.show(result, lambda result: listing(
         result["games"], f"no games ended from {period(result)}",
         f"{len(result['games'])} game(s) ended from {period(result)}", [
-            ("ended_at", "ended (UTC)", moment), ("game_id", "game", text),
+            ("ended_at", "ended (UTC)", shown_time), ("game_id", "game", text),
             ("duration_ticks", "ticks", fmt()), ("peak_price", "peak", fmt(3)),
             ("predictions", "predictions", fmt()), ("mean_absolute_error", "MAE (ticks)", fmt()),
-            ("prediction_accuracy", "within 1 (%)", share), ("side_bets_placed", "BETs", fmt()),
+            ("prediction_accuracy", "within 1 (%)", fmt(1)), ("side_bets_placed", "BETs", fmt()),
             ("side_bets_won", "won", fmt()), ("side_bet_payout", "payout", fmt(1)),
             ("patterns_detected", "patterns", text)]))
 
@@ -7138,7 +7338,7 @@ def metrics_command(reader: Reader, output: Output, window: dict) -> None:
         result["hours"], f"no hourly metrics from {period(result)} (each hour is rolled up a "
                          f"minute after it ends)",
         f"hourly metrics from {period(result)}", [
-            ("hour_start", "hour (UTC)", moment), ("games_analyzed", "games", fmt()),
+            ("hour_start", "hour (UTC)", shown_time), ("games_analyzed", "games", fmt()),
             ("predictions_made", "predictions", fmt()), ("median_e40", "median e40", fmt(3)),
             ("mean_absolute_error", "MAE (ticks)", fmt()),
             ("within_1_window", "within 1 (%)", fmt()), ("within_2_windows", "within 2 (%)", fmt()),
@@ -7210,8 +7410,8 @@ def trackers_command(reader: Reader, output: Output, window: dict) -> None:
         f"{len(result['trackers'])} tracker(s) from {period(result)}", [
             ("tracker", "tracker", text), ("models", "models", text),
             ("predictions", "predictions", fmt()), ("side_bets", "side bets", fmt()),
-            ("first_seen", "first seen (UTC)", moment),
-            ("last_seen", "last seen (UTC)", moment)]))
+            ("first_seen", "first seen (UTC)", shown_time),
+            ("last_seen", "last seen (UTC)", shown_time)]))
 
 
 @read_command("trends")
@@ -7242,7 +7442,7 @@ def patterns_command(reader: Reader, output: Output, window: dict) -> None:
         f"{result['total_patterns_detected']:,} pattern detection(s) in the games ended from "
         f"{period(result)}", [
             ("pattern", "pattern", text), ("games", "games", fmt()),
-            ("avg_prediction_accuracy", "within 1 (%)", share),
+            ("avg_prediction_accuracy", "within 1 (%)", fmt(1)),
             ("avg_duration_ticks", "avg ticks", fmt()),
             ("recent_game_ids", "newest games", text)]))
 
@@ -7305,11 +7505,11 @@ def bankroll_command(reader: Reader, output: Output, window: dict) -> None:
                f"{fmt(3)(result['mean_payout'])}, stdev {fmt(3)(result['stdev_payout'])}, "
                f"Sharpe {fmt(3)(result['sharpe_per_bet'])}")
         drawdown = (f"max drawdown {fmt(2)(result['max_drawdown'])} units, from "
-                    f"{moment(result['max_drawdown_from'])} to "
-                    f"{moment(result['max_drawdown_to'])} UTC" if result["max_drawdown_to"]
+                    f"{shown_time(result['max_drawdown_from'])} to "
+                    f"{shown_time(result['max_drawdown_to'])} UTC" if result["max_drawdown_to"]
                     else "no drawdown")
         yield f"{drawdown}; longest losing streak {result['longest_losing_streak']:,}"
-        yield from table(result["curve"], [("t", "from (UTC)", moment),
+        yield from table(result["curve"], [("t", "from (UTC)", shown_time),
                                            ("pnl", "profit (units)", fmt(2))])
     output.show(result, lines)
 
@@ -7326,7 +7526,7 @@ def rejects_command(reader: Reader, output: Output, window: dict, limit: int) ->
     output.show(result, lambda result: listing(
         result["rejects"], f"no rejected lines from {period(result)}",
         f"{len(result['rejects'])} rejected line(s) from {period(result)}", [
-            ("received_at", "received (UTC)", moment), ("line_no", "line", fmt()),
+            ("received_at", "received (UTC)", shown_time), ("line_no", "line", fmt()),
             ("code", "code", text), ("peer_uid", "uid", fmt()),
             ("error", "error", lambda error: text(error)[:70]),
             ("raw", "raw", lambda raw: text(raw)[:40])]))
@@ -7383,18 +7583,36 @@ def export_command(settings: Settings, table: Optional[str], events: bool, windo
     if path is None:
         write_stdout(blocks)
         return
-    with output_file(path) as out:
-        written = sum(out.write(block) and block.count(b"\n") for block in blocks)
+    size = export_size(conn, EXPORTED_LINES if events else {table: 1}, start, end) \
+        if sys.stderr.isatty() else 0
+    written = 0
+    with output_file(path) as out, progress_bar(size, "exporting") as bar:
+        for block in blocks:
+            out.write(block)
+            written += block.count(b"\n")
+            bar.advance_to(min(written, size))
     click.echo(f"exported {written:,} lines to {path}", err=True)
+
+
+def live_latency(settings: Settings) -> Optional[dict[str, float]]:
+    """The p99 commit latency of each hour the daemon of this database has measured, if it
+    is running: the hours not rolled up yet are in no table."""
+    try:
+        status = request(settings.socket, "status")["status"]
+    except (TedstoreError, OSError):
+        return None                                  # not running: the rollups are all there is
+    if status["database"]["path"] != os.path.abspath(settings.db):
+        return None                                  # a daemon of another database
+    return status["commit_latency_ms"]["p99_by_hour"]
 
 
 @cli.command("report")
 @with_settings("db")
 @click.option("-o", "--output", "path", required=True, type=click.Path(dir_okay=False),
-              help="The HTML file to write.")
+              help="The HTML file to write; - writes it to standard output.")
 @window_options(WeekArgs)
 def report_command(settings: Settings, path: str, window: dict) -> None:
-    """Write a self-contained HTML report: summary, five charts, three tables.
+    """Write a self-contained HTML report: summary, charts, forecasts, tables.
 
     Hourly buckets up to 3 days, daily beyond. The page needs no network and no script.
     It reads the database file (run it as the tedstore user).
@@ -7404,7 +7622,11 @@ def report_command(settings: Settings, path: str, window: dict) -> None:
     now = time.time()
     start, end = WeekArgs(**window).bounds(now)
     page = render_report(report_data(settings.db, start, end, now, window.get("tracker"),
-                                     window.get("model")), settings.db).encode()
+                                     window.get("model"), live_latency(settings)),
+                         settings.db).encode()
+    if path == "-":
+        write_stdout([page])
+        return
     with output_file(path) as out:
         out.write(page)
     click.echo(f"wrote {path} ({len(page) / 1e6:.2f} MB) for {utc_text(start)[:16]} to "

@@ -5,7 +5,7 @@ per-event-commit baseline, tedstore's acknowledged events/s with 1 and 4 clients
 (predictions, and the simulated game mix), p50/p99 ack latency at a paced rate,
 and the daemon's peak RSS. Every figure comes from this run on this machine.
 
-    python bench/ingest.py [--events 200000] [--paced-seconds 10] [--rounds 3]
+    python bench/ingest.py [--events 200000] [--paced-seconds 10] [--rounds 5]
     python bench/ingest.py --against ../other-checkout      # A/B, interleaved
 """
 
@@ -202,7 +202,7 @@ def compare(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=5,
                         help="measure everything this many times, interleaved; report medians")
     parser.add_argument("--paced-rate", type=float, default=1000)
     parser.add_argument("--paced-seconds", type=float, default=10)
@@ -233,8 +233,10 @@ def main() -> None:
             rate, peak = end_to_end(folder, "predictions-full", predictions, 1, "FULL")
             measure("predictions 1 FULL", rate)
             rss.append(peak)
-        p50, p99, peak = paced(folder, args.paced_rate, args.paced_seconds)
-        rss.append(peak)
+            p50, p99, peak = paced(folder, args.paced_rate, args.paced_seconds)
+            measure("ack p50", p50)
+            measure("ack p99", p99)
+            rss.append(peak)
     med = {name: statistics.median(values) for name, values in runs.items()}
     top, naive, naive_full = med["ceiling"], med["per-event"], med["per-event FULL"]
     print(f"machine: {os.cpu_count()} cores, SQLite {apsw.sqlite_lib_version()}, "
@@ -251,10 +253,14 @@ def main() -> None:
     full = med["predictions 1 FULL"]
     print(f"{'tedstore predictions, 1 client, FULL:':<49}{full:>10,.0f} events/s acknowledged  "
           f"({full / naive_full:.0f}x per-event FULL)")
+    p99s = runs["ack p99"]
     print(f"ack latency at {args.paced_rate:,.0f} events/s (game mix): "
-          f"p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+          f"p50 {med['ack p50']:.2f} ms, p99 {med['ack p99']:.2f} ms "
+          f"(p99 of each round: {', '.join(f'{v:.2f}' for v in p99s)}; "
+          f"spread {min(p99s):.2f} to {max(p99s):.2f} ms)")
     print(f"daemon peak RSS: {max(rss):.0f} MB")
-    print("all rounds: " + "; ".join(f"{name} " + "/".join(f"{v:,.0f}" for v in values)
+    print("all rounds: " + "; ".join(f"{name} " + "/".join(f"{v:,.2f}" if v < 100 else f"{v:,.0f}"
+                                                        for v in values)
                                      for name, values in runs.items()))
 
 

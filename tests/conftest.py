@@ -78,6 +78,22 @@ def tmp():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def answered_at(epoch: float) -> str:
+    """A time as answers give it (RFC 3339, Z)."""
+    return tedstore.answer_time(tedstore.utc_text(epoch))
+
+
+def answered_row(row: dict) -> dict:
+    """A stored row as answers give it: its times in RFC 3339."""
+    return {key: tedstore.answer_time(value) if key in tedstore.TIME_COLUMNS else value
+            for key, value in row.items()}
+
+
+def stored(answered: str | None) -> str | None:
+    """An answer's time as the database keeps it, to compare with its rows."""
+    return None if answered is None else tedstore.stored_time(answered)
+
+
 def wait_for(predicate, timeout: float = 15.0, interval: float = 0.02, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
@@ -568,9 +584,10 @@ class Play:
                 "roi_percentage": None if mean is None else 100 * mean,
                 "mean_payout": mean, "stdev_payout": stdev,
                 "sharpe_per_bet": mean / stdev if stdev else None,
-                "max_drawdown": fall, "max_drawdown_from": fall_from,
-                "max_drawdown_to": fall_to, "longest_losing_streak": max(streaks, default=0),
-                "curve": [{"t": t, "pnl": v} for t, v in curve.items()]}
+                "max_drawdown": fall, "max_drawdown_from": tedstore.answer_time(fall_from),
+                "max_drawdown_to": tedstore.answer_time(fall_to),
+                "longest_losing_streak": max(streaks, default=0),
+                "curve": [{"t": tedstore.answer_time(t), "pnl": v} for t, v in curve.items()]}
 
 
 def close(expected):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import os
 import socket
 import subprocess
@@ -185,14 +186,12 @@ def test_client_is_a_no_op_when_persistence_is_disabled(tmp, monkeypatch):
     client.close()
 
 
-def test_send_shows_a_progress_bar_on_a_terminal(daemon, tmp):
+def on_a_terminal(*args: str) -> str:
+    """`tedstore ARGS` on a terminal (a pty): what a person would see."""
     import pty
-    events = tmp / "many.ndjson"
-    events.write_text("".join(json.dumps(prediction("p", i, i + 9)) + "\n" for i in range(5000)))
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "tedstore", "send", "--socket", daemon.socket,
-                             str(events)], stderr=follower, stdout=subprocess.DEVNULL,
-                            env=clean_env())
+    proc = subprocess.Popen([sys.executable, "-m", "tedstore", *args], stderr=follower,
+                            stdout=follower, env=clean_env())
     os.close(follower)
     output = b""
     while True:
@@ -203,9 +202,33 @@ def test_send_shows_a_progress_bar_on_a_terminal(daemon, tmp):
         if not data:
             break
         output += data
-    assert proc.wait(60) == 0
-    text = output.decode(errors="replace")
-    assert "sending" in text and "100%" in text and "5000 stored" in text
+    assert proc.wait(120) == 0, output.decode(errors="replace")
+    return output.decode(errors="replace")
+
+
+def test_long_commands_show_progress_on_a_terminal_and_sum_up_in_one_line(daemon, tmp):
+    """send, simulate, import, rollup and export: a bar on a terminal, then one line with
+    thousands separators."""
+    events = tmp / "many.ndjson"
+    events.write_text("".join(json.dumps(prediction("p", i, i + 9)) + "\n" for i in range(5000)))
+    text = on_a_terminal("send", "--socket", daemon.socket, str(events))
+    assert "sending" in text and "100%" in text and "5,000 stored" in text
+    text = on_a_terminal("simulate", "--days", "0.5", "--socket", daemon.socket)
+    assert "simulating" in text and "100%" in text
+    summary = re.search(r"simulated ([\d,]+) events in [\d.,]+ s \([\d,]+/s\): ([\d,]+) stored, "
+                        r"0 duplicates, 0 rejected", text)
+    assert summary and summary.group(1) == summary.group(2) and "," in summary.group(1), text
+    out = tmp / "predictions.csv"
+    text = on_a_terminal("export", "--db", daemon.db, "--table", "predictions", "-o", str(out))
+    written = len(out.read_text().splitlines())
+    assert "exporting" in text and "100%" in text and f"exported {written:,} lines" in text
+    assert written > 5000
+    copy = tmp / "copy.db"
+    assert run_cli("init", "--db", str(copy)).returncode == 0
+    text = on_a_terminal("import", "--db", str(copy), str(events))
+    assert "importing" in text and "100%" in text and "5,000 stored" in text
+    text = on_a_terminal("rollup", "--db", str(copy), "--since", "3d")
+    assert "rolling up" in text and re.search(r"rolled up [\d,]+ hour", text), text
 
 
 def test_rejections_are_named_by_file_and_line_even_for_a_file_given_twice(daemon, tmp):

@@ -10,8 +10,8 @@ import time
 import pytest
 
 import tedstore
-from conftest import (FIRST_HOUR, NOW, Conn, Play, Store, close, game_end, game_start, run_cli,
-                      side_bet)
+from conftest import (FIRST_HOUR, NOW, Conn, Play, Store, answered_at, close, game_end,
+                      game_start, run_cli, side_bet)
 
 TRACKERS = (("production", "v2.1.0"), ("shadow", "v3.0.0"))
 WINDOWS = {"everything": (FIRST_HOUR, NOW), "cut": (FIRST_HOUR + 3600, FIRST_HOUR + 4 * 3600),
@@ -45,7 +45,7 @@ def test_calibration_is_its_definition_over_the_raw_records(played, window, bins
     since, until = WINDOWS[window]
     answer = reader.calibration(since=since, until=until, bins=bins, **filters)
     assert answered(answer) == close(play.calibration(since, until, bins=bins, **filters))
-    assert answer["since"] == tedstore.utc_text(since)
+    assert answer["since"] == answered_at(since)
 
 
 def test_the_data_holds_the_edge_cases(played):
@@ -136,12 +136,12 @@ def test_a_fall_from_the_start_is_measured_from_the_window_start(tmp):
     answer = reader.bankroll(since=since, until=time.time())
     assert (answer["pnl"], answer["won"], answer["lost"]) == (2.0, 1, 3)
     assert answer["max_drawdown"] == 2.0
-    assert answer["max_drawdown_from"] == tedstore.utc_text(start + 600 + 60)
-    assert answer["max_drawdown_to"] == tedstore.utc_text(start + 3 * 600 + 60)
+    assert answer["max_drawdown_from"] == answered_at(start + 600 + 60)
+    assert answer["max_drawdown_to"] == answered_at(start + 3 * 600 + 60)
     assert answer["longest_losing_streak"] == 2
     first = reader.bankroll(since=since, until=start + 300)          # only the first loss
     assert first["max_drawdown"] == 1.0
-    assert first["max_drawdown_from"] == tedstore.utc_text(since)
+    assert first["max_drawdown_from"] == answered_at(since)
     assert first["sharpe_per_bet"] is None and first["stdev_payout"] is None
 
 
@@ -189,7 +189,7 @@ def test_the_socket_answers_as_the_file_does(daemon):
     for name in ("calibration", "bankroll"):
         window = {"since": FIRST_HOUR, "until": NOW}
         assert over_socket.ask(name, **window) == from_file.ask(name, **window)
-        assert over_socket.ask(name, **window)["since"] == tedstore.utc_text(FIRST_HOUR)
+        assert over_socket.ask(name, **window)["since"] == answered_at(FIRST_HOUR)
     over_socket.close()
     from_file.close()
 

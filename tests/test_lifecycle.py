@@ -88,7 +88,7 @@ def test_game_end_resolves_predictions_and_side_bets_in_the_same_batch(store):
                     (60, 100, "WON", 5.0, ended_at), (100, 140, "WON", 5.0, ended_at),
                     (101, 141, "LOST", -1.0, ended_at)]
     game = store.one("SELECT had_predictions, prediction_accuracy, side_bets_placed FROM games")
-    assert game == {"had_predictions": 1, "prediction_accuracy": pytest.approx(2 / 3),
+    assert game == {"had_predictions": 1, "prediction_accuracy": pytest.approx(200 / 3),
                     "side_bets_placed": 4}
 
 
@@ -110,7 +110,7 @@ def test_late_arrivals_are_resolved_on_arrival_with_the_games_end_time(store):
     assert store.rows("SELECT actual_outcome, resolved_at FROM side_bets") == \
         [("WON", "2025-11-22 08:28:20.000")]
     game = store.one("SELECT had_predictions, prediction_accuracy, side_bets_placed FROM games")
-    assert game == {"had_predictions": 1, "prediction_accuracy": 0.5, "side_bets_placed": 1}
+    assert game == {"had_predictions": 1, "prediction_accuracy": 50.0, "side_bets_placed": 1}
 
 
 def test_payout_multiplier_is_configurable(tmp):

@@ -70,6 +70,33 @@ def test_every_command_has_help_and_an_example(name):
     assert "Example" in result.output and tedstore.cli.commands[name].help
 
 
+# One shape for every read command: (takes a time window, takes --model). Every read
+# command takes --tracker; --hours/--days/--since/--until mean the same everywhere.
+READ_COMMANDS = {"game": (False, True), "games": (True, True), "metrics": (True, True),
+                 "performance": (True, True), "trends": (True, True), "patterns": (True, True),
+                 "calibration": (True, True), "bankroll": (True, False),
+                 "rejects": (True, False), "trackers": (True, False), "report": (True, True),
+                 "export": (True, False)}
+WINDOW = {"--hours", "--days", "--since", "--until"}
+
+
+def options(name: str) -> set[str]:
+    return {o for p in tedstore.cli.commands[name].params for o in p.opts if o.startswith("--")}
+
+
+def test_every_read_command_has_the_same_window_and_filter_options():
+    windowed = {name for name in tedstore.cli.commands if WINDOW <= options(name)}
+    assert windowed == {name for name, (window, _) in READ_COMMANDS.items() if window}
+    for name, (window, model) in READ_COMMANDS.items():
+        given = options(name)
+        assert (WINDOW <= given) == window and "--tracker" in given, name
+        assert ("--model" in given) == model, name
+    assert {name for name in tedstore.cli.commands if "--model" in options(name)} == \
+        {name for name, (_, model) in READ_COMMANDS.items() if model}
+    queried = {name for name in tedstore.QUERIES if name in tedstore.cli.commands}
+    assert queried <= set(READ_COMMANDS)
+
+
 @pytest.mark.parametrize("args, words", [
     (["rollup", "--db", "/nonexistent/t.db"], "does not exist"),
     (["retention", "--db", "/nonexistent/t.db"], "does not exist"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,8 +23,8 @@ import msgspec
 import pytest
 
 import tedstore
-from conftest import (Conn, FIRST_HOUR, PATTERNS, Play, ROOT, Store, clean_env, game_end,
-                      prediction, run_cli, state_write, wait_for)
+from conftest import (Conn, FIRST_HOUR, PATTERNS, Play, ROOT, Store, answered_at, answered_row,
+                      clean_env, game_end, prediction, run_cli, state_write, stored, wait_for)
 
 @pytest.fixture(scope="module")
 def played(tmp_path_factory):
@@ -44,6 +45,53 @@ def played(tmp_path_factory):
 
 def without_window(answer: dict) -> dict:
     return {key: value for key, value in answer.items() if key not in ("since", "until")}
+
+
+# -- answers made for web frontends: RFC 3339 times, percentages ----------------------------
+
+RFC_3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+LOOKS_LIKE_A_TIME = re.compile(r"\d{4}-\d\d-\d\d[ T]\d")
+SHARES = {"within_1_window", "within_2_windows", "within_3_windows", "prediction_accuracy",
+          "avg_prediction_accuracy", "base_rate", "mean_probability", "observed_rate",
+          "coverage", "mean_confidence"}
+THEIR_OWN = {"value", "raw", "error"}        # a tracker's state, a refused line: as they came
+
+
+def leaves(value, key=None):
+    """(key, value) of every number and string in an answer, a tracker's own data aside."""
+    if isinstance(value, dict):
+        for name, inner in value.items():
+            if name not in THEIR_OWN:
+                yield from leaves(inner, name)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from leaves(inner, key)
+    else:
+        yield key, value
+
+
+def test_every_answer_gives_times_in_rfc_3339_and_shares_as_percentages(played):
+    """Every query's answer, walked to its leaves: whatever looks like a time is RFC 3339
+    UTC with milliseconds and a Z, which `new Date()` reads alike in every browser; every
+    share is a percentage (0..100, and some above 1, so none is a fraction)."""
+    play, _, reader = played
+    windowless = {"game": {"id": play.games[0]["id"]}, "state": {"key": "tracker.model"},
+                  "recent_predictions": {}, "recent_side_bets": {}, "recent_ticks": {}}
+    times, shares = 0, {}
+    for name in tedstore.QUERIES:
+        answer = reader.ask(name, **windowless.get(name, {"days": 30}))
+        for key, value in leaves(answer):
+            if isinstance(value, str) and LOOKS_LIKE_A_TIME.match(value):
+                assert RFC_3339.fullmatch(value), (name, key, value)
+                times += 1
+            if key in SHARES and value is not None:
+                assert 0 <= value <= 100, (name, key, value)
+                shares[key] = max(shares.get(key, 0), value)
+    assert times > 100
+    assert set(shares) == SHARES and all(top > 1 for top in shares.values()), shares
+    window = reader.performance(since="2026-11-20T10:00:00.000Z", until="2026-11-21 10:00")
+    assert (window["since"], window["until"]) == ("2026-11-20T10:00:00.000Z",
+                                                  "2026-11-21T10:00:00.000Z")
 
 
 # -- performance and the hourly rollup ------------------------------------------------------
@@ -109,8 +157,8 @@ def test_trends_are_least_squares_over_the_hourly_rows(played):
     since = tedstore.text_epoch(answer["since"])
     rows = store.rows("SELECT hour_start, median_e40, within_2_windows, roi_percentage "
                       "FROM metrics_hourly WHERE hour_start >= ? ORDER BY hour_start",
-                      (answer["since"],))
-    assert [h["hour_start"] for h in answer["hourly"]] == [r[0] for r in rows]
+                      (stored(answer["since"]),))
+    assert [stored(h["hour_start"]) for h in answer["hourly"]] == [r[0] for r in rows]
     for name, position in (("e40", 1), ("accuracy", 2), ("sidebet_roi", 3)):
         points = [((tedstore.text_epoch(r[0]) - since) / 86400, r[position]) for r in rows
                   if r[position] is not None]
@@ -167,9 +215,9 @@ def test_metrics_are_the_hourly_rows_of_the_window(played):
     _, store, reader = played
     answer = reader.metrics(since=FIRST_HOUR + 3600, until=FIRST_HOUR + 4 * 3600)
     assert [h["hour_start"] for h in answer["hours"]] == \
-        [tedstore.utc_text(FIRST_HOUR + n * 3600) for n in (1, 2, 3)]
-    assert answer["hours"][0] == store.one("SELECT * FROM metrics_hourly WHERE hour_start = ?",
-                                           (tedstore.utc_text(FIRST_HOUR + 3600),))
+        [answered_at(FIRST_HOUR + n * 3600) for n in (1, 2, 3)]
+    assert answer["hours"][0] == answered_row(store.one(
+        "SELECT * FROM metrics_hourly WHERE hour_start = ?", (tedstore.utc_text(FIRST_HOUR + 3600),)))
     assert reader.metrics(since="2020-01-01", until="2020-01-02")["hours"] == []
 
 
@@ -180,7 +228,7 @@ def test_a_game_with_its_predictions_side_bets_and_samples(played):
     game = play.games[0]
     answer = reader.game(game["id"])
     row = store.one("SELECT * FROM games WHERE game_id = ?", (game["id"],))
-    assert answer["game"] == {**row, "patterns_detected": game["patterns"],
+    assert answer["game"] == {**answered_row(row), "patterns_detected": game["patterns"],
                               "had_predictions": True}
     assert [p["predicted_at_tick"] for p in answer["predictions"]] == \
         list(range(20, game["end_tick"], 40))
@@ -213,7 +261,7 @@ def test_recent_rows_are_the_newest_oldest_first(played):
     newest = sorted(play.predictions, key=lambda p: p["ts"])[-7:]
     rows = reader.recent_predictions(7)
     assert [(r["game_id"], r["created_at"]) for r in rows] == \
-        [(p["game"], tedstore.utc_text(p["ts"])) for p in newest]
+        [(p["game"], answered_at(p["ts"])) for p in newest]
     assert len(reader.recent_side_bets()) == min(200, len(play.bets))
     assert reader.recent_ticks() == []
 

@@ -181,8 +181,9 @@ def test_the_report_lines(here, tmp):
     for line in commands_of(readme_block("report")):
         result = shell(line, tmp)
         assert result.returncode == 0, (line, result.stderr)
-    for page in ("tedstore-report.html", "quarter.html"):
+    for page in ("tedstore-report.html", "quarter.html", "two-days.html"):
         assert (tmp / page).read_text().startswith("<!doctype html>")
+    assert "2 days · generated" in (tmp / "two-days.html").read_text()     # as asked
 
 
 def test_the_comparison_lines(tmp):
@@ -231,6 +232,16 @@ def test_the_datasette_line(here, tmp):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
+
+
+def test_the_sqlite_utils_lines(here, tmp):
+    counts, query = (shell(localized(line, tmp), tmp) for line in
+                     commands_of(readme_block("sqlite-utils")))
+    assert counts.returncode == 0, counts.stderr
+    assert re.search(r"^games\s+43$", counts.stdout, re.M), counts.stdout
+    assert query.returncode == 0, query.stderr
+    rows = json.loads(query.stdout)
+    assert len(rows) == 5 and set(rows[0]) == {"game_id", "predictions", "mean_absolute_error"}
 
 
 # -- operations -------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ shown as text, empty periods, the command's errors, and the page in a real Chrom
 from __future__ import annotations
 
 import collections
+import html
 import itertools
 import json
 import math
@@ -251,8 +252,10 @@ def test_every_number_on_the_page_equals_the_queries(played, tmp_path, window):
     for n, (start, end) in enumerate(bounds):
         label = tables["Accuracy"][n][0]
         whole_day = period == DAY and start % DAY == 0
+        partial = end - start < period                 # cut by either end of the period
         assert label == (tedstore.utc_text(start)[:10] if whole_day
-                         else tedstore.utc_text(start)[:16] + " UTC")
+                         else tedstore.utc_text(start)[:16] + " UTC") \
+            + (" (partial)" if partial else "")
         piece = reader.performance(since=start, until=end)
         pm, sm = piece["prediction_metrics"], piece["sidebet_metrics"]
         where = f"{window}, {label}"
@@ -280,7 +283,7 @@ def test_every_number_on_the_page_equals_the_queries(played, tmp_path, window):
     assert [visible(x["pattern"]) for x in patterns] == [row[0][0] for row in rows]
     for x, row in zip(patterns, rows):
         assert_shows(row[1][0], x["games"], f"{x['pattern']}: games")
-        assert_shows(row[2][0], 100 * x["avg_prediction_accuracy"], f"{x['pattern']}: accuracy")
+        assert_shows(row[2][0], x["avg_prediction_accuracy"], f"{x['pattern']}: accuracy")
         assert_shows(row[3][0], x["avg_duration_ticks"], f"{x['pattern']}: duration")
         assert row[4][1] == [visible(game) for game in x["recent_game_ids"]]
 
@@ -316,8 +319,9 @@ def test_every_number_on_the_page_equals_the_queries(played, tmp_path, window):
     if bankroll["max_drawdown_to"]:
         said = re.search(rf"max drawdown {NUMBER} units, (\S+ \S+) to (\S+ \S+) UTC", raw)
         assert_shows(said.group(1), bankroll["max_drawdown"], "max drawdown")
-        assert (said.group(2), said.group(3)) == (bankroll["max_drawdown_from"][:16],
-                                                  bankroll["max_drawdown_to"][:16])
+        assert (said.group(2), said.group(3)) == (
+            tedstore.shown_time(bankroll["max_drawdown_from"], 16),
+            tedstore.shown_time(bankroll["max_drawdown_to"], 16))
 
     # The worst games: computed here from the predictions made in the window.
     errors: dict[str, list[int]] = {}
@@ -325,15 +329,18 @@ def test_every_number_on_the_page_equals_the_queries(played, tmp_path, window):
             "SELECT game_id, raw_error, created_at FROM predictions WHERE raw_error IS NOT NULL"):
         if since <= tedstore.parse_when(created, 0) < until:
             errors.setdefault(game, []).append(error)
-    worst = sorted(errors, key=lambda g: (-statistics.mean(map(abs, errors[g])), g))[:10]
+    ranked = [game for game in errors if len(errors[game]) >= 3]      # as the page says
+    assert len(ranked) < len(errors)                  # the data has games with fewer
+    worst = sorted(ranked, key=lambda g: (-statistics.mean(map(abs, errors[g])), g))[:10]
+    assert "Of the games with at least 3 predictions made in the period." in raw
     rows = page.tables["The 10 games with the largest mean absolute error"][1:]
     assert [row[0][0] for row in rows] == [visible(game) for game in worst]
     for game, row in zip(worst, rows):
         answer = reader.game(game_id=game)["game"]
-        assert row[1][0] == answer["ended_at"][:19]
+        assert row[1][0] == tedstore.shown_time(answer["ended_at"])
         assert_shows(row[2][0], len(errors[game]), f"{game}: predictions")
         assert_shows(row[3][0], statistics.mean(map(abs, errors[game])), f"{game}: error")
-        assert_shows(row[4][0], 100 * answer["prediction_accuracy"], f"{game}: accuracy")
+        assert_shows(row[4][0], answer["prediction_accuracy"], f"{game}: accuracy")
         assert row[5][1] == [visible(x) for x in answer["patterns_detected"]]
 
     # Rejected lines by code: the rejects query, grouped here; each with its newest line.
@@ -346,7 +353,7 @@ def test_every_number_on_the_page_equals_the_queries(played, tmp_path, window):
     for code, lines, newest, error, raw in rows:
         assert_shows(lines, len(by_code[code]), f"{code}: lines")
         latest = max(r["received_at"] for r in by_code[code])
-        assert newest == latest[:19]
+        assert newest == tedstore.shown_time(latest)
         candidates = [r for r in by_code[code] if r["received_at"] == latest]
         assert any(error == visible(r["error"]) and visible(r["raw"]).startswith(raw.rstrip("�"))
                    for r in candidates), (code, error, raw)
@@ -387,7 +394,7 @@ def test_any_string_in_any_stored_field_is_shown_as_itself(nothing, strings):
     game, pattern, other, code, error, raw = strings
     data = json.loads(json.dumps(nothing))
     data["patterns"]["patterns"] = [{"pattern": pattern, "games": 1,
-                                     "avg_prediction_accuracy": 0.5, "avg_duration_ticks": 10.0,
+                                     "avg_prediction_accuracy": 50.0, "avg_duration_ticks": 10.0,
                                      "recent_game_ids": [game, other]}]
     data["worst_games"] = [{"game_id": game, "ended_at": "2026-01-01 00:00:00.000",
                             "predictions": 1, "mean_absolute_error": 3.0,
@@ -442,8 +449,8 @@ def test_charts_have_tooltips_on_every_point_gaps_for_missing_values_and_labelle
         if title == "Side-bet ROI":                    # the bars show the ROI column alone
             values = [row[:1] for row in values]
         present = sum(shown(cell)[0] is not None for row in values for cell in row)
-        marks = re.findall(r'<(circle|rect) class="(\w+)"[^>]*(?<!/)>(<title>[^<]+</title>)?',
-                           svg)
+        marks = re.findall(r'<(circle|rect) class="(?!partial)(\w+)"[^>]*(?<!/)>'
+                           r'(<title>[^<]+</title>)?', svg)
         assert len(marks) == present, title
         assert all(tooltip for _, _, tooltip in marks), f"{title}: a mark without a tooltip"
         assert "time (UTC), one day per" in svg
@@ -468,6 +475,57 @@ def test_charts_have_tooltips_on_every_point_gaps_for_missing_values_and_labelle
     assert legends["Accuracy"] == ["within 1 window", "within 2 windows", "within 3 windows"]
     assert legends["Volume"] == ["games ended", "predictions"]
     assert legends["Ingest health"] == ["p99 commit latency", "rejected lines"]
+
+
+def tick_labels(svg: str) -> list[float]:
+    """The numbers on a chart's left axis."""
+    return [float(label.replace(",", "")) for label in re.findall(
+        rf'<text class="muted" x="{tedstore.CHART_LEFT - 6}" y="[\d.]+" '
+        rf'text-anchor="end">([^<]+)</text>', svg)]
+
+
+def test_the_charts_read_at_a_glance(played, tmp_path):
+    """Noise never looks like an event: e40 on an axis symmetric about zero, at least half
+    a window out; games and predictions each on an axis of their own; the buckets cut by
+    either end of the period shaded and labelled partial; the period stated as asked."""
+    store, _, _ = played
+    page = make_report(store, tmp_path, "--days", "10")
+    text = (tmp_path / "report.html").read_text()
+    drawn = charts(text)
+    e40 = tick_labels(drawn["e40 bias"])
+    assert e40[0] == -e40[-1] and e40[-1] >= 0.5, e40
+    assert re.search(r'rotate\(90\)[^>]*>predictions \(count\)<', drawn["Volume"])
+    assert re.search(r'rotate\(-90\)[^>]*>games ended \(count\)<', drawn["Volume"])
+    for title in PANELS:
+        partial = re.findall(r'<rect class="partial"[^>]*><title>([^<]+)</title>', drawn[title])
+        names = [row[0] for row in page.rows(title)]
+        assert [name for name in names if name.endswith("(partial)")] == [names[0], names[-1]]
+        assert len(partial) == 2 and "a partial day" in partial[0], (title, partial)
+    assert "10 days · generated" in text
+    assert tedstore.period_words(48 * 3600) == "2 days"
+    assert tedstore.period_words(36 * 3600) == "36 hours"
+    assert tedstore.period_words(90 * 60) == "90 minutes"
+
+
+def test_the_report_shows_the_commit_latency_a_running_daemon_measured(daemon, tmp_path):
+    """Hours not rolled up yet keep their latency only in the daemon: the report asks it."""
+    conn = daemon.connect()
+    events = list(tedstore.simulate_events(3, seed=8))
+    conn.send(*events)
+    assert conn.wait_ack(len(events)) == []
+    out = tmp_path / "live.html"
+    done = run_cli("report", "--db", daemon.db, "--hours", "3", "-o", str(out),
+                   env={"TEDSTORE_SOCKET": daemon.socket})
+    assert done.returncode == 0, done.stderr
+    page = Page(out.read_text())
+    measured = [shown(row[1])[0] for row in page.rows("Ingest health")]
+    assert measured[-1] is not None and measured[-1] > 0, measured
+    assert "No commit latency was measured" not in out.read_text()
+    daemon.stop()                                      # without the daemon: not measured
+    done = run_cli("report", "--db", daemon.db, "--hours", "3", "-o", str(out),
+                   env={"TEDSTORE_SOCKET": daemon.socket})
+    assert done.returncode == 0, done.stderr
+    assert "No commit latency was measured" in out.read_text()
 
 
 def test_the_forecast_charts_mark_the_diagonal_the_counts_and_the_worst_fall(played, tmp_path):
@@ -635,6 +693,49 @@ def test_the_page_renders_in_chromium_without_errors_or_requests(played, tmp_pat
         series = bytes.fromhex("56b4e9" if dark else "0072b2")
         assert counts[series] > 20, f"{seen['shot']}: no chart line drawn in its colour"
     print(f"screenshots in {folder}")
+
+
+MEASURE = """<script>
+const charts = [...document.querySelectorAll(".chart:not(.square)")].map(box => {
+  const svg = box.querySelector("svg").getBoundingClientRect(), own = box.getBoundingClientRect();
+  return {filled: svg.width / box.closest(".panel").getBoundingClientRect().width,
+          scrolls: box.scrollWidth > box.clientWidth + 1,
+          at_newest: Math.abs(svg.right - own.right) < 2};
+});
+const ids = [...document.querySelectorAll("span.nowrap")].map(s => s.getClientRects().length);
+document.body.insertAdjacentHTML("beforeend", "<pre id=layout>" +
+  JSON.stringify({charts, ids}) + "</pre>");
+</script>"""
+
+
+def layout(page: Path, width: int, folder: Path) -> dict:
+    """How Chromium lays the page out at `width`, measured by a script in a copy of it."""
+    measured = folder / f"measured-{width}.html"
+    measured.write_text(page.read_text().replace("</body>", MEASURE + "</body>"))
+    done = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--disable-background-networking", "--hide-scrollbars",
+         f"--user-data-dir={folder / 'profile'}", f"--window-size={width},2000", "--dump-dom",
+         measured.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r"<pre id=\"layout\">(.*?)</pre>", done.stdout, re.S)
+    assert found, done.stderr[-2000:]
+    return json.loads(html.unescape(found.group(1)))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (bash .ci/run installs it)")
+def test_charts_fill_the_width_and_open_at_the_newest_data_on_a_phone(played, tmp_path):
+    """At 1,280 px every time chart is as wide as its panel (its numbers open below it); at
+    390 px it scrolls sideways and opens at its right end, the newest data; no game id is
+    broken across lines."""
+    store, _, _ = played
+    make_report(store, tmp_path, "--days", "10")
+    page = tmp_path / "report.html"
+    wide, narrow = layout(page, 1280, tmp_path), layout(page, 390, tmp_path)
+    assert len(wide["charts"]) == len(PANELS) + 1                     # and the bankroll
+    assert all(chart["filled"] > 0.95 for chart in wide["charts"]), wide["charts"]
+    assert all(chart["scrolls"] and chart["at_newest"] for chart in narrow["charts"]), \
+        narrow["charts"]
+    assert narrow["ids"] and set(narrow["ids"]) == {1}
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (bash .ci/run installs it)")

@@ -22,8 +22,8 @@ def test_status_for_people_starts_with_a_summary_and_speaks_in_units(daemon):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert re.fullmatch(r"tedstore \S+ is running \(pid \d+, up \d+ (s|min|h|d)\): [\d,]+ "
-                        r"events/min, last commit \d+ (s|min) ago, queue \d+, WAL [\d.]+ MB",
-                        lines[0]), lines[0]
+                        r"events in the last \d+ (s|min), last commit \d+ (s|min) ago, "
+                        r"queue \d+, WAL [\d.]+ MB", lines[0]), lines[0]
     text = "\n".join(lines)
     for literal in ("True", "False", "None", "{", "[", "'", "_bytes", "uptime_s"):
         assert literal not in text, f"{literal!r} in the status for people:\n{text}"
@@ -34,6 +34,10 @@ def test_status_for_people_starts_with_a_summary_and_speaks_in_units(daemon):
     assert re.search(r"^database: .*, [\d.]+ MB, WAL [\d.]+ MB, schema \d+$", text, re.M)
     machine = json.loads(run_cli("status", "--json", "--socket", daemon.socket).stdout)
     assert machine["rejects"] == {"bad_json": 1} and machine["running"] is True
+    # A rate only over what it has measured: not a minute's worth from seconds of uptime.
+    assert machine["recent"]["events"] == len(events)
+    assert 0 <= machine["recent"]["seconds"] <= min(machine["uptime_s"] + 0.1,
+                                                    tedstore.RATE_WINDOW_SECONDS)
     assert machine["repository"]["records_saved"] > 0 and machine["database"]["size_bytes"] > 0
 
 
@@ -137,8 +141,12 @@ def test_status_when_the_daemon_is_down(daemon_factory):
     daemon.stop()
     result = run_cli("status", "--socket", daemon.socket, "--db", daemon.db)
     assert result.returncode == 1
-    assert "not running" in result.stdout and "schema_version" in result.stdout
-    assert "retention" in result.stdout                            # what the database knows
+    assert "not running" in result.stdout
+    assert re.search(rf"^database: +{re.escape(daemon.db)}, [\d.]+ MB, WAL (-|[\d.]+ MB), "
+                     rf"schema {tedstore.schema_version()}$", result.stdout, re.M), result.stdout
+    assert re.search(r"^retention: +\d+ (s|min) ago", result.stdout, re.M)   # the database knows
+    for literal in ("{", "_bytes", "None"):
+        assert literal not in result.stdout, result.stdout
     offline = json.loads(run_cli("status", "--socket", daemon.socket, "--db", daemon.db,
                              "--json").stdout)
     assert offline["running"] is False and offline["jobs"]["retention"]["at"]

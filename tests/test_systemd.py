@@ -280,6 +280,12 @@ def test_litestream_starts_before_tedstore_as_its_user_and_owns_the_checkpoints(
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Replication with Litestream"):]
     section = section[:section.index("\n## ", 5)]
+    # ProtectSystem=strict: the file replica the README names must be a writable path.
+    file_replica = re.search(r"type: file \+ path: (\S+)", section).group(1)
+    assert replicator["ProtectSystem"] == "strict"
+    writable = [path.lstrip("-") for path in replicator["ReadWritePaths"].split()]
+    assert any(file_replica == path or file_replica.startswith(path + "/") for path in writable)
+    assert f"`{file_replica}` (`ReadWritePaths=`)" in section
     for fact in ("systemd/litestream.service", "tedstore-litestream.conf",
                  "/etc/systemd/system/tedstore.service.d/", "/etc/litestream.yml",
                  replicator["ExecStart"].split()[0], "TEDSTORE_CHECKPOINT=off",

@@ -32,8 +32,9 @@ def rows(db, table: str) -> list[dict]:
 
 def test_a_version_3_database_is_upgraded_without_losing_or_changing_a_row(tmp):
     """tests/fixtures/schema_v3.sql is a dump of a database made by schema version 3, with
-    rows in every table; after the upgrade every row is there, the same, its tracker
-    'default', and a second tracker's records with the same keys fit beside them."""
+    rows in every table; after the upgrade every row is there, the same (but for a game's
+    prediction_accuracy, now a percentage), its tracker 'default', and a second tracker's
+    records with the same keys fit beside them."""
     path = tmp / "v3.db"
     legacy = sqlite3.connect(path)
     legacy.executescript((FIXTURES / "schema_v3.sql").read_text())
@@ -47,6 +48,10 @@ def test_a_version_3_database_is_upgraded_without_losing_or_changing_a_row(tmp):
     assert tedstore.schema_differences(conn) == []
     conn.close()
     after = {table: rows(path, table) for table in tables}
+    for game in before["games"]:                # a share 0..1 becomes a percentage
+        if game["prediction_accuracy"] is not None:
+            game["prediction_accuracy"] *= 100.0
+    assert any(game["prediction_accuracy"] for game in before["games"])
     for table in tables:
         assert [{k: v for k, v in row.items() if k != "tracker"} for row in after[table]] \
             == before[table], table
@@ -195,7 +200,8 @@ def test_trackers_lists_who_sent_what(shadowed):
         expected.append({"tracker": name, "models": [model],
                          "predictions": sum(p["tracker"] == name for p in play.predictions),
                          "side_bets": sum(b["tracker"] == name for b in play.bets),
-                         "first_seen": min(times), "last_seen": max(times)})
+                         "first_seen": tedstore.answer_time(min(times)),
+                         "last_seen": tedstore.answer_time(max(times))})
     assert answer["trackers"] == expected
     assert reader.trackers(since=FIRST_HOUR, until=NOW, tracker="shadow")["trackers"] == \
         expected[1:]
@@ -218,7 +224,7 @@ def test_the_hourly_rollup_keeps_one_row_for_everyone_and_one_per_tracker_and_mo
                     row["bets_won"], row["bets_lost"], row["roi_percentage"]) == pytest.approx(
                 (p["predictions_made"], p["median_e40"], p["within_2_windows"],
                  s["bets_won"], s["bets_lost"], s["roi_percentage"])), (filters, row)
-            assert row["hour_end"] == tedstore.utc_text(hour + 3600)
+            assert row["hour_end"] == tedstore.answer_time(tedstore.utc_text(hour + 3600))
     trends = reader.trends(since=FIRST_HOUR, until=FIRST_HOUR + 6 * 3600, tracker="shadow")
     assert [h["predictions_made"] for h in trends["hourly"]] == [
         play.performance(FIRST_HOUR + n * 3600, FIRST_HOUR + (n + 1) * 3600,
@@ -239,10 +245,9 @@ def test_the_other_queries_narrow_to_a_tracker(shadowed):
     summary = next(g for g in listed if g["game_id"] == game["id"])
     errors = [p["error"] for p in game["predictions"] if p["tracker"] == "shadow"]
     assert summary["predictions"] == len(errors)
-    assert summary["mean_absolute_error"] == pytest.approx(
-        round(sum(map(abs, errors)) / len(errors), 1))
+    assert summary["mean_absolute_error"] == pytest.approx(sum(map(abs, errors)) / len(errors))
     assert summary["prediction_accuracy"] == pytest.approx(
-        sum(abs(e) <= 40 for e in errors) / len(errors))
+        100 * sum(abs(e) <= 40 for e in errors) / len(errors))
     assert [p["tracker"] for p in reader.ask("recent_predictions", n=5, model="v3.0.0")["rows"]] \
         == ["shadow"] * 5
     for name, _ in TRACKERS:
@@ -252,7 +257,7 @@ def test_the_other_queries_narrow_to_a_tracker(shadowed):
     ended = [g for g in play.games if g["ended"]]
     for row in patterns["patterns"]:
         games = [g for g in ended if row["pattern"] in g["patterns"]]
-        accuracies = [sum(abs(p["error"]) <= 40 for p in g["predictions"]
+        accuracies = [100 * sum(abs(p["error"]) <= 40 for p in g["predictions"]
                           if p["tracker"] == "shadow") /
                       sum(p["tracker"] == "shadow" for p in g["predictions"])
                       for g in games if any(p["tracker"] == "shadow" for p in g["predictions"])]

@@ -3,6 +3,7 @@ TEDSTORE_CHECKPOINT chooses what the idle checkpoint does."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -14,6 +15,36 @@ import pytest
 
 import tedstore
 from conftest import Conn, idle_for, prediction, query, run_cli, wait_for
+
+
+class FileWrites(apsw.VFS):
+    """The default VFS, counting which threads write the database file itself: in WAL
+    mode, only checkpoints do."""
+
+    def __init__(self) -> None:
+        super().__init__("tedstore-file-writes", "")
+        self.by_thread: collections.Counter = collections.Counter()
+
+    def xOpen(self, name, flags):
+        return CountedFile(self, name, flags)
+
+
+class CountedFile(apsw.VFSFile):
+    def __init__(self, vfs: FileWrites, name, flags):
+        self.vfs, self.main = vfs, bool(flags[0] & apsw.SQLITE_OPEN_MAIN_DB)
+        super().__init__("", name, flags)
+
+    def xWrite(self, data, offset):
+        if self.main:
+            self.vfs.by_thread[threading.current_thread().name] += 1
+        return super().xWrite(data, offset)
+
+
+@pytest.fixture(scope="module")
+def file_writes():
+    vfs = FileWrites()
+    yield vfs
+    vfs.unregister()
 
 # -- WAL upkeep ------------------------------------------------------------------------------
 
@@ -46,7 +77,8 @@ def test_a_reader_holding_a_snapshot_does_not_stop_ingest_and_the_wal_shrinks_af
 
 @pytest.mark.slow
 def test_the_wal_stays_bounded_under_constant_ingest(daemon):
-    """An hour of ingest at 100 events/s (360,000 events), sent as fast as it goes."""
+    """Half an hour of ingest at 100 events/s (180,000 events), sent as fast as it goes:
+    the WAL passes the checkpoint threshold dozens of times."""
     peak, done = [0], threading.Event()
 
     def watch() -> None:
@@ -57,12 +89,32 @@ def test_the_wal_stays_bounded_under_constant_ingest(daemon):
     watcher = threading.Thread(target=watch)
     watcher.start()
     lines = (json.dumps(e).encode() + b"\n"
-             for e in tedstore.simulate_events(events=360_000, seed=4, mix="predictions"))
+             for e in tedstore.simulate_events(events=180_000, seed=4, mix="predictions"))
     result = tedstore.stream_lines(daemon.socket, lines)
     done.set()
     watcher.join()
-    assert result.acked == 360_000 and not result.rejections
+    assert result.acked == 180_000 and not result.rejections
     assert 0 < peak[0] <= tedstore.JOURNAL_SIZE_LIMIT, f"WAL peaked at {peak[0] / 1e6:.1f} MB"
+
+
+def test_no_commit_waits_for_a_checkpoint(inprocess, file_writes):
+    """SQLite's automatic checkpoint ran inside the commit that crossed 1,000 WAL pages,
+    whose acks then waited 5 to 10 ms for it. The checkpointer runs it beside the writer
+    instead: while lines stream in, only it writes the database file, and the WAL is
+    restarted rather than growing."""
+    daemon = inprocess(vfs="tedstore-file-writes")
+    daemon.daemon.writer.run_task(lambda db: None)          # start-up writes are behind us
+    file_writes.by_thread.clear()
+    conn = Conn(daemon.socket)
+    count = 30_000                                           # about 3,000 WAL pages
+    for first in range(0, count, 3000):
+        conn.send(*[prediction("k", i, i + 9) for i in range(first, first + 3000)])
+    assert conn.wait_ack(count) == []
+    writes = dict(file_writes.by_thread)                    # before any idle checkpoint
+    conn.close()
+    assert set(writes) == {"tedstore-checkpointer"}, writes
+    assert daemon.daemon.writer.checkpointer.completed >= 1
+    assert wal_size(daemon.settings.db) < 2 * tedstore.CHECKPOINT_PAGES * 4096
 
 
 def in_database_file(db: str, folder) -> int:
