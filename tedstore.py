@@ -30,6 +30,8 @@ Where to change what:
   (the reliability diagrams, the bankroll): a *_panel function, called by render_report;
 - a query: a q_* function, its parameters (a Window subclass carries its default window),
   its entry of QUERIES, a Reader method and a read_command;
+- how answers give times (RFC 3339, for browsers): answer_time, and TIME_COLUMNS for the
+  columns SQL turns into JSON (answer_column);
 - what a query reads over a long window (LONG_WINDOW_DAYS): the indexes that keep the rows
   in the order it aggregates them (predictions_raw_error, predictions_confidence,
   side_bets_probability), named by SQL_MEASURES and _FORECAST_INDEX;
@@ -4462,10 +4464,10 @@ TIME_COLUMNS = frozenset({"created_at", "updated_at", "started_at", "ended_at", 
 TIME_AS_ANSWERED = "strftime('%Y-%m-%dT%H:%M:%fZ', {})"
 
 
-def answer_column(column: str, table: str = "") -> str:
-    """A column as an answer gives it: booleans as true/false, JSON text as JSON, times
-    in RFC 3339."""
-    name = table + column
+def answer_column(column: str, alias: str = "") -> str:
+    """A column (of the table `alias` names, as in "g.") as an answer gives it: booleans
+    as true/false, JSON text as JSON, times in RFC 3339."""
+    name = alias + column
     if column in BOOLEAN_COLUMNS:
         return f"CASE WHEN {name} IS NULL THEN NULL WHEN {name} THEN json('true') " \
                f"ELSE json('false') END"
