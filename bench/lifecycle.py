@@ -73,9 +73,9 @@ def plain_apply(self: tedstore.IngestBatch, conn, now: float) -> None:
         (e.gameId, e.tick if type(e) is tedstore.GameStart else None,
          e.tick if type(e) is tedstore.GameEnd else None,
          getattr(e, "finalPrice", None), e.ts) for e, _, _ in self.lifecycle])
-    conn.executemany(tedstore.SQL_SAVE_TICKS, self.samples)
-    conn.executemany(tedstore.SQL_SAVE_PREDICTIONS, self.predictions)
-    conn.executemany(tedstore.SQL_SAVE_SIDE_BETS, self.side_bets)
+    tedstore.insert_rows(conn, tedstore.SQL_SAVE_TICKS, self.samples)
+    tedstore.insert_rows(conn, tedstore.SQL_SAVE_PREDICTIONS, self.predictions)
+    tedstore.insert_rows(conn, tedstore.SQL_SAVE_SIDE_BETS, self.side_bets)
     if self.states:
         conn.execute(tedstore.SQL_SAVE_STATE, (msgspec.json.encode(self.states),))
 

@@ -7,7 +7,7 @@ batches the writer would take:
     cut      the event loop: a Session numbers 64 KiB reads into chunks of lines
     decode   decode_chunk: JSON into Structs, each line on its own
     route    IngestBatch: timestamps checked and turned to text, rows built as tuples
-    insert   executemany of those rows alone (what the in-process ceiling times)
+    insert   those rows alone, inserted as the daemon inserts them (insert_rows)
     sqlite   the rest of apply and the COMMIT: game rows, resolution, counting
     ack      the writer's acks and the replies written to the connection
 
@@ -121,7 +121,7 @@ def stages_once(folder: str, events: list[dict], settings: tedstore.Settings) ->
                                   (tedstore.SQL_SAVE_PREDICTIONS, ingest.predictions),
                                   (tedstore.SQL_SAVE_SIDE_BETS, ingest.side_bets)):
                     if rows:
-                        plain.executemany(sql, rows)
+                        tedstore.insert_rows(plain, sql, rows)
             inserted = time.perf_counter()
             decode += decoded - started
             route += built - decoded - (decoded - started)   # IngestBatch decodes again

@@ -196,6 +196,53 @@ def test_the_fast_decode_path_never_decides_a_line_differently(stream):
 
 # -- the writer --------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def store_for_examples(tmp_path_factory):
+    conn = tedstore.open_store(str(tmp_path_factory.mktemp("rows") / "rows.db"))
+    yield conn
+    conn.close()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(0, 5),
+                          st.sampled_from(["a", "b"]), st.sampled_from(["t1", "t2"])),
+                max_size=200))
+def test_many_rows_to_a_statement_store_and_count_what_one_at_a_time_does(store_for_examples,
+                                                                          rows):
+    """insert_rows (ROWS_PER_INSERT rows to a statement) against executemany of one row each:
+    the same rows kept (the first of two duplicates) and the same count of rows changed by
+    each session's run, which is what tells a client "stored" from "duplicate"."""
+    conn = store_for_examples
+    table = [(f"g{game}", tick, tick + 10, session / 4, None, None, None, None, None, None,
+              model, f"2026-12-07 10:00:0{session}.000", tracker)
+             for session, game, tick, model, tracker in rows]
+    runs = [list(run) for _, run in itertools.groupby(table, key=lambda row: row[3])]
+
+    def capture(insert):
+        try:
+            with tedstore.transaction(conn):
+                changed = []
+                for run in runs:
+                    before = conn.total_changes()
+                    insert(run)
+                    changed.append(conn.total_changes() - before)
+                kept = conn.execute(
+                    "SELECT game_id, predicted_at_tick, confidence, model_version, tracker, "
+                    "created_at FROM predictions ORDER BY id").fetchall()
+                raise Rollback(kept, changed)
+        except Rollback as done:
+            return done.args
+
+    many = capture(lambda run: tedstore.insert_rows(conn, tedstore.SQL_SAVE_PREDICTIONS, run))
+    one = capture(lambda run: conn.executemany(tedstore.SQL_SAVE_PREDICTIONS, run))
+    assert many == one
+    assert len(many[0]) == len({(r[0], r[1], r[10], r[12]) for r in table})
+
+
+class Rollback(Exception):
+    """Raised inside a transaction to undo what a test wrote there."""
+
+
 def test_whatever_goes_wrong_with_one_line_is_only_that_lines_reject(inprocess, monkeypatch):
     """A failure while turning one line into rows (here: injected, while reading its ts
     and while building its game row) rejects that line; its neighbours are stored."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tedstore
 from tedstore import LineRejected, decode_chunk, decode_line
@@ -172,6 +175,20 @@ def test_utc_text_compares_like_sqlite_datetime():
     assert tedstore.utc_text(EPOCH) < "2026-11-22 09:30:16"
     assert tedstore.utc_text(0) == "1970-01-01 00:00:00.000"
     assert tedstore.utc_text(1.9996) == "1970-01-01 00:00:02.000"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=tedstore.MAX_EPOCH - 1), min_size=1,
+                max_size=40))
+def test_utc_text_is_the_calendar_time_to_the_millisecond(epochs):
+    """From its cache of minutes' text (emptied first) and again from the filled cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tedstore, "_MINUTE_TEXT", {})
+        for epoch in epochs + epochs[::-1]:
+            milli = int(epoch * 1000.0 + 0.5)
+            truth = dt.datetime(1970, 1, 1) + dt.timedelta(milliseconds=milli)
+            assert tedstore.utc_text(epoch) == truth.strftime("%Y-%m-%d %H:%M:%S.") + \
+                f"{milli % 1000:03d}"
 
 
 def test_parse_when_reads_spans_and_dates():
