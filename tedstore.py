@@ -1854,7 +1854,7 @@ class Writer(threading.Thread):
         self._late_lock = threading.Lock()
         self._failing_since: Optional[float] = None    # the start of a run of failed commits
         self._stopping = False
-        self._last_commit_mono = 0.0
+        self._last_commit_mono = time.monotonic()     # idle is counted from the start
         self._checkpointed = True
         self.checkpointer: Optional[Checkpointer] = None   # passive ones, beside the writer
         self.checkpoints = 0                           # idle checkpoints that completed
