@@ -3525,8 +3525,9 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):   # never fatal
                 signal.signal(signum, signal.SIG_IGN)
-        # The writer hands the GIL back at every row it writes; while the event loop or a
-        # query thread is busy, each time it waits a switch interval to get it again.
+        # The writer hands the GIL back at every statement it steps (every ROWS_PER_INSERT
+        # rows); while the event loop or a query thread is busy, each time it waits a switch
+        # interval to get it again.
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_SECONDS)
         try:
