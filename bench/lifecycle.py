@@ -51,11 +51,11 @@ def plain_route(self: tedstore.IngestBatch, events, chunk, line_no: int, limits:
                 event.game_id, event.predicted_at_tick, event.predicted_end_tick,
                 event.confidence, b and b.lower, b and b.upper, u and u.epr_active,
                 u and u.peak_ratio, u and u.volatility, u and u.momentum, event.model_version,
-                event.ts))
+                event.ts, event.tracker))
         elif kind is tedstore.SideBet:
             self.side_bets.append((event.game_id, event.placed_at_tick, event.window_ticks,
                                    event.probability, event.expected_value, event.confidence,
-                                   event.recommendation, event.ts))
+                                   event.recommendation, event.ts, event.tracker))
         elif kind is tedstore.StateWrite:
             self.states.append(event)
         else:
