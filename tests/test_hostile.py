@@ -239,6 +239,29 @@ def test_many_rows_to_a_statement_store_and_count_what_one_at_a_time_does(store_
     assert len(many[0]) == len({(r[0], r[1], r[10], r[12]) for r in table})
 
 
+@pytest.mark.parametrize("sql, table, row", [
+    (tedstore.SQL_SAVE_SIDE_BETS, "side_bets",        # window_end_tick is ?2 + ?3
+     lambda n: (f"g{n % 7}", n % 11, 40 + n, n / 100, 0.5, 0.6, "BET", f"t{n}", "default")),
+    (tedstore.SQL_SAVE_TICKS, "tick_samples",         # ts is both ts and created_at (?9)
+     lambda n: (f"g{n % 7}", n % 13, 1.0 + n, None, 0.2, None, 50.0, None, f"t{n}")),
+])
+def test_many_rows_give_every_statement_the_rows_one_at_a_time_gives(store_for_examples, sql,
+                                                                   table, row):
+    """The statements whose parameters repeat or combine, at every length up to 70 rows."""
+    conn = store_for_examples
+    for length in range(71):
+        rows = [row(n) for n in range(length)]
+        outcomes = []
+        for insert in (tedstore.insert_rows, lambda c, q, r: c.executemany(q, r)):
+            try:
+                with tedstore.transaction(conn):
+                    insert(conn, sql, rows)
+                    raise Rollback(conn.execute(f"SELECT * FROM {table} ORDER BY rowid").fetchall())
+            except Rollback as done:
+                outcomes.append(done.args[0])
+        assert outcomes[0] == outcomes[1], length
+
+
 class Rollback(Exception):
     """Raised inside a transaction to undo what a test wrote there."""
 
