@@ -6243,36 +6243,41 @@ def reliability_panel(calibration: dict) -> str:
                      f"reliability {_number(bets['reliability'], 4)} (lower is better) − "
                      f"resolution {_number(bets['resolution'], 4)} (higher is better) + "
                      f"uncertainty {_number(bets['uncertainty'], 4)}.")
-    chart = svg_reliability(
-        "Reliability of the side-bet probabilities", bets["bins"], "mean_probability",
-        "observed_rate", x_label="forecast probability (%)", y_label="observed rate (%)",
-        noun="bets", diagonal="honest forecasts") if bets["n"] else None
-    return _square_panel(
-        "Reliability of the side-bet probabilities", question, chart,
-        ["forecast bin (%)", "bets", "mean forecast (%)", "observed (%)"],
-        [[f"{b['lower']:g}–{b['upper']:g}", _number(b["n"]), _number(b["mean_probability"], 1),
-          _number(b["observed_rate"], 1)] for b in bets["bins"]])
+    return _diagram_panel("Reliability of the side-bet probabilities", question, bets,
+                          ("mean_probability", "forecast", "forecast probability"),
+                          ("observed_rate", "observed", "observed rate"),
+                          noun="bets", diagonal="honest forecasts")
 
 
 def coverage_panel(calibration: dict) -> str:
     """How often the predictions' bounds held the real end, against their confidence."""
     spans = calibration["intervals"]
+    held = (f" {spans['n']:,} resolved predictions with bounds: coverage "
+            f"{_number(spans['coverage'], 1, '%')} for a stated "
+            f"{_number(spans['mean_confidence'], 1, '%')}, "
+            f"{_number(spans['mean_width_ticks'], 1, 'ticks')} wide on average."
+            ) if spans["n"] else ""
     question = ("Did the predicted bounds hold the real end as often as their stated confidence "
-                "claimed? On the diagonal, they did; below it, the bounds are too narrow.")
-    if spans["n"]:
-        question += (f" {spans['n']:,} resolved predictions with bounds: coverage "
-                     f"{_number(spans['coverage'], 1, '%')} for a stated "
-                     f"{_number(spans['mean_confidence'], 1, '%')}, "
-                     f"{_number(spans['mean_width_ticks'], 1, 'ticks')} wide on average.")
-    chart = svg_reliability(
-        "Bounds coverage against stated confidence", spans["bins"], "mean_confidence",
-        "coverage", x_label="stated confidence (%)", y_label="coverage (%)",
-        noun="predictions", diagonal="bounds as wide as claimed") if spans["n"] else None
+                "claimed? On the diagonal, they did; below it, the bounds are too narrow." + held)
+    return _diagram_panel("Bounds coverage against stated confidence", question, spans,
+                          ("mean_confidence", "confidence", "stated confidence"),
+                          ("coverage", "coverage", "coverage"),
+                          noun="predictions", diagonal="bounds as wide as claimed")
+
+
+def _diagram_panel(title: str, question: str, part: dict, forecast: tuple[str, str, str],
+                   outcome: tuple[str, str, str], noun: str, diagonal: str) -> str:
+    """A reliability diagram of calibration's bins and their table. `forecast` and `outcome`
+    name a bin's key, its column in the table and its axis."""
+    (x_key, x_column, x_axis), (y_key, y_column, y_axis) = forecast, outcome
+    chart = svg_reliability(title, part["bins"], x_key, y_key, x_label=f"{x_axis} (%)",
+                            y_label=f"{y_axis} (%)", noun=noun,
+                            diagonal=diagonal) if part["n"] else None
     return _square_panel(
-        "Bounds coverage against stated confidence", question, chart,
-        ["confidence bin (%)", "predictions", "mean confidence (%)", "coverage (%)"],
-        [[f"{b['lower']:g}–{b['upper']:g}", _number(b["n"]), _number(b["mean_confidence"], 1),
-          _number(b["coverage"], 1)] for b in spans["bins"]])
+        title, question, chart,
+        [f"{x_column} bin (%)", noun, f"mean {x_column} (%)", f"{y_column} (%)"],
+        [[f"{b['lower']:g}–{b['upper']:g}", _number(b["n"]), _number(b[x_key], 1),
+          _number(b[y_key], 1)] for b in part["bins"]])
 
 
 def bankroll_panel(bankroll: dict, buckets: list[dict], hourly: bool) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import itertools
 import json
@@ -626,6 +627,22 @@ class Store:
 
     def one(self, sql: str, params: tuple = ()) -> dict:
         return tedstore.rows_as_dicts(self.conn.execute(sql, params))[0]
+
+    def roll_up(self) -> None:
+        """Every hour the scheduler would roll up now, rolled up."""
+        now = time.time()
+        tedstore.run_rollups(self.conn, lambda step: step(self.conn),
+                             tedstore.hours_to_roll(self.conn, now, self.settings), now)
+
+    @contextlib.contextmanager
+    def reading(self):
+        """A Reader on this database; both closed after."""
+        reader = tedstore.Reader(db_path=self.path)
+        try:
+            yield reader
+        finally:
+            reader.close()
+            self.conn.close()
 
 
 @pytest.fixture

@@ -26,10 +26,8 @@ def played(tmp_path_factory):
     play = Play(seed=5, games=60, trackers=TRACKERS)
     store = Store(tmp_path_factory.mktemp("forecast") / "f.db")
     assert store.send(*play.events) == []
-    reader = tedstore.Reader(db_path=store.path)
-    yield play, store, reader
-    reader.close()
-    store.conn.close()
+    with store.reading() as reader:
+        yield play, store, reader
 
 
 def answered(answer: dict) -> dict:

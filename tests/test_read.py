@@ -34,13 +34,9 @@ def played(tmp_path_factory):
     assert store.send(*play.events) == []
     store.send(b"{oops", b'{"event":"prediction","game_id":"\xff"}')
     store.send(state_write("tracker.model", {"weights": [1, 2]}))
-    now = time.time()
-    tedstore.run_rollups(store.conn, lambda step: step(store.conn),
-                         tedstore.hours_to_roll(store.conn, now, store.settings), now)
-    reader = tedstore.Reader(db_path=store.path)
-    yield play, store, reader
-    reader.close()
-    store.conn.close()
+    store.roll_up()
+    with store.reading() as reader:
+        yield play, store, reader
 
 
 def without_window(answer: dict) -> dict:

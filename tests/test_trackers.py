@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-import time
 from pathlib import Path
 
 import apsw
@@ -146,13 +145,9 @@ def shadowed(tmp_path_factory):
     play = Play(seed=11, trackers=TRACKERS)
     store = Store(tmp_path_factory.mktemp("trackers") / "t.db")
     assert store.send(*play.events) == []
-    now = time.time()
-    tedstore.run_rollups(store.conn, lambda step: step(store.conn),
-                         tedstore.hours_to_roll(store.conn, now, store.settings), now)
-    reader = tedstore.Reader(db_path=store.path)
-    yield play, store, reader
-    reader.close()
-    store.conn.close()
+    store.roll_up()
+    with store.reading() as reader:
+        yield play, store, reader
 
 
 def without_period(answer: dict) -> dict:
