@@ -487,3 +487,62 @@ SELECT g.game_id,
 FROM games g;
 
 PRAGMA user_version = 4;
+
+-- version: 5
+-- Daily histograms instead of the value-ordered indexes. Every write paid for those three
+-- indexes: a prediction or side bet entered them when its game ended, at a place its value
+-- decided, so each commit dirtied a page per resolved record (three times the WAL). Long
+-- windows read them to aggregate months of errors, confidences and probabilities in value
+-- order. The scheduler now writes the same counts once a day has settled, ordered by value,
+-- and a long window adds up its whole settled days from them and reads the rest from the
+-- records (README: "Long windows").
+DROP INDEX IF EXISTS predictions_raw_error;
+DROP INDEX IF EXISTS predictions_confidence;
+DROP INDEX IF EXISTS side_bets_probability;
+
+-- The days whose histograms are complete: every prediction and side bet created that day
+-- was resolved when they were written, and none has arrived since (a late arrival removes
+-- its day's row in the transaction that stores it).
+CREATE TABLE IF NOT EXISTS histogram_days (
+    day        TEXT PRIMARY KEY,                          -- 'YYYY-MM-DD', UTC
+    created_at TEXT NOT NULL
+);
+-- The resolved predictions of a day by error, per tracker and model.
+CREATE TABLE IF NOT EXISTS errors_daily (
+    raw_error     INTEGER NOT NULL,
+    day           TEXT NOT NULL,
+    tracker       TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    n             INTEGER NOT NULL,
+    PRIMARY KEY (raw_error, day, tracker, model_version)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS errors_daily_day ON errors_daily (day);
+-- The resolved predictions with both bounds by confidence: how many the bounds covered,
+-- and their total width.
+CREATE TABLE IF NOT EXISTS confidences_daily (
+    confidence    REAL NOT NULL,
+    day           TEXT NOT NULL,
+    tracker       TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    n             INTEGER NOT NULL,
+    covered       INTEGER NOT NULL,
+    width         REAL NOT NULL,
+    PRIMARY KEY (confidence, day, tracker, model_version)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS confidences_daily_day ON confidences_daily (day);
+-- The resolved side bets by probability: won, the squared errors of the forecasts, and the
+-- stated and realized value of the BETs among them.
+CREATE TABLE IF NOT EXISTS probabilities_daily (
+    probability REAL NOT NULL,
+    day         TEXT NOT NULL,
+    tracker     TEXT NOT NULL,
+    n           INTEGER NOT NULL,
+    won         INTEGER NOT NULL,
+    sq          REAL NOT NULL,
+    ev          REAL NOT NULL,
+    pay         REAL,                                     -- NULL: no BET among them
+    PRIMARY KEY (probability, day, tracker)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS probabilities_daily_day ON probabilities_daily (day);
+
+PRAGMA user_version = 5;

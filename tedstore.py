@@ -32,9 +32,8 @@ Where to change what:
   its entry of QUERIES, a Reader method and a read_command;
 - how answers give times (RFC 3339, for browsers): answer_time, and TIME_COLUMNS for the
   columns SQL turns into JSON (answer_column);
-- what a query reads over a long window (LONG_WINDOW_DAYS): the indexes that keep the rows
-  in the order it aggregates them (predictions_raw_error, predictions_confidence,
-  side_bets_probability), named by SQL_MEASURES and _FORECAST_INDEX;
+- what a long window (LONG_WINDOW_DAYS) reads from the daily histograms instead of the
+  records: a Histogram in HISTOGRAMS (its table in schema.sql), read by its per_value();
 - the schema: a new "-- version: N" step at the end of schema.sql.
 """
 
@@ -427,6 +426,11 @@ def wire_ts(value: Union[float, str]) -> str:
 
 def hour_floor(epoch: float) -> int:
     return int(epoch // 3600 * 3600)
+
+
+def day_text(epoch: float) -> str:
+    """The UTC day of a time, as the daily tables key it: 'YYYY-MM-DD'."""
+    return utc_text(epoch)[:10]
 
 
 _SPAN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -1094,6 +1098,10 @@ SET had_predictions = EXISTS (SELECT 1 FROM predictions p WHERE p.game_id = ?1),
                         WHERE s.game_id = ?1 AND s.recommendation = 'BET')
 WHERE game_id = ?1 AND end_tick IS NOT NULL"""
 
+# A late event may change a day whose daily histograms are written (MEASURES: long
+# windows): it unlists the day, which the next rollup writes again.
+SQL_UNLIST_DAYS = "DELETE FROM histogram_days WHERE day IN (SELECT value FROM json_each(?1))"
+
 SQL_SAVE_REJECT = """
 INSERT INTO rejects (received_at, peer_pid, peer_uid, line_no, code, error, raw)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"""
@@ -1427,6 +1435,9 @@ class IngestBatch:
             conn.executemany(SQL_RESOLVE_SIDE_BETS,
                              [(game_id, self.settings.payout_multiplier) for (game_id,) in resolve])
             conn.executemany(SQL_GAME_AGGREGATES, resolve)
+        if self.touched:
+            conn.execute(SQL_UNLIST_DAYS, (json.dumps(sorted(
+                {day_text(hour) for hour in self.touched})),))
         if self.rejects:
             conn.executemany(SQL_SAVE_REJECT, [
                 (utc_text(r.chunk.received), getattr(r.chunk.session, "peer_pid", None),
@@ -2623,33 +2634,142 @@ class Server:
 # MEASURES: one window's accuracy and ROI, for the rollups, the queries and the report
 # ---------------------------------------------------------------------------
 # One statement measures any window [start, end), of all trackers or one (and one model),
-# so that an hour's rollup, a day's, the
-# performance query over any window and each bucket of the report can never disagree (the
-# daily views' rows for days not rolled up yet spell the same sums in SQL; a test compares
-# them). The resolved predictions are read once, as a histogram of raw_error (whole ticks,
-# so a few hundred distinct values): the true median (the middle value, or the mean of the
-# two middle ones), the mean absolute error and the shares within 1, 2 and 3 windows of 40
-# ticks all follow from it exactly, inside SQLite. A short window reads its predictions by
-# time and sorts their errors; a long one (LONG_WINDOW_DAYS and more) reads every resolved
-# prediction by error, already in order, and keeps those of the window: sorting a year of
-# predictions would take seconds.
+# so that an hour's rollup, a day's, the performance query over any window and each bucket
+# of the report can never disagree (the daily views' rows for days not rolled up yet spell
+# the same sums in SQL; a test compares them). The resolved predictions are read once, as
+# a histogram of raw_error (whole ticks, so a few hundred distinct values): the true median
+# (the middle value, or the mean of the two middle ones), the mean absolute error and the
+# shares within 1, 2 and 3 windows of 40 ticks all follow from it exactly, inside SQLite.
+#
+# Every query may narrow itself to one tracker's records (:tracker) and, where predictions
+# are involved, one model's predictions (:model); NULL is all of them. Side bets have no
+# model, and games, ticks and rejects are the feed's: the same whoever asks.
+PREDICTIONS_OF = ("(:tracker IS NULL OR {t}tracker = :tracker) "
+                  "AND (:model IS NULL OR {t}model_version = :model)")
+SIDE_BETS_OF = "(:tracker IS NULL OR {t}tracker = :tracker)"
+
+
+# Long windows. Sorting months of errors, confidences or probabilities takes most of a
+# second, so the scheduler keeps daily histograms of them, ordered by value (schema v5):
+# once a day has settled (SETTLED_HOURS after it ended, when no event for it can arrive
+# unnoticed) and every record of it is resolved, its counts are written and the day is
+# listed in histogram_days. A window of LONG_WINDOW_DAYS or more adds up the listed days it
+# holds whole from the histograms, in value order, and reads the rest of itself (its two
+# ends, and any day not listed) from the records by time. A late event for a listed day
+# unlists it in the transaction that stores it (IngestBatch.apply), and days at or before
+# the oldest record of a table are never read from its histograms (retention has deleted
+# some of their records), so an answer is always the records' own.
 LONG_WINDOW_DAYS = 60
-_ERRORS_READ = {"short": "predictions_created_at", "long": "predictions_raw_error"}
-_SQL_MEASURES = """
+SETTLED_HOURS = ROLLUP_REVISIT_HOURS + 3
+
+
+class Histogram(NamedTuple):
+    """A daily histogram: `records` resolved (`resolved`) counted per `value`, and per
+    `groups`, with the aggregates `columns` names. Each column is (name, SQL over the
+    records, how days add up: sum keeps NULL when all are NULL, total does not)."""
+
+    table: str
+    records: str
+    value: str
+    groups: str
+    of: str                                     # PREDICTIONS_OF or SIDE_BETS_OF
+    resolved: str
+    columns: tuple[tuple[str, str, str], ...]
+
+    def per_value(self) -> str:
+        """The window's records as (value, aggregates): from the histograms, the listed
+        days from :cover_from to :cover_to but :holes (value order, nothing sorted), and
+        from the records, the ranges of :gaps."""
+        return f"""
+SELECT {self.value} AS v, {", ".join(f"{add}({name}) AS {name}" for name, _, add in self.columns)}
+FROM {self.table} INDEXED BY sqlite_autoindex_{self.table}_1
+WHERE :cover_from IS NOT NULL AND day >= :cover_from AND day < :cover_to
+  AND (:holes IS NULL OR day NOT IN (SELECT value FROM json_each(:holes)))
+  AND {self.of.format(t="")}
+GROUP BY {self.value}
+UNION ALL
+SELECT {self.value}, {", ".join(f"{sql} AS {name}" for name, sql, _ in self.columns)}
+FROM (SELECT value->>0 AS since, value->>1 AS until FROM json_each(:gaps)) AS gap
+     CROSS JOIN {self.records} INDEXED BY {self.records}_created_at
+WHERE created_at >= gap.since AND created_at < gap.until AND {self.resolved}
+  AND {self.of.format(t="")}
+GROUP BY {self.value}"""
+
+    @property
+    def sql_save(self) -> str:
+        """A day's histogram, from its records."""
+        names = ", ".join(name for name, _, _ in self.columns)
+        return f"""
+INSERT INTO {self.table} ({self.value}, day, {self.groups}, {names})
+SELECT {self.value}, substr(:start, 1, 10), {self.groups},
+       {", ".join(sql for _, sql, _ in self.columns)}
+FROM {self.records} INDEXED BY {self.records}_created_at
+WHERE created_at >= :start AND created_at < :end AND {self.resolved}
+GROUP BY {self.value}, {self.groups}"""
+
+
+ERRORS = Histogram(
+    "errors_daily", "predictions", "raw_error", "tracker, model_version", PREDICTIONS_OF,
+    "raw_error IS NOT NULL", (("n", "count(*)", "sum"),))
+CONFIDENCES = Histogram(
+    "confidences_daily", "predictions", "confidence", "tracker, model_version", PREDICTIONS_OF,
+    "raw_error IS NOT NULL AND bound_lower IS NOT NULL AND bound_upper IS NOT NULL",
+    (("n", "count(*)", "sum"),
+     ("covered", "count(*) FILTER (WHERE bound_lower <= predicted_end_tick - raw_error "
+                 "AND predicted_end_tick - raw_error <= bound_upper)", "sum"),
+     ("width", "total(bound_upper - bound_lower)", "total")))
+PROBABILITIES = Histogram(
+    "probabilities_daily", "side_bets", "probability", "tracker", SIDE_BETS_OF,
+    "actual_outcome <> 'PENDING'",
+    (("n", "count(*)", "sum"),
+     ("won", "count(*) FILTER (WHERE actual_outcome = 'WON')", "sum"),
+     ("sq", "total((probability - (actual_outcome = 'WON')) "
+            "* (probability - (actual_outcome = 'WON')))", "total"),
+     ("ev", "total(expected_value) FILTER (WHERE recommendation = 'BET')", "total"),
+     ("pay", "sum(payout) FILTER (WHERE recommendation = 'BET')", "sum")))
+HISTOGRAMS = (ERRORS, CONFIDENCES, PROBABILITIES)
+
+# Which days of [first, last] the histograms may answer for, and where the records begin.
+SQL_LISTED_DAYS = "SELECT day FROM histogram_days WHERE day >= ?1 AND day <= ?2"
+SQL_OLDEST_RECORD = {table: f"SELECT min(created_at) FROM {table} INDEXED BY {table}_created_at"
+                     for table in ("predictions", "side_bets")}
+
+
+def histogram_cover(conn: apsw.Connection, start: str, end: str, records: str) -> dict:
+    """The parameters of Histogram.per_value for the window [start, end) of `records`:
+    the listed days it holds whole, after the day of the oldest record, from :cover_from
+    to :cover_to but :holes, and as :gaps the ranges of it left to read from the records."""
+    begin, finish = text_epoch(start), text_epoch(end)
+    none = {"cover_from": None, "cover_to": None, "holes": None, "gaps": json.dumps([[start, end]])}
+    oldest = None
+    if finish - begin >= LONG_WINDOW_DAYS * 86400:
+        oldest = conn.execute(SQL_OLDEST_RECORD[records]).get
+    if oldest is None:
+        return none
+    first = max(math.ceil(begin / 86400), int(text_epoch(oldest) // 86400) + 1) * 86400
+    last = int(finish // 86400) * 86400 - 86400
+    listed = sorted(int(text_epoch(day + " 00:00:00")) for (day,) in conn.execute(
+        SQL_LISTED_DAYS, (day_text(first), day_text(last))))
+    if not listed:
+        return none
+    cover_from, cover_to = listed[0], listed[-1] + 86400
+    holes = sorted(set(range(cover_from, cover_to, 86400)).difference(listed))
+    gaps = [(begin, cover_from), *((day, day + 86400) for day in holes), (cover_to, finish)]
+    return {"cover_from": day_text(cover_from), "cover_to": day_text(cover_to),
+            "holes": json.dumps([day_text(day) for day in holes]) if holes else None,
+            "gaps": json.dumps([[utc_text(since), utc_text(until)] for since, until in gaps])}
+
+
+SQL_MEASURES = f"""
 WITH errors AS (
-    SELECT raw_error AS v, count(*) AS c
-    FROM predictions INDEXED BY {errors_index}
-    WHERE created_at >= :start AND created_at < :end AND raw_error IS NOT NULL
-      AND (:tracker IS NULL OR tracker = :tracker) AND (:model IS NULL OR model_version = :model)
-    GROUP BY raw_error),
+    SELECT v, sum(n) AS c FROM ({ERRORS.per_value()}) GROUP BY v),
 ranked AS (SELECT v, c, sum(c) OVER (ORDER BY v) AS upto, sum(c) OVER () AS n FROM errors)
 SELECT
   (SELECT count(*) FROM games INDEXED BY games_ended_at
    WHERE ended_at >= :start AND ended_at < :end) AS games_analyzed,
   (SELECT count(*) FROM predictions INDEXED BY predictions_created_at
-   WHERE created_at >= :start AND created_at < :end
-     AND (:tracker IS NULL OR tracker = :tracker)
-     AND (:model IS NULL OR model_version = :model)) AS predictions_made,
+   WHERE created_at >= :start AND created_at < :end AND {PREDICTIONS_OF.format(t="")})
+      AS predictions_made,
   e.resolved AS predictions_resolved, e.median_e40, e.abs_error AS mean_absolute_error,
   e.e40 AS mean_e40, e.within_1 AS within_1_window, e.within_2 AS within_2_windows,
   e.within_3 AS within_3_windows, s.bets, s.positive_ev, s.won + s.lost AS resolved_bets,
@@ -2680,9 +2800,7 @@ FROM (SELECT coalesce(max(n), 0) AS resolved,
                  AS payout
       FROM side_bets INDEXED BY side_bets_created_at
       WHERE created_at >= :start AND created_at < :end
-        AND (:tracker IS NULL OR tracker = :tracker)) AS s"""
-SQL_MEASURES = {length: _SQL_MEASURES.format(errors_index=index)
-                for length, index in _ERRORS_READ.items()}
+        AND {SIDE_BETS_OF.format(t="")}) AS s"""
 
 
 class Measures(msgspec.Struct, frozen=True, kw_only=True):
@@ -2716,9 +2834,9 @@ def measure(conn: apsw.Connection, start: str, end: str, tracker: Optional[str] 
     """The measures of [start, end) (UTC text), of one tracker's records (and of one
     model's predictions: side bets have no model) or of all of them. Games and rejects are
     the feed's and the daemon's: the same whoever asks."""
-    length = "long" if text_epoch(end) - text_epoch(start) >= LONG_WINDOW_DAYS * 86400 else "short"
-    cursor = conn.execute(SQL_MEASURES[length], {"start": start, "end": end, "tracker": tracker,
-                                                 "model": model})
+    cursor = conn.execute(SQL_MEASURES, {"start": start, "end": end, "tracker": tracker,
+                                         "model": model,
+                                         **histogram_cover(conn, start, end, "predictions")})
     names = [column for column, _ in cursor.get_description()]
     return Measures(**dict(zip(names, cursor.fetchone())))
 
@@ -2934,9 +3052,10 @@ def run_rollups(conn: apsw.Connection, run_step: StepRunner, hours: list[int], n
         for first in range(0, len(days), ROLLUP_HOURS_PER_WRITE):
             rows = [rollup_day(conn, day, now) for day in days[first:first + ROLLUP_HOURS_PER_WRITE]]
             run_step(lambda db, rows=rows: _save(db, SQL_SAVE_DAY, rows))
-        detail = {"hours": len(hours), "days": len(days),
+        listed = write_histograms(conn, run_step, now)
+        detail = {"hours": len(hours), "days": len(days), "histogram_days": listed,
                   "through": utc_text(hours[-1] + 3600) if hours else None}
-        if hours or days:
+        if hours or days or listed:
             run_step(lambda db: record_job(db, "rollup", detail, now))
     return detail
 
@@ -2951,6 +3070,77 @@ def _save_hours(db: apsw.Connection, hours: list[tuple[dict, list[dict]]]) -> No
         db.executemany(SQL_SAVE_ROLLUP, [row for row, _ in hours])
         db.executemany(SQL_CLEAR_ROLLUP_BY, [(row["hour_start"],) for row, _ in hours])
         db.executemany(SQL_SAVE_ROLLUP_BY, [row for _, by in hours for row in by])
+
+
+# The daily histograms (MEASURES: long windows) of each settled day with records, from the
+# day after the oldest record's (retention may have cut that one), written when every
+# record of the day is resolved; those of days at or before a table's oldest record go.
+SQL_NEXT_RECORD = """
+SELECT min(t) FROM (
+    SELECT min(created_at) AS t FROM predictions INDEXED BY predictions_created_at
+     WHERE created_at >= ?1
+    UNION ALL SELECT min(created_at) FROM side_bets INDEXED BY side_bets_created_at
+     WHERE created_at >= ?1)"""
+SQL_ALL_LISTED_DAYS = "SELECT day FROM histogram_days"
+SQL_DAY_PENDING = """
+SELECT EXISTS (SELECT 1 FROM predictions INDEXED BY predictions_created_at
+               WHERE created_at >= :start AND created_at < :end AND raw_error IS NULL)
+    OR EXISTS (SELECT 1 FROM side_bets INDEXED BY side_bets_created_at
+               WHERE created_at >= :start AND created_at < :end
+                 AND actual_outcome = 'PENDING')"""
+SQL_CLEAR_HISTOGRAMS = [f"DELETE FROM {h.table} INDEXED BY {h.table}_day WHERE day = :day"
+                        for h in HISTOGRAMS] + ["DELETE FROM histogram_days WHERE day = :day"]
+SQL_LIST_DAY = "INSERT INTO histogram_days (day, created_at) VALUES (:day, :now)"
+SQL_DROP_OLD_HISTOGRAMS = [
+    f"DELETE FROM {h.table} INDEXED BY {h.table}_day WHERE day <= coalesce(substr(("
+    f"{SQL_OLDEST_RECORD[h.records]}), 1, 10), '9999')" for h in HISTOGRAMS] + [
+    "DELETE FROM histogram_days WHERE day <= coalesce(substr((" + SQL_NEXT_RECORD.replace(
+        "?1", "''") + "), 1, 10), '9999')"]
+
+
+def histogram_days_due(conn: apsw.Connection, now: float) -> list[int]:
+    """The settled days with records, after the oldest record's, that are not listed."""
+    settled = int((now - SETTLED_HOURS * 3600) // 86400) * 86400 - 86400
+    with store_errors("cannot find the days to write histograms of"):
+        listed = {day for (day,) in conn.execute(SQL_ALL_LISTED_DAYS)}
+        due, cursor = [], ""
+        while (found := conn.execute(SQL_NEXT_RECORD, (cursor,)).get) is not None:
+            day = int(text_epoch(found) // 86400) * 86400
+            if day > settled:
+                break
+            if cursor and day_text(day) not in listed:
+                due.append(day)
+            cursor = utc_text(day + 86400)
+    return due
+
+
+def write_histograms(conn: apsw.Connection, run_step: StepRunner, now: float) -> int:
+    """Write the histograms of the days due, a day to a transaction; the days listed."""
+    listed = 0
+    for day in histogram_days_due(conn, now):
+        listed += run_step(lambda db, day=day: _write_day_histograms(db, day, now))
+    run_step(_drop_old_histograms)
+    return listed
+
+
+def _write_day_histograms(db: apsw.Connection, day: int, now: float) -> int:
+    params = {"day": day_text(day), "start": utc_text(day), "end": utc_text(day + 86400),
+              "now": utc_text(now)}
+    with transaction(db):
+        for sql in SQL_CLEAR_HISTOGRAMS:
+            db.execute(sql, params)
+        if db.execute(SQL_DAY_PENDING, params).get:
+            return 0
+        for histogram in HISTOGRAMS:
+            db.execute(histogram.sql_save, params)
+        db.execute(SQL_LIST_DAY, params)
+    return 1
+
+
+def _drop_old_histograms(db: apsw.Connection) -> None:
+    with transaction(db):
+        for sql in SQL_DROP_OLD_HISTOGRAMS:
+            db.execute(sql)
 
 
 def unrolled(conn: apsw.Connection, before: str, now: float, period: int = 3600) -> list[int]:
@@ -3071,6 +3261,7 @@ def run_retention(conn: apsw.Connection, run_step: StepRunner, settings: Setting
                     limit = min(limit * 2, 50_000)
                 elif seconds > RETENTION_STEP_SECONDS * 2:
                     limit = max(limit // 2, 100)
+        run_step(_drop_old_histograms)
         run_step(lambda db: record_job(db, "retention", {"deleted": removed}, now))
     return removed
 
@@ -4518,13 +4709,6 @@ def answer_window(params: dict) -> dict:
     return {"since": answer_time(params["since"]), "until": answer_time(params["until"])}
 
 
-# Every query may narrow itself to one tracker's records (:tracker) and, where predictions
-# are involved, one model's predictions (:model); NULL is all of them. Side bets have no
-# model, and games, ticks and rejects are the feed's: the same whoever asks.
-PREDICTIONS_OF = ("(:tracker IS NULL OR {t}tracker = :tracker) "
-                  "AND (:model IS NULL OR {t}model_version = :model)")
-SIDE_BETS_OF = "(:tracker IS NULL OR {t}tracker = :tracker)"
-
 SQL_Q_GAME = f"""
 SELECT (SELECT {row_json("games")} FROM games INDEXED BY sqlite_autoindex_games_1
         WHERE game_id = :id),
@@ -4685,39 +4869,17 @@ SQL_Q_PREDICTOR, SQL_Q_BETTOR = (
 # Forecast evaluation. A forecast in [0, 1] falls in bin k of `bins` equal parts when
 # k/bins <= it < (k+1)/bins (the last part closed); the 1e-9 puts a forecast written on an
 # edge (0.57 is 0.56999... as a float) in the part it opens. SQLite sums the window's
-# records per forecast value, then per bin; the scores follow from the bins in Python. A
-# long window (LONG_WINDOW_DAYS) reads the resolved records through the index that orders
-# them by forecast, so that nothing is sorted but the few hundred values.
-_BIN = "min(CAST({value} * :bins + 1e-9 AS INTEGER), :bins - 1)"
-_FORECAST_INDEX = {"side_bets": {"short": "side_bets_created_at", "long": "side_bets_probability"},
-                   "predictions": {"short": "predictions_created_at",
-                                   "long": "predictions_confidence"}}
-SQL_Q_CALIBRATION_BETS = {length: f"""
-SELECT {_BIN.format(value="p")} AS bin, sum(n), total(p * n), sum(won), total(sq), total(ev),
-       sum(pay)
-FROM (SELECT probability AS p, count(*) AS n,
-             count(*) FILTER (WHERE actual_outcome = 'WON') AS won,
-             total((probability - (actual_outcome = 'WON'))
-                   * (probability - (actual_outcome = 'WON'))) AS sq,
-             total(expected_value) FILTER (WHERE recommendation = 'BET') AS ev,
-             sum(payout) FILTER (WHERE recommendation = 'BET') AS pay
-      FROM side_bets INDEXED BY {index}
-      WHERE probability >= 0 AND created_at >= :since AND created_at < :until
-        AND actual_outcome <> 'PENDING' AND {SIDE_BETS_OF.format(t="")}
-      GROUP BY probability)
-GROUP BY bin ORDER BY bin""" for length, index in _FORECAST_INDEX["side_bets"].items()}
-SQL_Q_CALIBRATION_INTERVALS = {length: f"""
-SELECT {_BIN.format(value="c")} AS bin, sum(n), total(c * n), sum(covered), total(width)
-FROM (SELECT confidence AS c, count(*) AS n,
-             count(*) FILTER (WHERE bound_lower <= predicted_end_tick - raw_error
-                                AND predicted_end_tick - raw_error <= bound_upper) AS covered,
-             total(bound_upper - bound_lower) AS width
-      FROM predictions INDEXED BY {index}
-      WHERE confidence >= 0 AND created_at >= :since AND created_at < :until
-        AND raw_error IS NOT NULL AND bound_lower IS NOT NULL AND bound_upper IS NOT NULL
-        AND {PREDICTIONS_OF.format(t="")}
-      GROUP BY confidence)
-GROUP BY bin ORDER BY bin""" for length, index in _FORECAST_INDEX["predictions"].items()}
+# records per forecast value (from the daily histograms over a long window), then per bin;
+# the scores follow from the bins in Python.
+_BIN = "min(CAST(v * :bins + 1e-9 AS INTEGER), :bins - 1)"
+SQL_Q_CALIBRATION_BETS = f"""
+SELECT {_BIN} AS bin, sum(n), total(v * n), sum(won), total(sq), total(ev), sum(pay)
+FROM ({PROBABILITIES.per_value()})
+WHERE v >= 0 GROUP BY bin ORDER BY bin"""
+SQL_Q_CALIBRATION_INTERVALS = f"""
+SELECT {_BIN} AS bin, sum(n), total(v * n), sum(covered), total(width)
+FROM ({CONFIDENCES.per_value()})
+WHERE v >= 0 GROUP BY bin ORDER BY bin"""
 
 # The resolved BETs of a window in the order they were resolved: the bankroll's history.
 SQL_Q_BANKROLL = f"""
@@ -5095,10 +5257,9 @@ def q_calibration(conn: apsw.Connection, args: CalibrationArgs, now: float) -> d
     of it, per bin), and do the predictions' bounds cover the end as often as their
     confidence says?"""
     params = {**args.params(now), "bins": args.bins}
-    since, until = args.bounds(now)
-    length = "long" if until - since >= LONG_WINDOW_DAYS * 86400 else "short"
     width = 100 / args.bins
-    bets = conn.execute(SQL_Q_CALIBRATION_BETS[length], params).fetchall()
+    bets = conn.execute(SQL_Q_CALIBRATION_BETS, params | histogram_cover(
+        conn, params["since"], params["until"], "side_bets")).fetchall()
     n = sum(row[1] for row in bets)
     side_bets: dict[str, Any] = dict.fromkeys(
         ("n", "base_rate", "brier", "reliability", "resolution", "uncertainty"))
@@ -5118,7 +5279,8 @@ def q_calibration(conn: apsw.Connection, args: CalibrationArgs, now: float) -> d
         if stated:
             side_bets["expected_value"] = {"stated": sum(stated), "realized": sum(
                 row[6] for row in bets if row[6] is not None)}
-    spans = conn.execute(SQL_Q_CALIBRATION_INTERVALS[length], params).fetchall()
+    spans = conn.execute(SQL_Q_CALIBRATION_INTERVALS, params | histogram_cover(
+        conn, params["since"], params["until"], "predictions")).fetchall()
     m = sum(row[1] for row in spans)
     intervals: dict[str, Any] = {"n": m, "coverage": None, "mean_confidence": None,
                                  "mean_width_ticks": None, "bins": []}

@@ -399,7 +399,10 @@ class Play:
     its lines naming no tracker."""
 
     def __init__(self, seed: int = 7, games: int = 48,
-                 trackers: tuple[tuple[str, str], ...] = ()):
+                 trackers: tuple[tuple[str, str], ...] = (), first_hour: int = FIRST_HOUR,
+                 hours: int = 6, endless: int = 7):
+        """`games` games in turn over `hours` hours from `first_hour`; game n never ends
+        when n % endless == 3."""
         rng = random.Random(seed)
         forecasts = random.Random(seed + 1)                 # confidences, bounds, probabilities
         self.events, self.games, self.predictions, self.bets = [], [], [], []
@@ -407,10 +410,10 @@ class Play:
         whose = [(name, model, {"tracker": name, "model_version": model})
                  for name, model in trackers] or [("default", "v2.1.0", {})]
         for number in range(games):
-            hour = FIRST_HOUR + (number % 6) * 3600
+            hour = first_hour + (number % hours) * 3600
             start = hour + rng.randint(60, 2400) + rng.randint(0, 999) / 1000
             end_tick = rng.randint(60, 500)
-            ends = number % 7 != 3                            # a few games never end
+            ends = number % endless != 3                      # a few games never end
             ended = start + end_tick * 0.25 if ends else None
             game = {"id": f"g{seed}-{number:02d}", "start": start, "end_tick": end_tick,
                     "ended": ended, "patterns": sorted(rng.sample(PATTERNS, rng.randint(0, 2))),
