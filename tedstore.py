@@ -2659,7 +2659,7 @@ SIDE_BETS_OF = "(:tracker IS NULL OR {t}tracker = :tracker)"
 # unlists it in the transaction that stores it (IngestBatch.apply), and days at or before
 # the oldest record of a table are never read from its histograms (retention has deleted
 # some of their records), so an answer is always the records' own.
-LONG_WINDOW_DAYS = 60
+LONG_WINDOW_DAYS = 60    # a shorter window sorts its records: cheaper than every histogram
 SETTLED_HOURS = ROLLUP_REVISIT_HOURS + 3
 
 
