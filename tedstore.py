@@ -3609,8 +3609,9 @@ class Scheduler(threading.Thread):
                 self.last["rollup"] = {"at": utc_text(now), **run_rollups(
                     conn, run_step, hours, now, latency_for, days=days)}
                 run_step(lambda db: db.pragma("optimize"))     # hourly, as SQLite advises
-                log.info("rolled up %d hour(s) through %s", len(hours),
-                         self.last["rollup"]["through"])
+                log.info("rolled up %d hour(s) through %s, and the histograms of %d day(s)",
+                         len(hours), self.last["rollup"]["through"],
+                         self.last["rollup"]["histogram_days"])
             self.rolled_through = newest_complete_hour(now)
         slot = nightly_slot(now, self.settings.cleanup_hour_utc)
         if self.last.get("retention", {}).get("at", "") < utc_text(slot):
@@ -7445,9 +7446,10 @@ def retention_command(settings: Settings, dry_run: bool, output: Output) -> None
                               "from the last rollup.")
 @with_output
 def rollup_command(settings: Settings, since: Optional[str], output: Output) -> None:
-    """Compute the hourly metrics.
+    """Compute the hourly metrics and the daily histograms.
 
-    Every completed hour since the last rollup, or since --since.
+    Every completed hour since the last rollup, or since --since, and every settled day whose
+    histograms long windows lack.
 
     Example: tedstore rollup --since 2026-11-20   (after importing old logs)
     """
@@ -7458,9 +7460,12 @@ def rollup_command(settings: Settings, since: Optional[str], output: Output) -> 
     hours = hours_to_roll(conn, now, settings, since=start)
     with progress_bar(len(hours), "rolling up") as bar:
         detail = run_rollups(conn, yielding_steps(conn), hours, now, progress=bar.advance)
+    days = detail["histogram_days"]
     output.show(detail, lambda detail: [
-        f"rolled up {len(hours):,} hour(s) from {utc_text(hours[0])} to {detail['through']}"
-        if hours else "nothing to roll up"])
+        (f"rolled up {len(hours):,} hour(s) from {utc_text(hours[0])} to {detail['through']}"
+         if hours else "no hour to roll up") + (f", and wrote the histograms of {days:,} day(s)"
+                                               if days else "")
+        if hours or days else "nothing to roll up"])
 
 
 PREDICTION_COLUMNS = [("predicted_at_tick", "at tick", fmt()),

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 import tedstore
-from conftest import NOW, Play, Store, close, game_end, prediction
+from conftest import NOW, Play, Store, close, game_end, prediction, run_cli
 
 TRACKERS = (("production", "v2.1.0"), ("shadow", "v3.0.0"))
 TODAY = int(NOW // 86400) * 86400
@@ -233,3 +233,15 @@ def test_a_version_4_database_is_upgraded_without_losing_or_changing_a_row(tmp):
     assert store.rows("SELECT count(*) FROM histogram_days")[0][0] >= 1
     assert store.rows("SELECT count(*) FROM errors_daily")[0][0] >= 1
     store.conn.close()
+
+
+def test_tedstore_rollup_writes_the_days_missing_from_the_histograms(played, tmp):
+    _, path = played
+    store = copy(path, tmp)
+    day = sorted(listed_days(path))[3]
+    store.conn.execute("DELETE FROM histogram_days WHERE day = ?", (day,))
+    store.conn.close()
+    result = run_cli("rollup", "--db", store.path)
+    assert result.returncode == 0, result.stderr
+    assert "wrote the histograms of 1 day(s)" in result.stdout, result.stdout
+    assert day in listed_days(store.path)
