@@ -2754,10 +2754,12 @@ def histogram_cover(conn: apsw.Connection, start: str, end: str, records: str) -
         return none
     cover_from, cover_to = listed[0], listed[-1] + 86400
     holes = sorted(set(range(cover_from, cover_to, 86400)).difference(listed))
-    gaps = [(begin, cover_from), *((day, day + 86400) for day in holes), (cover_to, finish)]
+    gaps = [[start, utc_text(cover_from)],
+            *([utc_text(day), utc_text(day + 86400)] for day in holes),
+            [utc_text(cover_to), end]]
     return {"cover_from": day_text(cover_from), "cover_to": day_text(cover_to),
             "holes": json.dumps([day_text(day) for day in holes]) if holes else None,
-            "gaps": json.dumps([[utc_text(since), utc_text(until)] for since, until in gaps])}
+            "gaps": json.dumps(gaps)}
 
 
 SQL_MEASURES = f"""
